@@ -1,0 +1,56 @@
+"""Every environment variable deep_ep reads, in one place (all listed in the README)."""
+
+import os
+from typing import Optional
+
+__all__ = ["timeout_s", "ranks_per_node_override", "engine_override", "store_addr_override"]
+
+
+def _int_env(name: str, default: Optional[int]) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"deep_ep: environment variable {name} must be an integer, got {value!r}") from None
+
+
+def timeout_s() -> float:
+    """``DEEP_EP_TIMEOUT_S`` (default 100): seconds a collective may wait for its peers before it raises."""
+    value = os.environ.get("DEEP_EP_TIMEOUT_S")
+    if value is None or value == "":
+        return 100.0
+    try:
+        result = float(value)
+    except ValueError:
+        raise ValueError(f"deep_ep: environment variable DEEP_EP_TIMEOUT_S must be a number, got {value!r}") from None
+    if result <= 0:
+        raise ValueError(f"deep_ep: environment variable DEEP_EP_TIMEOUT_S must be positive, got {value!r}")
+    return result
+
+
+def ranks_per_node_override() -> Optional[int]:
+    """``DEEP_EP_RANKS_PER_NODE``: ranks per node, instead of detecting ranks that share a host."""
+    value = _int_env("DEEP_EP_RANKS_PER_NODE", None)
+    if value is not None and value <= 0:
+        raise ValueError(f"deep_ep: DEEP_EP_RANKS_PER_NODE must be positive, got {value}")
+    return value
+
+
+def engine_override() -> Optional[str]:
+    """``DEEP_EP_ENGINE``: ``portable`` or ``cuda`` forces an engine; unset means automatic."""
+    value = os.environ.get("DEEP_EP_ENGINE", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("portable", "cuda"):
+        raise ValueError(f"deep_ep: DEEP_EP_ENGINE must be 'portable', 'cuda' or 'auto', got {value!r}")
+    return value
+
+
+def store_addr_override() -> Optional[str]:
+    """``DEEP_EP_STORE_ADDR``: address rank 0 listens on for deep_ep's own rendezvous when ranks span
+    several hosts (default: ``MASTER_ADDR`` if set, else rank 0's host name). Single-host runs always
+    use 127.0.0.1."""
+    value = os.environ.get("DEEP_EP_STORE_ADDR") or os.environ.get("MASTER_ADDR")
+    return value or None

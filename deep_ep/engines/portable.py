@@ -1,0 +1,474 @@
+"""The portable engine, normal (high-throughput) mode: dispatch and combine on torch.distributed.
+
+It implements `docs/semantics.md` exactly, with vectorised torch ops and at most two collectives per
+call: one all-gather of per-rank counts (every rank then knows the whole traffic matrix, so it can
+compute every handle field and reject a `num_worst_tokens` overflow on all ranks alike), and one
+packed all-to-all that carries the token rows and their metadata. Cached dispatch and combine take
+their counts from the handle and need only the data all-to-all (combine without top-k weights sends
+``x`` itself, with no packing copy).
+
+Arguments arrive validated by `deep_ep.Buffer`.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .._comm import Communicator
+
+__all__ = ["PortableEngine"]
+
+_I32 = torch.int32
+
+
+def _channel_bounds(num_tokens: int, num_channels: int) -> int:
+    """Tokens per channel (the last channels may be shorter or empty)."""
+    return (num_tokens + num_channels - 1) // num_channels if num_tokens > 0 else 0
+
+
+def _channel_counts(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """``mask`` bool ``[T, D]`` -> int32 ``[D, C]``: per destination, tokens of each channel in ``mask``."""
+    num_tokens, num_dst = mask.shape
+    if num_tokens == 0:
+        return torch.zeros((num_dst, num_channels), dtype=_I32, device=mask.device)
+    per = _channel_bounds(num_tokens, num_channels)
+    padded = torch.zeros((num_dst, per * num_channels), dtype=_I32, device=mask.device)
+    padded[:, :num_tokens] = mask.t().to(_I32)
+    return padded.view(num_dst, num_channels, per).sum(-1, dtype=_I32)
+
+
+def _slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """Ring slot of every (token, destination): earlier tokens of the same channel with the same
+    destination, or -1 where ``mask`` is False. ``mask`` bool ``[T, D]`` -> int32 ``[T, D]``."""
+    num_tokens, num_dst = mask.shape
+    if num_tokens == 0:
+        return torch.empty((0, num_dst), dtype=_I32, device=mask.device)
+    per = _channel_bounds(num_tokens, num_channels)
+    m = mask.to(_I32)
+    inclusive = torch.cumsum(m, dim=0, dtype=_I32)
+    # Subtract the count before each token's channel start.
+    starts = torch.arange(num_tokens, device=mask.device) // per * per
+    before = torch.cat([torch.zeros((1, num_dst), dtype=_I32, device=mask.device), inclusive], dim=0)[starts]
+    slot = inclusive - before - 1
+    return torch.where(mask, slot, torch.full_like(slot, -1))
+
+
+def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cumsum(t, dim=dim, dtype=_I32) - t.to(_I32)
+
+
+class _Packer:
+    """Lays out a flat uint8 all-to-all buffer: one segment per peer, each a sequence of parts."""
+
+    def __init__(self, num_peers: int) -> None:
+        self.parts: List[List[Tuple[str, int]]] = [[] for _ in range(num_peers)]
+
+    def add(self, peer: int, name: str, num_bytes: int) -> None:
+        self.parts[peer].append((name, int(num_bytes)))
+
+    def layout(self) -> Tuple[List[int], dict]:
+        sizes, offsets, pos = [], {}, 0
+        for peer, parts in enumerate(self.parts):
+            start = pos
+            for name, nbytes in parts:
+                offsets[(peer, name)] = (pos, nbytes)
+                pos += nbytes
+            sizes.append(pos - start)
+        return sizes, offsets
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's data as uint8, row-major: ``[n, w]`` of any dtype -> ``[n, w * element_size]``."""
+    return t.contiguous().view(torch.uint8)
+
+
+class PortableEngine:
+    """Normal-mode dispatch/combine over a `Communicator`.
+
+    Args:
+        comm: the Buffer's communicator.
+        num_ranks_per_node: ranks per node (``R`` when there is one node).
+    """
+
+    name = "portable"
+
+    def __init__(self, comm: Communicator, num_ranks_per_node: int) -> None:
+        self.comm = comm
+        self.rank, self.num_ranks = comm.rank, comm.size
+        self.num_ranks_per_node = num_ranks_per_node
+        self.num_nodes = self.num_ranks // num_ranks_per_node
+
+    # ------------------------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        num_tokens = topk_idx.size(0)
+        device = topk_idx.device
+        valid = topk_idx >= 0
+        experts = topk_idx[valid]
+        num_tokens_per_expert = torch.bincount(experts, minlength=num_experts).to(_I32)
+        experts_per_rank = num_experts // self.num_ranks
+        # Scatter rank hits into one extra column for -1 slots, then drop it.
+        rank_of = torch.where(valid, topk_idx // experts_per_rank, torch.full_like(topk_idx, self.num_ranks))
+        hits = torch.zeros((num_tokens, self.num_ranks + 1), dtype=torch.bool, device=device)
+        hits.scatter_(1, rank_of, True)
+        is_token_in_rank = hits[:, : self.num_ranks].contiguous()
+        num_tokens_per_rank = is_token_in_rank.sum(0, dtype=_I32)
+        num_tokens_per_rdma_rank = None
+        if self.num_nodes > 1:
+            in_node = is_token_in_rank.view(num_tokens, self.num_nodes, self.num_ranks_per_node).any(-1)
+            num_tokens_per_rdma_rank = in_node.sum(0, dtype=_I32)
+        return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+
+    # ---------------------------------------------------------------------------------- dispatch
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
+                 topk_weights: Optional[torch.Tensor], is_token_in_rank: torch.Tensor,
+                 num_tokens_per_expert: torch.Tensor, expert_alignment: int, num_worst_tokens: int,
+                 num_channels: int):
+        R, me, P, NN = self.num_ranks, self.rank, self.num_ranks_per_node, self.num_nodes
+        C = num_channels
+        device = x.device
+        num_tokens = x.size(0)
+        num_experts = num_tokens_per_expert.numel()
+        experts_per_rank = num_experts // R
+        multi_node = NN > 1
+
+        # ---- local counts
+        ch_counts = _channel_counts(is_token_in_rank, C)                         # [R, C]
+        payload = [ch_counts.view(-1), num_tokens_per_expert.to(_I32).view(-1)]
+        if multi_node:
+            in_node = is_token_in_rank.view(num_tokens, NN, P).any(-1)           # [T, NN]
+            node_ch_counts = _channel_counts(in_node, C)                          # [NN, C]
+            payload.append(node_ch_counts.view(-1))
+        payload.append(torch.tensor([num_tokens], dtype=_I32, device=device))
+        payload = torch.cat(payload)
+
+        # ---- collective 1: everybody's counts
+        gathered = self.comm.all_gather(payload.cpu() if payload.is_cuda else payload,
+                                        op="dispatch (count exchange)")
+        o = 0
+        all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
+        all_ne = gathered[:, o:o + num_experts]; o += num_experts                  # [src, E]
+        if multi_node:
+            all_node_ch = gathered[:, o:o + NN * C].view(R, NN, C); o += NN * C    # [src, node, C]
+        all_T = gathered[:, o]
+        counts = all_ch.sum(-1, dtype=_I32)                                        # [src, dst]
+        recv_per_rank = counts.sum(0)                                              # [dst]
+        if num_worst_tokens > 0:
+            over = (recv_per_rank > num_worst_tokens).nonzero().view(-1).tolist()
+            if over:
+                d = over[0]
+                raise RuntimeError(
+                    f"deep_ep.Buffer.dispatch: rank {d} would receive {int(recv_per_rank[d])} tokens, more than "
+                    f"`num_worst_tokens`={num_worst_tokens} (ranks over the limit: {over}); raise "
+                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}")
+        n_recv = counts[:, me].tolist()                                            # from each src
+        n_send = counts[me, :].tolist()                                            # to each dst
+        num_recv = sum(n_recv)
+        num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+
+        # ---- what travels per token
+        row_bytes = x.size(1) * x.element_size()
+        has_scales = x_scales is not None
+        has_topk = topk_idx is not None
+        num_topk = topk_idx.size(1) if has_topk else 0
+        num_scales = x_scales.size(1) if has_scales else 0
+        meta_parts = []  # (name, bytes per token)
+        if has_scales:
+            meta_parts.append(("scales", num_scales * 4))
+        if has_topk:
+            meta_parts += [("topk_idx", num_topk * 4), ("topk_weights", num_topk * 4)]
+        meta_parts.append(("src_idx", 4))
+        if multi_node:
+            meta_parts.append(("nvl_bits", 4))
+            # Forwarder section: for rank (b, i), the tokens of this rank that need node b.
+            fwd_counts = all_node_ch.sum(-1, dtype=_I32)                           # [src, node]
+
+        packer = _Packer(R)
+        for d in range(R):
+            packer.add(d, "x", n_send[d] * row_bytes)
+            for name, nbytes in meta_parts:
+                packer.add(d, name, n_send[d] * nbytes)
+            if multi_node and d % P == me % P:
+                packer.add(d, "fwd", int(fwd_counts[me, d // P]) * 8)
+        send_sizes, send_offsets = packer.layout()
+        unpacker = _Packer(R)
+        for s in range(R):
+            unpacker.add(s, "x", n_recv[s] * row_bytes)
+            for name, nbytes in meta_parts:
+                unpacker.add(s, name, n_recv[s] * nbytes)
+            if multi_node and s % P == me % P:
+                unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
+        recv_sizes, recv_offsets = unpacker.layout()
+
+        # ---- pack (one copy of every row into the send buffer, written in place)
+        send_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+        dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)            # sorted by dst, then token
+        tok_ids_i32 = tok_ids.to(_I32)
+        x_bytes = _bytes(x)
+        per_token = {}
+        if has_scales:
+            per_token["scales"] = _bytes(x_scales)
+        if has_topk:
+            per_token["topk_idx"] = _bytes(topk_idx.to(_I32))
+            per_token["topk_weights"] = _bytes(topk_weights)
+        if multi_node:
+            bit_weights = (1 << torch.arange(P, device=device, dtype=torch.int64))
+            # bits[t, b] = mask of the ranks (b, j) that receive token t
+            bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
+        bounds = [0]
+        for n in n_send:
+            bounds.append(bounds[-1] + n)
+        for d in range(R):
+            n = n_send[d]
+            if n == 0:
+                continue
+            idx = tok_ids[bounds[d]:bounds[d + 1]]
+            off, nbytes = send_offsets[(d, "x")]
+            torch.index_select(x_bytes, 0, idx, out=send_buf[off:off + nbytes].view(n, row_bytes))
+            for name, width in meta_parts:
+                off, nbytes = send_offsets[(d, name)]
+                view = send_buf[off:off + nbytes].view(n, width)
+                if name == "src_idx":
+                    view.copy_(_bytes(tok_ids_i32[bounds[d]:bounds[d + 1]].view(n, 1)))
+                elif name == "nvl_bits":
+                    view.copy_(_bytes(bits[idx, d // P].contiguous().view(n, 1)))
+                else:
+                    torch.index_select(per_token[name], 0, idx, out=view)
+        if multi_node:
+            for d in range(R):
+                if (d, "fwd") not in send_offsets:
+                    continue
+                b = d // P
+                off, nbytes = send_offsets[(d, "fwd")]
+                if nbytes == 0:
+                    continue
+                toks = in_node[:, b].nonzero().view(-1)
+                pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
+                send_buf[off:off + nbytes].copy_(pair.contiguous().view(-1).view(torch.uint8))
+
+        # ---- collective 2: the data
+        recv_buf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        self.comm.all_to_all_single(recv_buf, send_buf, recv_sizes, send_sizes, op="dispatch (data)")
+
+        # ---- unpack
+        def gather_part(name: str, width: int) -> torch.Tensor:
+            pieces = []
+            for s in range(R):
+                off, nbytes = recv_offsets[(s, name)]
+                pieces.append(recv_buf[off:off + nbytes].view(-1, width))
+            return torch.cat(pieces, dim=0) if pieces else torch.empty((0, width), dtype=torch.uint8, device=device)
+
+        recv_x = torch.zeros((num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device) if num_worst_tokens \
+            else torch.empty((num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
+        recv_x_bytes = _bytes(recv_x) if num_rows > 0 else None
+        pos = 0
+        for s in range(R):
+            n = n_recv[s]
+            if n == 0:
+                continue
+            off, nbytes = recv_offsets[(s, "x")]
+            recv_x_bytes[pos:pos + n].copy_(recv_buf[off:off + nbytes].view(n, row_bytes))
+            pos += n
+
+        def padded(t: torch.Tensor, fill) -> torch.Tensor:
+            if num_rows == num_recv:
+                return t
+            out = torch.full((num_rows,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=device)
+            out[:num_recv] = t
+            return out
+
+        recv_scales = None
+        if has_scales:
+            recv_scales = gather_part("scales", num_scales * 4).view(x_scales.dtype).view(num_recv, num_scales)
+            recv_scales = padded(recv_scales, 0)
+        recv_topk_idx = recv_topk_weights = None
+        if has_topk:
+            gidx = gather_part("topk_idx", num_topk * 4).view(_I32).view(num_recv, num_topk).to(torch.int64)
+            lo = me * experts_per_rank
+            local = gidx - lo
+            is_local = (gidx >= 0) & (local >= 0) & (local < experts_per_rank)
+            recv_topk_idx = torch.where(is_local, local, torch.full_like(local, -1))
+            w = gather_part("topk_weights", num_topk * 4).view(torch.float32).view(num_recv, num_topk)
+            recv_topk_weights = torch.where(is_local, w, torch.zeros_like(w))
+            recv_topk_idx = padded(recv_topk_idx, -1)
+            recv_topk_weights = padded(recv_topk_weights, 0)
+        recv_src_idx = padded(gather_part("src_idx", 4).view(_I32).view(-1), -1)
+
+        if num_worst_tokens > 0:
+            num_recv_tokens_per_expert_list: List[int] = []
+        else:
+            per_expert = all_ne[:, me * experts_per_rank:(me + 1) * experts_per_rank].sum(0)
+            a = expert_alignment
+            num_recv_tokens_per_expert_list = [(int(v) + a - 1) // a * a for v in per_expert.tolist()]
+
+        # ---- handle
+        channel_prefix_matrix = torch.cumsum(ch_counts, dim=1, dtype=_I32)
+        recv_counts_ch = all_ch[:, me, :].to(_I32)                                  # [src, C]
+        rank_prefix = torch.cumsum(counts.to(_I32), dim=0, dtype=_I32)             # [src, dst]
+        to_dev = (lambda t: t.to(device)) if device.type != "cpu" else (lambda t: t)
+        if not multi_node:
+            send_head = _slots(is_token_in_rank, C)
+            handle = (to_dev(rank_prefix), channel_prefix_matrix, to_dev(_exclusive_cumsum(recv_counts_ch, 1)),
+                      recv_src_idx, is_token_in_rank, send_head)
+        else:
+            rdma_channel_prefix_matrix = torch.cumsum(node_ch_counts, dim=1, dtype=_I32)
+            my_node, my_local = me // P, me % P
+            fwd_srcs = [a * P + my_local for a in range(NN)]
+            recv_rdma_channel_prefix_matrix = torch.cumsum(all_node_ch[fwd_srcs, my_node, :], dim=1, dtype=_I32)
+            recv_rdma_rank_prefix_sum = torch.cumsum(fwd_counts[fwd_srcs, my_node], dim=0, dtype=_I32)
+            recv_gbl_rank_prefix_sum = torch.cumsum(counts[:, me], dim=0, dtype=_I32)
+            seg_start = recv_gbl_rank_prefix_sum - counts[:, me].to(_I32)
+            recv_gbl_channel_prefix_matrix = seg_start.view(R, 1) + _exclusive_cumsum(recv_counts_ch, 1)
+            src_rank_of_row = torch.repeat_interleave(torch.arange(R, dtype=_I32), torch.tensor(n_recv))
+            meta = torch.zeros((num_rows, 2), dtype=_I32, device=device)
+            meta[:num_recv, 0] = to_dev(src_rank_of_row // P)
+            meta[:num_recv, 1] = gather_part("nvl_bits", 4).view(_I32).view(-1)
+            recv_src_meta = meta.view(torch.uint8).view(num_rows, 8)
+            send_rdma_head = _slots(in_node, C)
+            send_nvl_head = self._send_nvl_head(recv_buf, recv_offsets, all_T, C, fwd_srcs, device)
+            handle = (is_token_in_rank, rdma_channel_prefix_matrix, channel_prefix_matrix,
+                      to_dev(recv_rdma_channel_prefix_matrix), to_dev(recv_rdma_rank_prefix_sum),
+                      to_dev(recv_gbl_channel_prefix_matrix), to_dev(recv_gbl_rank_prefix_sum),
+                      recv_src_meta, send_rdma_head, send_nvl_head)
+        recv_x_out = (recv_x, recv_scales) if has_scales else recv_x
+        return recv_x_out, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle
+
+    def _send_nvl_head(self, recv_buf, recv_offsets, all_T, num_channels, fwd_srcs, device) -> torch.Tensor:
+        """Forwarder view: one row per token rank (a, my local index) sends to my node, ordered by source
+        node then source token; column j = slot towards local rank j within the token's channel."""
+        P = self.num_ranks_per_node
+        src_tok, bits, chan = [], [], []
+        for s in fwd_srcs:
+            off, nbytes = recv_offsets[(s, "fwd")]
+            pair = recv_buf[off:off + nbytes].view(_I32).view(-1, 2)
+            src_tok.append(pair[:, 0])
+            bits.append(pair[:, 1])
+            per = _channel_bounds(int(all_T[s]), num_channels)
+            chan.append(pair[:, 0] // max(per, 1))
+        if not src_tok:
+            return torch.empty((0, P), dtype=_I32, device=device)
+        bits_all = torch.cat(bits)
+        chan_all = torch.cat(chan).to(torch.int64)
+        m = bits_all.numel()
+        if m == 0:
+            return torch.empty((0, P), dtype=_I32, device=device)
+        goes = ((bits_all.view(m, 1) >> torch.arange(P, device=bits_all.device, dtype=_I32)) & 1).bool()  # [M, P]
+        # Slot = earlier rows (in this order) of the same channel going to j. Rows are ordered by source
+        # node, not by channel, so count per channel with a stable sort by channel.
+        order = torch.sort(chan_all, stable=True).indices
+        g = goes[order].to(_I32)
+        incl = torch.cumsum(g, dim=0, dtype=_I32)
+        ch_sorted = chan_all[order]
+        first = torch.ones(m, dtype=torch.bool, device=g.device)
+        first[1:] = ch_sorted[1:] != ch_sorted[:-1]
+        group_start = torch.cummax(torch.where(first, torch.arange(m, device=g.device), torch.zeros(m, dtype=torch.int64, device=g.device)), 0).values
+        base = torch.cat([torch.zeros((1, P), dtype=_I32, device=g.device), incl], 0)[group_start]
+        slot_sorted = incl - base - 1
+        slot = torch.empty_like(slot_sorted)
+        slot[order] = slot_sorted
+        out = torch.where(goes, slot, torch.full_like(slot, -1))
+        return out.to(device)
+
+    # --------------------------------------------------------------------------- cached dispatch
+    def cached_dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: tuple):
+        R, me = self.num_ranks, self.rank
+        device = x.device
+        if len(handle) == 6:
+            rank_prefix, channel_prefix, _, recv_src_idx, is_token_in_rank, _ = handle
+            n_send = channel_prefix[:, -1].tolist()
+            col = rank_prefix[:, me]
+            num_rows = recv_src_idx.size(0)
+        else:
+            is_token_in_rank, channel_prefix, recv_gbl_rank_prefix_sum = handle[0], handle[2], handle[6]
+            n_send = channel_prefix[:, -1].tolist()
+            col = recv_gbl_rank_prefix_sum
+            num_rows = handle[7].size(0)
+        col = col.tolist()
+        n_recv = [col[0]] + [col[s] - col[s - 1] for s in range(1, R)]
+        num_recv = sum(n_recv)
+
+        row_bytes = x.size(1) * x.element_size()
+        has_scales = x_scales is not None
+        num_scales = x_scales.size(1) if has_scales else 0
+        width = row_bytes + num_scales * 4
+        _, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
+        src = _bytes(x)
+        if has_scales:
+            src = torch.cat([src, _bytes(x_scales)], 1)
+        send_buf = torch.index_select(src, 0, tok_ids)
+        recv_buf = torch.empty((num_recv, width), dtype=torch.uint8, device=device)
+        self.comm.all_to_all_single(recv_buf, send_buf, n_recv, n_send, op="cached dispatch (data)")
+        recv_x = (torch.zeros if num_rows != num_recv else torch.empty)((num_rows,) + tuple(x.shape[1:]),
+                                                                        dtype=x.dtype, device=device)
+        if num_recv:
+            _bytes(recv_x)[:num_recv].copy_(recv_buf[:, :row_bytes])
+        if not has_scales:
+            return recv_x
+        recv_scales = torch.zeros((num_rows, num_scales), dtype=x_scales.dtype, device=device)
+        if num_recv:
+            recv_scales[:num_recv] = recv_buf[:, row_bytes:].contiguous().view(recv_scales.dtype).view(num_recv,
+                                                                                                    num_scales)
+        return recv_x, recv_scales
+
+    # ----------------------------------------------------------------------------------- combine
+    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor],
+                bias: Sequence[torch.Tensor]):
+        R, me, P, NN = self.num_ranks, self.rank, self.num_ranks_per_node, self.num_nodes
+        device = x.device
+        if len(handle) == 6:
+            rank_prefix, channel_prefix, is_token_in_rank = handle[0], handle[1], handle[4]
+            col = rank_prefix[:, me].tolist()
+        else:
+            is_token_in_rank, channel_prefix = handle[0], handle[2]
+            col = handle[6].tolist()
+        num_tokens = is_token_in_rank.size(0)
+        n_back = [col[0]] + [col[s] - col[s - 1] for s in range(1, R)]   # rows I hold for each source
+        num_recv = sum(n_back)
+        n_mine = channel_prefix[:, -1].tolist()                           # rows coming back from each dst
+        hidden = x.size(1)
+
+        # ---- collective(s): the rows go back to their sources (x[:num_recv] is already ordered by source)
+        rows = torch.empty((sum(n_mine), hidden), dtype=x.dtype, device=device)
+        send_x = x[:num_recv]
+        work = self.comm.all_to_all_single(rows, send_x, n_mine, n_back, op="combine (data)",
+                                           async_op=topk_weights is not None)
+        w_rows = None
+        if topk_weights is not None:
+            w_rows = torch.empty((sum(n_mine), topk_weights.size(1)), dtype=torch.float32, device=device)
+            self.comm.all_to_all_single(w_rows, topk_weights[:num_recv].contiguous(), n_mine, n_back,
+                                        op="combine (top-k weights)")
+            work.wait()
+
+        # ---- reduce in fp32, ranks ascending (per node first when there are several nodes)
+        dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
+        acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
+        for b in bias:
+            acc += b.float()
+        rows_f = rows.float()
+        bounds = [0]
+        for n in n_mine:
+            bounds.append(bounds[-1] + n)
+        if NN == 1:
+            for d in range(R):
+                if n_mine[d]:
+                    acc.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], rows_f[bounds[d]:bounds[d + 1]])
+        else:
+            for b in range(NN):
+                lo, hi = bounds[b * P], bounds[(b + 1) * P]
+                if hi == lo:
+                    continue
+                partial = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
+                for d in range(b * P, (b + 1) * P):
+                    if n_mine[d]:
+                        partial.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], rows_f[bounds[d]:bounds[d + 1]])
+                toks = torch.unique(tok_ids[lo:hi])
+                acc.index_add_(0, toks, partial[toks].to(x.dtype).float())
+        combined_x = acc.to(x.dtype)
+        combined_w = None
+        if w_rows is not None:
+            combined_w = torch.zeros((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=device)
+            for d in range(R):
+                if n_mine[d]:
+                    combined_w.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], w_rows[bounds[d]:bounds[d + 1]])
+        return combined_x, combined_w
