@@ -1,11 +1,16 @@
 """The portable engine, normal (high-throughput) mode: dispatch and combine on torch.distributed.
 
-It implements `docs/semantics.md` exactly, with vectorised torch ops and at most two collectives per
-call: one all-gather of per-rank counts (every rank then knows the whole traffic matrix, so it can
-compute every handle field and reject a `num_worst_tokens` overflow on all ranks alike), and one
-packed all-to-all that carries the token rows and their metadata. Cached dispatch and combine take
-their counts from the handle and need only the data all-to-all (combine without top-k weights sends
-``x`` itself, with no packing copy).
+It implements `docs/semantics.md` exactly with vectorised torch ops and a fixed, small number of
+collectives per call (never one per peer or per token):
+
+* dispatch: one all-gather of per-rank counts (every rank then knows the whole traffic matrix, so it
+  computes every handle field and rejects a `num_worst_tokens` overflow on all ranks alike), then the
+  token rows go by one all-to-all straight into ``recv_x`` while their metadata (scales, top-k,
+  source index) travels packed in a second, small all-to-all that overlaps with it. Writing the rows
+  in place saves a full copy of the received data, which costs more than one extra small collective;
+* cached dispatch: the counts come from the handle, so only the rows (and FP8 scales) move;
+* combine: the rows are already ordered by source rank, so ``x`` itself is sent (no packing), plus
+  one all-to-all for the top-k weights when given.
 
 Arguments arrive validated by `deep_ep.Buffer`.
 """
@@ -99,6 +104,16 @@ class PortableEngine:
         self.rank, self.num_ranks = comm.rank, comm.size
         self.num_ranks_per_node = num_ranks_per_node
         self.num_nodes = self.num_ranks // num_ranks_per_node
+        self._stage = {}
+
+    def _staging(self, num_bytes: int, device: torch.device) -> torch.Tensor:
+        """A reused send buffer (fresh large allocations cost a page fault per 4 KiB on every call).
+        Safe because every call finishes its collectives before it returns."""
+        buf = self._stage.get(device)
+        if buf is None or buf.numel() < num_bytes:
+            buf = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
+            self._stage[device] = buf
+        return buf[:num_bytes]
 
     # ------------------------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -167,7 +182,8 @@ class PortableEngine:
         num_recv = sum(n_recv)
         num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
 
-        # ---- what travels per token
+        # ---- what travels per token: the rows go straight into recv_x (one collective), the
+        # per-token metadata travels packed in a second, small one that overlaps with the first.
         row_bytes = x.size(1) * x.element_size()
         has_scales = x_scales is not None
         has_topk = topk_idx is not None
@@ -181,95 +197,70 @@ class PortableEngine:
         meta_parts.append(("src_idx", 4))
         if multi_node:
             meta_parts.append(("nvl_bits", 4))
-            # Forwarder section: for rank (b, i), the tokens of this rank that need node b.
             fwd_counts = all_node_ch.sum(-1, dtype=_I32)                           # [src, node]
 
-        packer = _Packer(R)
+        packer, unpacker = _Packer(R), _Packer(R)
         for d in range(R):
-            packer.add(d, "x", n_send[d] * row_bytes)
             for name, nbytes in meta_parts:
                 packer.add(d, name, n_send[d] * nbytes)
+                unpacker.add(d, name, n_recv[d] * nbytes)
+            # Forwarder section (several nodes): rank (b, i) learns which tokens of rank (a, i) need node b.
             if multi_node and d % P == me % P:
                 packer.add(d, "fwd", int(fwd_counts[me, d // P]) * 8)
+                unpacker.add(d, "fwd", int(fwd_counts[d, me // P]) * 8)
         send_sizes, send_offsets = packer.layout()
-        unpacker = _Packer(R)
-        for s in range(R):
-            unpacker.add(s, "x", n_recv[s] * row_bytes)
-            for name, nbytes in meta_parts:
-                unpacker.add(s, name, n_recv[s] * nbytes)
-            if multi_node and s % P == me % P:
-                unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
         recv_sizes, recv_offsets = unpacker.layout()
 
-        # ---- pack (one copy of every row into the send buffer, written in place)
-        send_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
-        dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)            # sorted by dst, then token
+        # ---- pack: rows sorted by destination, then token (one copy into a reused staging buffer)
+        dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
         tok_ids_i32 = tok_ids.to(_I32)
-        x_bytes = _bytes(x)
-        per_token = {}
+        x_rows = _bytes(x)
+        send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
+        torch.index_select(x_rows, 0, tok_ids, out=send_rows)
+        recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
+            (num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
+        recv_rows = _bytes(recv_x)[:num_recv]
+        work_x = self.comm.all_to_all_single(recv_rows, send_rows, n_recv, n_send, op="dispatch (data)",
+                                             async_op=True)
+
+        meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+        per_token = {"src_idx": _bytes(tok_ids_i32.view(-1, 1))}
         if has_scales:
-            per_token["scales"] = _bytes(x_scales)
+            per_token["scales"] = _bytes(x_scales)[tok_ids]
         if has_topk:
-            per_token["topk_idx"] = _bytes(topk_idx.to(_I32))
-            per_token["topk_weights"] = _bytes(topk_weights)
+            per_token["topk_idx"] = _bytes(topk_idx.to(_I32))[tok_ids]
+            per_token["topk_weights"] = _bytes(topk_weights)[tok_ids]
         if multi_node:
-            bit_weights = (1 << torch.arange(P, device=device, dtype=torch.int64))
+            bit_weights = 1 << torch.arange(P, device=device, dtype=torch.int64)
             # bits[t, b] = mask of the ranks (b, j) that receive token t
             bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
+            per_token["nvl_bits"] = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
         bounds = [0]
         for n in n_send:
             bounds.append(bounds[-1] + n)
         for d in range(R):
-            n = n_send[d]
-            if n == 0:
-                continue
-            idx = tok_ids[bounds[d]:bounds[d + 1]]
-            off, nbytes = send_offsets[(d, "x")]
-            torch.index_select(x_bytes, 0, idx, out=send_buf[off:off + nbytes].view(n, row_bytes))
             for name, width in meta_parts:
                 off, nbytes = send_offsets[(d, name)]
-                view = send_buf[off:off + nbytes].view(n, width)
-                if name == "src_idx":
-                    view.copy_(_bytes(tok_ids_i32[bounds[d]:bounds[d + 1]].view(n, 1)))
-                elif name == "nvl_bits":
-                    view.copy_(_bytes(bits[idx, d // P].contiguous().view(n, 1)))
-                else:
-                    torch.index_select(per_token[name], 0, idx, out=view)
-        if multi_node:
-            for d in range(R):
-                if (d, "fwd") not in send_offsets:
-                    continue
-                b = d // P
+                if nbytes:
+                    meta_buf[off:off + nbytes].view(-1, width).copy_(per_token[name][bounds[d]:bounds[d + 1]])
+            if (d, "fwd") in send_offsets:
                 off, nbytes = send_offsets[(d, "fwd")]
-                if nbytes == 0:
-                    continue
-                toks = in_node[:, b].nonzero().view(-1)
-                pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
-                send_buf[off:off + nbytes].copy_(pair.contiguous().view(-1).view(torch.uint8))
-
-        # ---- collective 2: the data
+                if nbytes:
+                    b = d // P
+                    toks = in_node[:, b].nonzero().view(-1)
+                    pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
+                    meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
         recv_buf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-        self.comm.all_to_all_single(recv_buf, send_buf, recv_sizes, send_sizes, op="dispatch (data)")
+        self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
+        work_x.wait()
 
-        # ---- unpack
+        # ---- unpack the metadata
         def gather_part(name: str, width: int) -> torch.Tensor:
             pieces = []
             for s in range(R):
                 off, nbytes = recv_offsets[(s, name)]
                 pieces.append(recv_buf[off:off + nbytes].view(-1, width))
-            return torch.cat(pieces, dim=0) if pieces else torch.empty((0, width), dtype=torch.uint8, device=device)
-
-        recv_x = torch.zeros((num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device) if num_worst_tokens \
-            else torch.empty((num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
-        recv_x_bytes = _bytes(recv_x) if num_rows > 0 else None
-        pos = 0
-        for s in range(R):
-            n = n_recv[s]
-            if n == 0:
-                continue
-            off, nbytes = recv_offsets[(s, "x")]
-            recv_x_bytes[pos:pos + n].copy_(recv_buf[off:off + nbytes].view(n, row_bytes))
-            pos += n
+            return torch.cat(pieces, dim=0)
 
         def padded(t: torch.Tensor, fill) -> torch.Tensor:
             if num_rows == num_recv:
@@ -280,19 +271,16 @@ class PortableEngine:
 
         recv_scales = None
         if has_scales:
-            recv_scales = gather_part("scales", num_scales * 4).view(x_scales.dtype).view(num_recv, num_scales)
-            recv_scales = padded(recv_scales, 0)
+            recv_scales = padded(gather_part("scales", num_scales * 4).view(x_scales.dtype).view(num_recv, num_scales),
+                                 0)
         recv_topk_idx = recv_topk_weights = None
         if has_topk:
             gidx = gather_part("topk_idx", num_topk * 4).view(_I32).view(num_recv, num_topk).to(torch.int64)
-            lo = me * experts_per_rank
-            local = gidx - lo
+            local = gidx - me * experts_per_rank
             is_local = (gidx >= 0) & (local >= 0) & (local < experts_per_rank)
-            recv_topk_idx = torch.where(is_local, local, torch.full_like(local, -1))
+            recv_topk_idx = padded(torch.where(is_local, local, torch.full_like(local, -1)), -1)
             w = gather_part("topk_weights", num_topk * 4).view(torch.float32).view(num_recv, num_topk)
-            recv_topk_weights = torch.where(is_local, w, torch.zeros_like(w))
-            recv_topk_idx = padded(recv_topk_idx, -1)
-            recv_topk_weights = padded(recv_topk_weights, 0)
+            recv_topk_weights = padded(torch.where(is_local, w, torch.zeros_like(w)), 0)
         recv_src_idx = padded(gather_part("src_idx", 4).view(_I32).view(-1), -1)
 
         if num_worst_tokens > 0:
@@ -389,26 +377,19 @@ class PortableEngine:
         num_recv = sum(n_recv)
 
         row_bytes = x.size(1) * x.element_size()
-        has_scales = x_scales is not None
-        num_scales = x_scales.size(1) if has_scales else 0
-        width = row_bytes + num_scales * 4
         _, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
-        src = _bytes(x)
-        if has_scales:
-            src = torch.cat([src, _bytes(x_scales)], 1)
-        send_buf = torch.index_select(src, 0, tok_ids)
-        recv_buf = torch.empty((num_recv, width), dtype=torch.uint8, device=device)
-        self.comm.all_to_all_single(recv_buf, send_buf, n_recv, n_send, op="cached dispatch (data)")
+        send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
+        torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
         recv_x = (torch.zeros if num_rows != num_recv else torch.empty)((num_rows,) + tuple(x.shape[1:]),
                                                                         dtype=x.dtype, device=device)
-        if num_recv:
-            _bytes(recv_x)[:num_recv].copy_(recv_buf[:, :row_bytes])
-        if not has_scales:
+        work = self.comm.all_to_all_single(_bytes(recv_x)[:num_recv], send_rows, n_recv, n_send,
+                                           op="cached dispatch (data)", async_op=x_scales is not None)
+        if x_scales is None:
             return recv_x
-        recv_scales = torch.zeros((num_rows, num_scales), dtype=x_scales.dtype, device=device)
-        if num_recv:
-            recv_scales[:num_recv] = recv_buf[:, row_bytes:].contiguous().view(recv_scales.dtype).view(num_recv,
-                                                                                                    num_scales)
+        recv_scales = torch.zeros((num_rows, x_scales.size(1)), dtype=x_scales.dtype, device=device)
+        self.comm.all_to_all_single(recv_scales[:num_recv], x_scales[tok_ids], n_recv, n_send,
+                                    op="cached dispatch (scales)")
+        work.wait()
         return recv_x, recv_scales
 
     # ----------------------------------------------------------------------------------- combine
