@@ -567,7 +567,8 @@ class Buffer:
         if x.size(0) != num_rows:
             chk.fail("x", f"must have one row per token the dispatch received ({num_rows}), got {x.size(0)}")
         if topk_weights is not None:
-            chk.tensor("topk_weights", topk_weights, dtypes=(torch.float32,), dim=2)
+            # Any strides: autograd hands gradients of broadcasts over as expanded views.
+            chk.tensor("topk_weights", topk_weights, dtypes=(torch.float32,), dim=2, contiguous=False)
             if topk_weights.size(0) != num_rows:
                 chk.fail("topk_weights", f"must have {num_rows} rows like `x`, got {topk_weights.size(0)}")
         num_tokens = (handle[4] if len(handle) == 6 else handle[0]).size(0)
