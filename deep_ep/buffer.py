@@ -746,6 +746,8 @@ class Buffer:
         if combine_wait_recv_cost_stats is not None:
             chk.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, dtypes=(torch.int64,),
                        shape=(R,))
+        if all_same_device([x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats]) is None:
+            chk.fail("x", "and the other tensor arguments must all be on one device")
         with _Launch(self, [x, topk_idx, topk_weights], None, async_finish, on_comm_stream=async_finish) as launch:
             combined_x, hook = self._ll_engine().combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
                                                          return_recv_hook, out, combine_wait_recv_cost_stats)

@@ -86,6 +86,11 @@ class _Packer:
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A tensor's data as uint8, row-major: ``[n, w]`` of any dtype -> ``[n, w * element_size]``."""
+    if t.numel() == 0:
+        # torch calls every empty tensor contiguous, so .contiguous() may keep a stride-0 last dim
+        # (e.g. column-major scales of a rank without tokens) that .view(uint8) rejects.
+        return torch.empty(tuple(t.shape[:-1]) + (t.shape[-1] * t.element_size(),), dtype=torch.uint8,
+                           device=t.device)
     return t.contiguous().view(torch.uint8)
 
 
