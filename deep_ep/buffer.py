@@ -178,18 +178,36 @@ class Buffer:
             raise ValueError(f"deep_ep.Buffer: multi-node layouts support at most {_MAX_NVL_BITS} ranks per node, "
                              f"got {self.num_ranks_per_node} (DEEP_EP_RANKS_PER_NODE or host layout)")
 
-        forced = _env.engine_override()
-        if forced == "cuda":
-            raise RuntimeError("deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: "
-                               "deep_ep was installed without its compiled core (deep_ep._C)")
-        self.engine = "portable"
-        self.engine_reason = ("forced by DEEP_EP_ENGINE=portable" if forced == "portable"
-                              else "the CUDA engine (compiled core deep_ep._C) is not built")
         self._engine = PortableEngine(self._comm, self.num_ranks_per_node)
+        self._cuda = None  # CudaEngine for normal mode on CUDA tensors, when every rank can run it
+        self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
         self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
         self._ll = None
         self._comm_stream = None
         self._destroyed = False
+
+    def _choose_engine(self, num_nvl_bytes: int) -> Tuple[str, str]:
+        """Collective: the CUDA engine when every rank can run it (core built, CUDA device, one host whose
+        GPUs reach each other), else the portable engine; ``DEEP_EP_ENGINE`` forces either."""
+        forced = _env.engine_override()
+        if forced == "portable":
+            return "portable", "forced by DEEP_EP_ENGINE=portable"
+        from .engines import cuda as cuda_engine
+        ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        if not ok:
+            if forced == "cuda":
+                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: {reason}")
+            return "portable", f"the CUDA engine is not available: {reason}"
+        self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
+
+    def _engine_for(self, t: torch.Tensor):
+        """The engine a normal-mode call runs on: CUDA for CUDA tensors when available."""
+        return self._cuda if self._cuda is not None and t.is_cuda else self._engine
+
+    def _config_kw(self, engine, config: Optional[Config]) -> dict:
+        """The CUDA engine also takes the config (ring sizes); the portable one does not."""
+        return {"config": config} if engine is self._cuda else {}
 
     # ------------------------------------------------------------------------------ topology
     def _detect_ranks_per_node(self) -> int:
@@ -237,11 +255,17 @@ class Buffer:
         self._alive("destroy")
         try:
             self._comm.barrier(op="destroy")
+            if self._cuda is not None:
+                # waits for this GPU, then for every rank, before freeing peer-mapped memory
+                self._cuda.destroy(collective=True)
         finally:
             self._release()
 
     def _release(self) -> None:
         self._destroyed = True
+        if getattr(self, "_cuda", None) is not None:
+            self._cuda.destroy(collective=False)
+            self._cuda = None
         self._local.release()
         self._ll = None
         self._comm.close()
@@ -257,7 +281,9 @@ class Buffer:
     @staticmethod
     def is_sm90_compiled() -> bool:
         """True when the compiled core was built with SM90 features (FP8, TMA). False without a core."""
-        return False
+        from . import _core
+        lib = _core.load()
+        return bool(lib is not None and lib.deep_ep_core_is_sm90())
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
@@ -313,7 +339,8 @@ class Buffer:
         elem = torch.empty((), dtype=dtype).element_size()
         if offset > total or offset % elem != 0:
             chk.fail("offset", f"must be a multiple of {elem} within the {total}-byte buffer, got {offset}")
-        raw = self._local.get(kind)[offset:]
+        whole = self._cuda.nvl_buffer() if (kind == "nvl" and self._cuda is not None) else self._local.get(kind)
+        raw = whole[offset:]
         t = raw[: (raw.numel() // elem) * elem].view(dtype)
         if size is not None:
             n = 1
@@ -364,7 +391,7 @@ class Buffer:
         self._check_topk_idx(chk, topk_idx, num_experts, _MAX_TOPK)
         self._check_event_args(chk, previous_event, async_finish, allocate_on_comm_stream)
         with _Launch(self, [topk_idx], previous_event, async_finish) as launch:
-            outputs = self._engine.get_dispatch_layout(topk_idx, num_experts)
+            outputs = self._engine_for(topk_idx).get_dispatch_layout(topk_idx, num_experts)
         return (*outputs, launch.finish(outputs))
 
     def _check_topk_idx(self, chk: ArgChecker, topk_idx: Any, num_experts: int, max_topk: int,
@@ -374,7 +401,9 @@ class Buffer:
             chk.fail("topk_idx", f"must have one row per token of `x` ({num_tokens}), got {topk_idx.size(0)}")
         if not 1 <= topk_idx.size(1) <= max_topk:
             chk.fail("topk_idx", f"must have between 1 and {max_topk} columns (num_topk), got {topk_idx.size(1)}")
-        chk.ids_in_range("topk_idx", topk_idx, num_experts)
+        if not (topk_idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # min()/max() sync with the host, which a CUDA graph capture forbids: skipped while capturing
+            chk.ids_in_range("topk_idx", topk_idx, num_experts)
 
     def _check_x(self, chk: ArgChecker, x: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if isinstance(x, (tuple, list)):
@@ -500,7 +529,8 @@ class Buffer:
                                    "only in the first dispatch")
             self._check_handle(chk, handle, num_tokens)
             with _Launch(self, [data, scales], previous_event, async_finish) as launch:
-                recv = self._engine.cached_dispatch(data, scales, handle)
+                engine = self._engine_for(data)
+                recv = engine.cached_dispatch(data, scales, handle, **self._config_kw(engine, config))
             recv_x = recv
             return recv_x, None, None, None, None, launch.finish([recv_x])
 
@@ -529,9 +559,10 @@ class Buffer:
 
         with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank], previous_event,
                      async_finish) as launch:
-            recv_x, recv_topk_idx, recv_topk_weights, counts, handle = self._engine.dispatch(
+            engine = self._engine_for(data)
+            recv_x, recv_topk_idx, recv_topk_weights, counts, handle = engine.dispatch(
                 data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,
-                num_worst_tokens, config.num_channels)
+                num_worst_tokens, config.num_channels, **self._config_kw(engine, config))
         event = launch.finish([recv_x, recv_topk_idx, recv_topk_weights, handle])
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
@@ -583,7 +614,8 @@ class Buffer:
         for b in biases:
             chk.tensor("bias", b, dtypes=(x.dtype,), shape=(num_tokens, x.size(1)))
         with _Launch(self, [x, topk_weights, *biases], previous_event, async_finish) as launch:
-            combined_x, combined_w = self._engine.combine(x, handle, topk_weights, biases)
+            engine = self._engine_for(x)
+            combined_x, combined_w = engine.combine(x, handle, topk_weights, biases, **self._config_kw(engine, config))
         return combined_x, combined_w, launch.finish([combined_x, combined_w])
 
     def internode_dispatch(self, *args, **kwargs):

@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""Build deep_ep's compiled core, ``deep_ep/libdeep_ep_core.so``, with nvcc alone.
+
+The core is a plain C-ABI shared library (``csrc/deep_ep_core.h``) that Python loads with ctypes
+(``deep_ep/_core.py``): no torch or CPython headers, the CUDA runtime linked statically, no
+``-lcuda`` (the runtime finds the driver at run time), so one build serves every Python and torch
+version and builds on a machine without a GPU.
+
+Usage::
+
+    python build_core.py                 # sm_90, into deep_ep/
+    DISABLE_SM90_FEATURES=1 python build_core.py   # sm_80 build without Hopper-only features
+    python build_core.py --arch 80,90 --jobs 8 --output-dir /tmp/core
+
+From Python (setup.py does this)::
+
+    from build_core import build_core, should_build_core
+    build, reason = should_build_core()
+    if build:
+        build_core()
+
+Every build prints ptxas' resource report (registers, stack, spills) per kernel and, by default,
+fails if a kernel spills registers (``--allow-spills`` turns that into a warning).
+
+Environment: ``CUDA_HOME`` / ``CUDA_PATH`` (where nvcc lives; default ``/usr/local/cuda``, then
+``PATH``), ``DEEP_EP_BUILD_CUDA`` (``0`` never / ``1`` always / unset: when nvcc is found; read by
+`should_build_core`), ``DISABLE_SM90_FEATURES=1``, ``DEEP_EP_CUDA_ARCH`` (e.g. ``90`` or ``80,90``),
+``NVSHMEM_DIR`` (else the ``nvidia-nvshmem-cu13``/``-cu12`` wheel; reported, not linked yet: this
+core is intranode-only), ``DEEP_EP_BUILD_JOBS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["build_core", "should_build_core", "find_nvcc", "find_nvshmem", "parse_ptxas_report", "BuildError",
+           "LIBRARY_NAME"]
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+LIBRARY_NAME = "libdeep_ep_core.so"
+BUILD_INFO_NAME = "_core_build.json"
+
+
+class BuildError(RuntimeError):
+    """The core could not be built (missing nvcc, compile error, or a kernel that spills)."""
+
+
+# ----------------------------------------------------------------------------------------- discovery
+
+def find_nvcc() -> Optional[Path]:
+    """nvcc from ``CUDA_HOME``/``CUDA_PATH``, else ``/usr/local/cuda``, else ``PATH``."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return Path(home) / "bin" / "nvcc"
+    default = Path("/usr/local/cuda/bin/nvcc")
+    if default.is_file():
+        return default
+    found = shutil.which("nvcc")
+    return Path(found) if found else None
+
+
+def nvcc_version(nvcc: Path) -> Tuple[int, int]:
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if not match:
+        raise BuildError(f"cannot read the CUDA version from `{nvcc} --version`:\n{out}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def find_nvshmem(cuda_major: Optional[int] = None) -> Tuple[Optional[Path], str]:
+    """NVSHMEM from ``NVSHMEM_DIR`` or the ``nvidia-nvshmem-cu<major>`` wheel: ``(dir or None, note)``."""
+    env = os.environ.get("NVSHMEM_DIR")
+    if env:
+        path = Path(env)
+        if (path / "include" / "nvshmem.h").is_file():
+            return path, f"NVSHMEM_DIR={path}"
+        return None, f"NVSHMEM_DIR={path} has no include/nvshmem.h"
+    try:
+        spec = importlib.util.find_spec("nvidia.nvshmem")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None, "no NVSHMEM_DIR and no nvidia-nvshmem-cu* wheel installed"
+    path = Path(list(spec.submodule_search_locations)[0])
+    if not (path / "include" / "nvshmem.h").is_file():
+        return None, f"{path} has no include/nvshmem.h"
+    note = f"wheel at {path}"
+    if cuda_major is not None:
+        try:
+            from importlib import metadata
+            names = [d.metadata["Name"] for d in metadata.distributions()
+                     if (d.metadata["Name"] or "").lower().startswith("nvidia-nvshmem")]
+            if names and not any(n.lower().endswith(f"cu{cuda_major}") for n in names):
+                note += f" (installed: {', '.join(names)}; nvcc is CUDA {cuda_major})"
+        except Exception:  # metadata is best effort
+            pass
+    return path, note
+
+
+def should_build_core(env: Optional[Dict[str, str]] = None) -> Tuple[bool, str]:
+    """Whether setup.py should build the core, from ``DEEP_EP_BUILD_CUDA`` and nvcc's presence.
+
+    Raises:
+        BuildError: ``DEEP_EP_BUILD_CUDA`` is neither 0, 1 nor unset, or it is 1 and nvcc is missing.
+    """
+    env = os.environ if env is None else env
+    request = env.get("DEEP_EP_BUILD_CUDA", "").strip()
+    if request not in ("", "0", "1"):
+        raise BuildError(f"DEEP_EP_BUILD_CUDA must be 0 or 1, got {request!r}")
+    if request == "0":
+        return False, "DEEP_EP_BUILD_CUDA=0"
+    nvcc = find_nvcc()
+    if nvcc is None:
+        if request == "1":
+            raise BuildError("DEEP_EP_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return False, "nvcc not found (set CUDA_HOME to build the CUDA core)"
+    return True, f"nvcc at {nvcc}" + (" (DEEP_EP_BUILD_CUDA=1)" if request == "1" else "")
+
+
+# ------------------------------------------------------------------------------------ ptxas report
+
+@dataclass
+class KernelResources:
+    """One function of ptxas' report (``-Xptxas -v``)."""
+    name: str
+    arch: str = ""
+    entry: bool = False
+    registers: int = 0
+    stack_bytes: int = 0
+    spill_store_bytes: int = 0
+    spill_load_bytes: int = 0
+    demangled: str = ""
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_store_bytes > 0 or self.spill_load_bytes > 0
+
+
+_RE_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_RE_FUNC = re.compile(r"Function properties for (\S+)")
+_RE_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_RE_REGS = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_report(text: str) -> List[KernelResources]:
+    """Per-function resources from ptxas' verbose output (entries and non-inlined functions)."""
+    functions: Dict[Tuple[str, str], KernelResources] = {}
+    current: Optional[KernelResources] = None
+    arch = ""
+    for line in text.splitlines():
+        m = _RE_ENTRY.search(line)
+        if m:
+            arch = m.group(2)
+            key = (m.group(1), arch)
+            current = functions.setdefault(key, KernelResources(m.group(1), arch))
+            current.entry = True
+            continue
+        m = _RE_FUNC.search(line)
+        if m:
+            key = (m.group(1), arch)
+            current = functions.setdefault(key, KernelResources(m.group(1), arch))
+            continue
+        m = _RE_FRAME.search(line)
+        if m and current is not None:
+            current.stack_bytes = int(m.group(1))
+            current.spill_store_bytes = int(m.group(2))
+            current.spill_load_bytes = int(m.group(3))
+            continue
+        m = _RE_REGS.search(line)
+        if m and current is not None:
+            current.registers = int(m.group(1))
+    return list(functions.values())
+
+
+def _demangle(names: Sequence[str]) -> List[str]:
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not tool or not names:
+        return list(names)
+    try:
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, timeout=30).stdout
+        lines = out.splitlines()
+        return lines if len(lines) == len(names) else list(names)
+    except (OSError, subprocess.SubprocessError):
+        return list(names)
+
+
+def format_report(kernels: Sequence[KernelResources]) -> str:
+    rows = [f"{'kind':6} {'arch':6} {'regs':>4} {'stack':>6} {'spill st':>8} {'spill ld':>8}  function"]
+    for k in sorted(kernels, key=lambda k: (not k.entry, k.demangled or k.name)):
+        name = k.demangled or k.name
+        if len(name) > 110:
+            name = name[:107] + "..."
+        rows.append(f"{'kernel' if k.entry else 'func':6} {k.arch:6} {k.registers:>4} {k.stack_bytes:>6} "
+                    f"{k.spill_store_bytes:>8} {k.spill_load_bytes:>8}  {name}")
+    return "\n".join(rows)
+
+
+# -------------------------------------------------------------------------------------------- build
+
+@dataclass
+class BuildResult:
+    library: Path
+    seconds: float
+    archs: List[str]
+    kernels: List[KernelResources] = field(default_factory=list)
+    nvshmem: str = ""
+
+    @property
+    def spilling_kernels(self) -> List[KernelResources]:
+        return [k for k in self.kernels if k.entry and k.spills]
+
+
+def _archs(arch: Optional[str], disable_sm90: bool) -> List[str]:
+    if arch is None:
+        arch = os.environ.get("DEEP_EP_CUDA_ARCH") or ("80" if disable_sm90 else "90")
+    archs = [a.strip().replace("sm_", "").replace(".", "") for a in str(arch).replace(";", ",").split(",") if a.strip()]
+    for a in archs:
+        if not re.fullmatch(r"\d{2,3}a?", a):
+            raise BuildError(f"bad CUDA architecture {a!r} (expected e.g. 90 or 80,90)")
+    if not disable_sm90 and any(int(a.rstrip("a")) < 90 for a in archs):
+        raise BuildError(f"architectures {archs} include pre-Hopper targets: build them with DISABLE_SM90_FEATURES=1")
+    return archs
+
+
+def _run(cmd: List[str], cwd: Path) -> Tuple[int, str]:
+    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True)
+    return proc.returncode, (proc.stdout or "") + (proc.stderr or "")
+
+
+def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = None,
+               disable_sm90: Optional[bool] = None, jobs: Optional[int] = None, allow_spills: bool = False,
+               verbose: bool = True, build_dir: Optional[os.PathLike] = None) -> BuildResult:
+    """Compile ``csrc/**/*.cu`` and link ``libdeep_ep_core.so`` into ``output_dir`` (default ``deep_ep/``).
+
+    Args:
+        output_dir: where the library (and ``_core_build.json``) go.
+        arch: compute capabilities, e.g. ``"90"`` or ``"80,90"`` (default ``DEEP_EP_CUDA_ARCH``, else 90,
+            or 80 with ``disable_sm90``).
+        disable_sm90: build without Hopper-only features (default: ``DISABLE_SM90_FEATURES=1``).
+        jobs: parallel nvcc processes (default ``DEEP_EP_BUILD_JOBS`` or the CPU count).
+        allow_spills: only warn when a kernel spills registers (default: fail).
+        verbose: print the commands, ptxas' report and a summary.
+        build_dir: where object files go (default a temporary directory).
+
+    Returns:
+        `BuildResult` with the library path, the time taken and ptxas' per-kernel resources.
+
+    Raises:
+        BuildError: nvcc missing, a compile/link error, or (unless ``allow_spills``) a spilling kernel.
+    """
+    start = time.monotonic()
+    log = print if verbose else (lambda *a, **k: None)
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found: set CUDA_HOME (e.g. CUDA_HOME=/usr/local/cuda)")
+    major, minor = nvcc_version(nvcc)
+    if disable_sm90 is None:
+        disable_sm90 = os.environ.get("DISABLE_SM90_FEATURES", "0").strip() not in ("", "0")
+    archs = _archs(arch, disable_sm90)
+    if jobs is None:
+        jobs = int(os.environ.get("DEEP_EP_BUILD_JOBS") or os.cpu_count() or 1)
+    output_dir = Path(output_dir) if output_dir is not None else ROOT / "deep_ep"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    nvshmem_dir, nvshmem_note = find_nvshmem(major)
+
+    sources = sorted(CSRC.rglob("*.cu"))
+    if not sources:
+        raise BuildError(f"no CUDA sources under {CSRC}")
+    gencode = []
+    for a in archs:
+        gencode += [f"--generate-code=arch=compute_{a},code=[sm_{a},compute_{a}]"]
+    defines = ["-DNDEBUG"] + (["-DDEEP_EP_DISABLE_SM90_FEATURES"] if disable_sm90 else [])
+    # NVSHMEM is only discovered here; the intranode core does not link it (DEEP_EP_HAS_NVSHMEM stays unset).
+    common = [str(nvcc), "-std=c++17", "-O3", "-lineinfo", "-Xcompiler=-fPIC,-fvisibility=hidden",
+              "-Xptxas=-v", "--expt-relaxed-constexpr", f"-I{CSRC}"] + gencode + defines
+
+    log(f"[build_core] nvcc {major}.{minor} at {nvcc}; archs {archs}{' (DISABLE_SM90_FEATURES)' if disable_sm90 else ''}; "
+        f"{len(sources)} sources, {jobs} jobs")
+    log(f"[build_core] NVSHMEM: {nvshmem_note}" + ("; not linked: this core is intranode-only" if nvshmem_dir else
+                                                   "; building intranode-only"))
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="deep_ep_core_") if build_dir is None else None
+    obj_dir = Path(tmp_ctx.name) if tmp_ctx is not None else Path(build_dir)
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        def compile_one(src: Path) -> Tuple[Path, int, str, Path]:
+            obj = obj_dir / (str(src.relative_to(CSRC)).replace(os.sep, "_") + ".o")
+            rc, out = _run(common + ["-c", str(src), "-o", str(obj)], ROOT)
+            return src, rc, out, obj
+
+        outputs: List[str] = []
+        objects: List[Path] = []
+        failures: List[str] = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for src, rc, out, obj in pool.map(compile_one, sources):
+                rel = src.relative_to(ROOT)
+                outputs.append(out)
+                objects.append(obj)
+                if rc != 0:
+                    failures.append(f"--- {rel} (exit {rc})\n{out}")
+                else:
+                    log(f"[build_core] compiled {rel}")
+        if failures:
+            raise BuildError("compilation failed:\n" + "\n".join(failures))
+
+        tmp_lib = output_dir / f".{LIBRARY_NAME}.tmp{os.getpid()}"
+        link = [str(nvcc), "-shared", "-cudart=static"] + gencode + [str(o) for o in objects] + ["-o", str(tmp_lib)]
+        rc, out = _run(link, ROOT)
+        if rc != 0:
+            raise BuildError(f"link failed (exit {rc}):\n{' '.join(link)}\n{out}")
+        library = output_dir / LIBRARY_NAME
+        # Atomic replace: a process that has the old library mapped keeps its copy intact.
+        os.replace(tmp_lib, library)
+    finally:
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+
+    kernels = parse_ptxas_report("\n".join(outputs))
+    for k, name in zip(kernels, _demangle([k.name for k in kernels])):
+        k.demangled = name
+    result = BuildResult(library=library, seconds=time.monotonic() - start, archs=archs, kernels=kernels,
+                         nvshmem=nvshmem_note)
+    log("[build_core] ptxas resource report (registers / stack / spills per function):")
+    log(format_report(kernels))
+    spilling = result.spilling_kernels
+    info = {
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nvcc": f"{major}.{minor}", "archs": archs, "disable_sm90_features": disable_sm90,
+        "nvshmem": nvshmem_note, "nvshmem_linked": False, "seconds": round(result.seconds, 1),
+        "kernels": [asdict(k) for k in kernels if k.entry],
+    }
+    (output_dir / BUILD_INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
+    if spilling:
+        names = ", ".join(k.demangled or k.name for k in spilling)
+        msg = f"{len(spilling)} kernel(s) spill registers: {names}"
+        if not allow_spills:
+            raise BuildError(msg + " (pass allow_spills=True / --allow-spills to accept)")
+        log(f"[build_core] WARNING: {msg}")
+    else:
+        log(f"[build_core] no kernel spills ({sum(k.entry for k in kernels)} kernels checked)")
+    log(f"[build_core] built {library} in {result.seconds:.1f} s")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default=None, help="where the library goes (default: deep_ep/)")
+    parser.add_argument("--arch", default=None, help="compute capabilities, e.g. 90 or 80,90")
+    parser.add_argument("--disable-sm90", action="store_true", default=None,
+                        help="build without Hopper-only features (like DISABLE_SM90_FEATURES=1)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
+    parser.add_argument("--allow-spills", action="store_true", help="warn instead of failing on register spills")
+    parser.add_argument("--build-dir", default=None, help="keep object files here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        build_core(args.output_dir, args.arch, args.disable_sm90, args.jobs, args.allow_spills, not args.quiet,
+                   args.build_dir)
+    except BuildError as exc:
+        print(f"[build_core] error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
