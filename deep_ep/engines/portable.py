@@ -3,8 +3,9 @@
 It implements `docs/semantics.md` exactly with vectorised torch ops and a fixed, small number of
 collectives per call (never one per peer or per token):
 
-* dispatch: one all-gather of per-rank counts (every rank then knows the whole traffic matrix, so it
-  computes every handle field and rejects a `num_worst_tokens` overflow on all ranks alike), then the
+* dispatch: one exchange of per-rank counts (every rank sends its counts to every rank, so each knows
+  the whole traffic matrix, computes every handle field and rejects a `num_worst_tokens` overflow on
+  all ranks alike; it overlaps with packing the rows), then the
   token rows go by one all-to-all straight into ``recv_x`` while their metadata (scales, top-k,
   source index) travels packed in a second, small all-to-all that overlaps with it. Writing the rows
   in place saves a full copy of the received data, which costs more than one extra small collective;
@@ -153,7 +154,8 @@ class PortableEngine:
         experts_per_rank = num_experts // R
         multi_node = NN > 1
 
-        # ---- local counts
+        # ---- local counts, sent to every rank (an all-to-all of the same payload: one round, where
+        # gloo's all-gather walks a ring). It runs while this rank packs its rows and metadata.
         ch_counts = _channel_counts(is_token_in_rank, C)                         # [R, C]
         payload = [ch_counts.view(-1), num_tokens_per_expert.to(_I32).view(-1)]
         if multi_node:
@@ -161,34 +163,15 @@ class PortableEngine:
             node_ch_counts = _channel_counts(in_node, C)                          # [NN, C]
             payload.append(node_ch_counts.view(-1))
         payload.append(torch.tensor([num_tokens], dtype=_I32, device=device))
-        payload = torch.cat(payload)
+        payload = torch.cat(payload).cpu()
+        width = payload.numel()
+        gathered = torch.empty(R * width, dtype=_I32)
+        work_counts = self.comm.all_to_all_single(gathered, payload.repeat(R), [width] * R, [width] * R,
+                                                  op="dispatch (count exchange)", async_op=True)
+        gathered = gathered.view(R, width)
 
-        # ---- collective 1: everybody's counts
-        gathered = self.comm.all_gather(payload.cpu() if payload.is_cuda else payload,
-                                        op="dispatch (count exchange)")
-        o = 0
-        all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
-        all_ne = gathered[:, o:o + num_experts]; o += num_experts                  # [src, E]
-        if multi_node:
-            all_node_ch = gathered[:, o:o + NN * C].view(R, NN, C); o += NN * C    # [src, node, C]
-        all_T = gathered[:, o]
-        counts = all_ch.sum(-1, dtype=_I32)                                        # [src, dst]
-        recv_per_rank = counts.sum(0)                                              # [dst]
-        if num_worst_tokens > 0:
-            over = (recv_per_rank > num_worst_tokens).nonzero().view(-1).tolist()
-            if over:
-                d = over[0]
-                raise RuntimeError(
-                    f"deep_ep.Buffer.dispatch: rank {d} would receive {int(recv_per_rank[d])} tokens, more than "
-                    f"`num_worst_tokens`={num_worst_tokens} (ranks over the limit: {over}); raise "
-                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}")
-        n_recv = counts[:, me].tolist()                                            # from each src
-        n_send = counts[me, :].tolist()                                            # to each dst
-        num_recv = sum(n_recv)
-        num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
-
-        # ---- what travels per token: the rows go straight into recv_x (one collective), the
-        # per-token metadata travels packed in a second, small one that overlaps with the first.
+        # ---- what travels per token: the rows go straight into recv_x (one all-to-all), the per-token
+        # metadata travels packed in a second, small one that overlaps with it.
         row_bytes = x.size(1) * x.element_size()
         has_scales = x_scales is not None
         has_topk = topk_idx is not None
@@ -202,34 +185,21 @@ class PortableEngine:
         meta_parts.append(("src_idx", 4))
         if multi_node:
             meta_parts.append(("nvl_bits", 4))
-            fwd_counts = all_node_ch.sum(-1, dtype=_I32)                           # [src, node]
 
-        packer, unpacker = _Packer(R), _Packer(R)
+        # ---- pack (local only): rows sorted by destination, then token, in a reused staging buffer
+        n_send = ch_counts.sum(1).tolist()                                         # to each dst
+        dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
+        send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
+        torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
+        packer = _Packer(R)
         for d in range(R):
             for name, nbytes in meta_parts:
                 packer.add(d, name, n_send[d] * nbytes)
-                unpacker.add(d, name, n_recv[d] * nbytes)
             # Forwarder section (several nodes): rank (b, i) learns which tokens of rank (a, i) need node b.
             if multi_node and d % P == me % P:
-                packer.add(d, "fwd", int(fwd_counts[me, d // P]) * 8)
-                unpacker.add(d, "fwd", int(fwd_counts[d, me // P]) * 8)
+                packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
         send_sizes, send_offsets = packer.layout()
-        recv_sizes, recv_offsets = unpacker.layout()
-
-        # ---- pack: rows sorted by destination, then token (one copy into a reused staging buffer)
-        dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
-        tok_ids_i32 = tok_ids.to(_I32)
-        x_rows = _bytes(x)
-        send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
-        torch.index_select(x_rows, 0, tok_ids, out=send_rows)
-        recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
-            (num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
-        recv_rows = _bytes(recv_x)[:num_recv]
-        work_x = self.comm.all_to_all_single(recv_rows, send_rows, n_recv, n_send, op="dispatch (data)",
-                                             async_op=True)
-
-        meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
-        per_token = {"src_idx": _bytes(tok_ids_i32.view(-1, 1))}
+        per_token = {"src_idx": _bytes(tok_ids.to(_I32).view(-1, 1))}
         if has_scales:
             per_token["scales"] = _bytes(x_scales)[tok_ids]
         if has_topk:
@@ -240,6 +210,7 @@ class PortableEngine:
             # bits[t, b] = mask of the ranks (b, j) that receive token t
             bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
             per_token["nvl_bits"] = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
+        meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
         bounds = [0]
         for n in n_send:
             bounds.append(bounds[-1] + n)
@@ -255,6 +226,42 @@ class PortableEngine:
                     toks = in_node[:, b].nonzero().view(-1)
                     pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
                     meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
+
+        # ---- everybody's counts
+        work_counts.wait()
+        o = 0
+        all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
+        all_ne = gathered[:, o:o + num_experts]; o += num_experts                  # [src, E]
+        if multi_node:
+            all_node_ch = gathered[:, o:o + NN * C].view(R, NN, C); o += NN * C    # [src, node, C]
+            fwd_counts = all_node_ch.sum(-1, dtype=_I32)                           # [src, node]
+        all_T = gathered[:, o]
+        counts = all_ch.sum(-1, dtype=_I32)                                        # [src, dst]
+        recv_per_rank = counts.sum(0)                                              # [dst]
+        if num_worst_tokens > 0:
+            over = (recv_per_rank > num_worst_tokens).nonzero().view(-1).tolist()
+            if over:
+                d = over[0]
+                raise RuntimeError(
+                    f"deep_ep.Buffer.dispatch: rank {d} would receive {int(recv_per_rank[d])} tokens, more than "
+                    f"`num_worst_tokens`={num_worst_tokens} (ranks over the limit: {over}); raise "
+                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}")
+        n_recv = counts[:, me].tolist()                                            # from each src
+        num_recv = sum(n_recv)
+        num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+        unpacker = _Packer(R)
+        for s in range(R):
+            for name, nbytes in meta_parts:
+                unpacker.add(s, name, n_recv[s] * nbytes)
+            if multi_node and s % P == me % P:
+                unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
+        recv_sizes, recv_offsets = unpacker.layout()
+
+        # ---- the data: rows straight into recv_x, metadata alongside
+        recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
+            (num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
+        work_x = self.comm.all_to_all_single(_bytes(recv_x)[:num_recv], send_rows, n_recv, n_send,
+                                             op="dispatch (data)", async_op=True)
         recv_buf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
         self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
         work_x.wait()
