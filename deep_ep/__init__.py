@@ -4,10 +4,11 @@
     >>> buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 30)
 """
 
+from ._comm import CommError
 from .buffer import Buffer, topk_idx_t
 from .config import Config
 from .utils import EventHandle, EventOverlap
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "__version__"]
+__all__ = ["Buffer", "Config", "CommError", "EventOverlap", "EventHandle", "topk_idx_t", "__version__"]

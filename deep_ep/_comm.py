@@ -1,64 +1,213 @@
-"""The collectives a `Buffer` runs among its ranks.
+"""The collectives a `Buffer` runs among its ranks, and what happens when a peer does not answer.
 
 `Communicator` bootstraps from a ``torch.distributed`` group (any backend, gloo included) or from an
 mpi4py communicator, learns the topology (which ranks share a host), and then builds deep_ep's own
-gloo process group with a timeout, so that a dead or diverging peer makes a collective raise instead
-of hanging. The private group listens on 127.0.0.1 when all ranks share one host.
+gloo process group with a timeout (``DEEP_EP_TIMEOUT_S``), so that a dead or diverging peer makes a
+collective raise instead of hanging. The private group and its rendezvous store listen on 127.0.0.1
+when all ranks share one host.
 
 CUDA tensors travel over the user's group when its backend handles CUDA (NCCL); otherwise they are
 staged through host memory on the private gloo group.
+
+Failure reporting (see ``docs/reliability.md``):
+
+* every rank runs a small heartbeat thread that publishes, every ``P`` seconds (``P`` = a tenth of the
+  timeout, between 0.2 and 2 s), a counter and the deep_ep operation it is in, through deep_ep's own
+  rendezvous store (one short message per period; nothing per call);
+* a collective that is not finished after ``P`` starts watching its peers: a peer whose process is
+  gone (checked through ``/proc`` for ranks on this host, by a stalled heartbeat for other hosts)
+  fails the call at once; otherwise the call fails after ``DEEP_EP_TIMEOUT_S``;
+* the `CommError` then names the operation, this rank, the peer ranks that did not answer and why
+  (process gone, heartbeat stalled, alive but in another operation), and gloo's own message.
+
+The happy path costs nothing extra: one wait per collective, as before.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import socket
+import threading
+import time
 import uuid
-from typing import Any, List, Optional, Sequence
+import weakref
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _env
 
-__all__ = ["Communicator", "CommError"]
+__all__ = ["Communicator", "CommError", "P2PWork", "loopback_store"]
 
 
 class CommError(RuntimeError):
-    """A collective failed or timed out (a peer died, diverged, or never arrived)."""
+    """A collective failed or timed out (a peer died, diverged, or never arrived).
+
+    Attributes:
+        op: the operation, e.g. ``"dispatch (data)"``.
+        rank: the rank that raised.
+        missing_ranks: peers that did not answer (gone, stalled, or elsewhere), sorted.
+        gone_ranks: the subset of `missing_ranks` whose process is known to be gone.
+    """
+
+    def __init__(self, message: str, op: str = "", rank: int = -1, missing_ranks: Sequence[int] = (),
+                 gone_ranks: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.op = op
+        self.rank = rank
+        self.missing_ranks = sorted(missing_ranks)
+        self.gone_ranks = sorted(gone_ranks)
 
 
-def _fmt_exc(exc: BaseException) -> str:
+def _fmt_exc(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return ""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    # gloo prefixes its messages with the source location; it helps nobody here.
+    if line.startswith("[") and "] " in line[:200]:
+        line = line.split("] ", 1)[1]
+    if " This is typically caused" in line:
+        line = line.split(" This is typically caused")[0]
+    line = line.strip()
+    return line if line.endswith((".", "!", "?")) else line + "."
 
 
-class _Done:
-    """A completed work handle (for synchronous paths that still return a handle)."""
+def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """A rendezvous store for ranks that all run on this host, listening on 127.0.0.1 only.
 
-    def wait(self) -> None:
+    ``dist.init_process_group(init_method="tcp://127.0.0.1:PORT")`` makes rank 0's store listen on
+    every interface (``[::]:PORT``), whatever the address says; launchers of single-host runs (tests,
+    benchmarks, examples) use this instead::
+
+        store = loopback_store(port, rank, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+
+    Rank 0 binds ``127.0.0.1:port`` (pick it with a bind to port 0 beforehand); the others connect.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(max(128, world_size))
+    # The store owns the descriptor from now on (detach: the socket object must not close it).
+    return dist.TCPStore("127.0.0.1", port, world_size, True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
+
+
+def _where(op: str) -> str:
+    """``"cached dispatch (data)"`` -> ``"deep_ep.Buffer.dispatch"``."""
+    name = op.split(" (")[0].strip()
+    if name.startswith("cached "):
+        name = name[len("cached "):]
+    return f"deep_ep.Buffer.{name}" if name.isidentifier() else "deep_ep"
+
+
+def _c10d_slice_timeout(exc: BaseException) -> bool:
+    """``Work.wait(timeout)`` ran out of time, but the operation is still running (not an error)."""
+    return str(exc).startswith("Operation timed out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Process liveness through /proc (ranks on this host)
+
+def _proc_stat(pid: int) -> Optional[Tuple[str, str]]:
+    """``(state, start time)`` of a process from ``/proc/<pid>/stat``; None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
         return None
+    fields = data[data.rfind(")") + 2:].split()
+    if len(fields) < 20:
+        return None
+    return fields[0], fields[19]
 
 
-class _Work:
-    """An in-flight collective; ``wait()`` finishes it (and copies staged CUDA results back)."""
+def _proc_gone(pid: int, start_time: str) -> bool:
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in ("Z", "X", "x") or stat[1] != start_time
 
-    def __init__(self, comm: "Communicator", op: str, work: Any, finish=None) -> None:
-        self._comm, self._op, self._work, self._finish = comm, op, work, finish
-        self._done = False
 
-    def wait(self) -> None:
-        if self._done:
-            return
-        self._done = True
+# ---------------------------------------------------------------------------------------------
+# Heartbeats through deep_ep's rendezvous store
+
+class _Activity:
+    """What this rank is doing in deep_ep, read by the heartbeat thread (plain attributes: no lock,
+    a torn read only makes one heartbeat slightly stale)."""
+
+    __slots__ = ("beat", "seq", "op", "inflight", "failed", "closed")
+
+    def __init__(self) -> None:
+        self.beat = 0         # heartbeats sent
+        self.seq = 0          # operations started so far
+        self.op = ""          # the latest one started, or the one being waited for
+        self.inflight = 0     # operations started and not finished
+        self.failed = ""      # "rank,rank" this rank blamed when `op` failed ("-" for nobody), else ""
+        self.closed = False   # the Buffer was destroyed or collected
+
+    def encode(self, pid: int) -> str:
+        state = "F" if self.failed else "C" if self.closed else "B" if self.inflight > 0 else "I"
+        return "\t".join((str(self.beat), str(pid), str(self.seq), state, self.op, self.failed))
+
+
+def _heartbeat_loop(store: dist.Store, key: str, period: float, activity: _Activity, pid: int,
+                    stop: threading.Event, store_host: Optional[Tuple[int, str]]) -> None:
+    while True:
+        if store_host is not None and _proc_gone(*store_host):
+            return  # rank 0 (on this host) is gone, and its store with it
+        activity.beat += 1
         try:
-            if self._work is not None:
-                self._work.wait()
-        except Exception as exc:  # gloo raises RuntimeError subclasses on timeout / closed peers
-            raise self._comm.error(self._op, exc) from exc
-        if self._finish is not None:
-            self._finish()
+            store.set(key, activity.encode(pid))
+        except Exception:  # the store (rank 0) is gone: nothing left to report to
+            return
+        if stop.wait(period):
+            return
+
+
+class _PeerState:
+    """One peer as seen through its last heartbeat."""
+
+    __slots__ = ("beat", "pid", "seq", "state", "op", "blamed", "changed_at")
+
+    def __init__(self, value: str, now: float) -> None:
+        parts = value.split("\t")
+        self.beat, self.pid, self.seq, self.state = int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
+        self.op = parts[4]
+        self.blamed = [int(v) for v in parts[5].split(",") if v.strip().lstrip("-").isdigit()] \
+            if len(parts) > 5 and parts[5] not in ("", "-") else []
+        self.changed_at = now
+
+    @property
+    def busy(self) -> bool:
+        return self.state == "B"
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "F"
+
+    @property
+    def closed(self) -> bool:
+        return self.state == "C"
+
+    def doing(self) -> str:
+        if self.closed and self.seq == 0:
+            return "it closed its deep_ep Buffer (destroyed or garbage-collected) without using it"
+        if self.seq == 0:
+            return "it has made no deep_ep call since set-up"
+        if self.busy:
+            return f"it is in `{self.op}` (its call #{self.seq})"
+        if self.closed:
+            return (f"it closed its deep_ep Buffer (destroyed or garbage-collected) after `{self.op}` (its call "
+                    f"#{self.seq})")
+        if self.failed:
+            return f"it failed in `{self.op}` (its call #{self.seq})"
+        return f"it is between calls, its last one was `{self.op}` (its call #{self.seq}), finished"
 
 
 class Communicator:
@@ -84,10 +233,34 @@ class Communicator:
             self.size = int(comm.Get_size())
             self._user_backend = "mpi"
         self.timeout_s = _env.timeout_s()
+        # Heartbeat period, and how long a stalled heartbeat means "gone" for a rank on another host.
+        self._period = min(2.0, max(0.2, self.timeout_s / 10.0))
+        self._stall_s = max(3.0 * self._period, 1.0)
+        self._slice = datetime.timedelta(seconds=self._period)
+        self._activity = _Activity()
+        self._op_started = time.monotonic()
+        self._peer_states: Dict[int, _PeerState] = {}
+        self._store_lost = False
+        self._stop = threading.Event()
+        self._hb_thread: Optional[threading.Thread] = None
+        self._diag_store = None
+        self.pg = None
 
-        # Topology: ranks sharing a host name form a node.
-        self.hostnames: List[str] = self.bootstrap_all_gather(socket.gethostname())
+        # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
+        pid = os.getpid()
+        own = _proc_stat(pid)
+        ids = self.bootstrap_all_gather((socket.gethostname(), pid, own[1] if own else None))
+        self.hostnames: List[str] = [h for h, _, _ in ids]
         self.single_host = len(set(self.hostnames)) == 1
+        self.pids: List[int] = [p for _, p, _ in ids]
+        me = self.hostnames[self.rank]
+        # Peers whose process this rank can watch through /proc (same host, same PID namespace).
+        self._local_peers: Dict[int, Tuple[int, str]] = {}
+        for r, (host, p, start) in enumerate(ids):
+            if r != self.rank and host == me and start is not None:
+                stat = _proc_stat(p)
+                if stat is not None and stat[1] == start:
+                    self._local_peers[r] = (p, start)
 
         # Private gloo group with a timeout, rendezvous through a store owned by rank 0.
         store_info = None
@@ -106,13 +279,17 @@ class Communicator:
             store_info = (addr, sock.getsockname()[1], uuid.uuid4().hex)
         store_info = self.bootstrap_all_gather(store_info)[0]
         addr, port, token = store_info
+        self._hb_prefix = f"deep_ep/{token}/hb/"
         timeout = datetime.timedelta(seconds=self.timeout_s)
+        t0 = time.monotonic()
         try:
             if self.rank == 0:
                 self._store = dist.TCPStore(addr, port, self.size, True, timeout=timeout,
                                             wait_for_workers=False, master_listen_fd=self._listen_sock.fileno())
             else:
                 self._store = dist.TCPStore(addr, port, self.size, False, timeout=timeout)
+            # The first heartbeat goes out before the group forms, so every key exists once it has.
+            self._store.set(self._hb_prefix + str(self.rank), self._activity.encode(pid))
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
             if self.single_host:
@@ -121,16 +298,272 @@ class Communicator:
                 opts._devices = [dist.ProcessGroupGloo.create_default_device()]
             self.pg = dist.ProcessGroupGloo(dist.PrefixStore(f"deep_ep/{token}", self._store),
                                             self.rank, self.size, opts)
+            self._start_heartbeat()
         except Exception as exc:
-            raise self.error("set-up of deep_ep's gloo group", exc) from exc
+            raise self._setup_error(exc, t0, addr, port) from exc
 
-    # ----------------------------------------------------------------------------------------
-    def error(self, op: str, exc: BaseException) -> CommError:
-        return CommError(
-            f"deep_ep: {op} failed on rank {self.rank} of {self.size} (timeout {self.timeout_s:g} s, "
-            f"DEEP_EP_TIMEOUT_S): a peer died, diverged (called a different operation or shape), or did "
-            f"not arrive in time. Cause: {_fmt_exc(exc)}")
+    # ----------------------------------------------------------------------------- heartbeats
+    def _start_heartbeat(self) -> None:
+        hb_store = self._store.clone()
+        self._diag_store = self._store.clone()
+        short = datetime.timedelta(seconds=min(self.timeout_s, 5.0))
+        for s in (hb_store, self._diag_store):
+            s.set_timeout(short)
+        self._hb_thread = threading.Thread(
+            target=_heartbeat_loop, name=f"deep_ep-heartbeat-rank{self.rank}", daemon=True,
+            args=(hb_store, self._hb_prefix + str(self.rank), self._period, self._activity, os.getpid(), self._stop,
+                  self._local_peers.get(0)))
+        self._hb_thread.start()
+        # Stop the thread when the Communicator is collected (the thread holds no reference to it).
+        weakref.finalize(self, self._stop.set)
 
+    def _read_peers(self, peers: Sequence[int]) -> None:
+        """Refresh `_peer_states` from the store (one round trip); sets `_store_lost` on failure."""
+        if self._diag_store is None or self._store_lost or not peers:
+            return
+        if 0 in self._local_peers and _proc_gone(*self._local_peers[0]):
+            self._store_lost = True  # rank 0 hosted the store; do not even try
+            return
+        try:
+            values = self._diag_store.multi_get([self._hb_prefix + str(p) for p in peers])
+        except Exception:
+            self._store_lost = True
+            return
+        now = time.monotonic()
+        for p, raw in zip(peers, values):
+            try:
+                state = _PeerState(bytes(raw).decode("utf-8", "replace"), now)
+            except (ValueError, IndexError):
+                continue
+            old = self._peer_states.get(p)
+            if old is not None and old.beat == state.beat:
+                state.changed_at = old.changed_at
+            self._peer_states[p] = state
+
+    def _gone(self, peers: Sequence[int]) -> Dict[int, str]:
+        """Peers known to be gone, with the reason; reads the store only for peers on other hosts."""
+        gone: Dict[int, str] = {}
+        remote = []
+        for p in peers:
+            if p in self._local_peers:
+                pid, start = self._local_peers[p]
+                if _proc_gone(pid, start):
+                    gone[p] = f"its process is gone (pid {pid} on this host)"
+                    if p == 0:
+                        self._store_lost = True  # it hosted the store
+            else:
+                remote.append(p)
+        if remote:
+            self._read_peers(remote)
+            now = time.monotonic()
+            for p in remote:
+                state = self._peer_states.get(p)
+                if p == 0 and self._store_lost:
+                    gone[p] = "it is unreachable (it hosts deep_ep's rendezvous store, which stopped answering)"
+                elif state is not None and now - state.changed_at > self._stall_s:
+                    gone[p] = (f"no heartbeat for {now - state.changed_at:.1f} s (process gone, frozen, or its "
+                               f"host unreachable; pid {self.pids[p]} on {self.hostnames[p]})")
+        return gone
+
+    # ------------------------------------------------------------------------------- errors
+    def error(self, op: str, exc: Optional[BaseException], peers: Optional[Sequence[int]] = None,
+              started: Optional[float] = None, gone: Optional[Dict[int, str]] = None) -> CommError:
+        """A `CommError` for `op` that names the peers that did not answer and why.
+
+        Args:
+            op: the operation (``"dispatch (data)"``); its first word names the Buffer method.
+            exc: the underlying exception (gloo's), or None.
+            peers: the ranks the operation waited on (default: all others).
+            started: ``time.monotonic()`` when the operation started (default: when this rank's latest
+                operation started).
+            gone: peers already known to be gone, with the reason.
+        """
+        peers = [p for p in (range(self.size) if peers is None else peers) if p != self.rank]
+        if started is None:
+            started = self._op_started
+        elapsed = time.monotonic() - started
+        cause = _fmt_exc(exc)
+        gone = dict(gone or {})
+        gone.update(self._gone([p for p in peers if p not in gone]))
+        # A closed connection means some peer went away; on another host that shows as a heartbeat
+        # that stops, so watch for a little while before blaming nobody.
+        closed = any(k in cause for k in ("closed by peer", "Connection reset", "Broken pipe"))
+        if closed and not gone:
+            # A process killed on this host closes its sockets a moment before /proc shows it gone;
+            # on another host it takes a stalled heartbeat. Watch until one peer shows up as gone, or
+            # reports that it closed its Buffer or failed itself.
+            remote = [p for p in peers if p not in self._local_peers]
+            deadline = time.monotonic() + (self._stall_s + self._period if remote else 1.5)
+            while time.monotonic() < deadline:
+                gone.update(self._gone(peers))
+                if gone or self._store_lost:
+                    break
+                self._read_peers(peers)
+                if any(self._peer_states[p].closed or self._peer_states[p].failed
+                       for p in peers if p in self._peer_states):
+                    break
+                time.sleep(self._period / 2 if remote else 0.05)
+        # What the live peers are doing: a heartbeat read now may predate this operation, so wait
+        # until every heartbeat has been renewed since it started.
+        alive = [p for p in peers if p not in gone]
+        if alive and not self._store_lost:
+            fresh_at = started + 1.5 * self._period
+            if time.monotonic() < fresh_at:
+                time.sleep(fresh_at - time.monotonic())
+            self._read_peers(peers)
+        # Peers that went away during this diagnosis: when the failure already has a cause, they
+        # followed it (a survivor that raised and exited), they did not cause it.
+        late = self._gone(alive)
+        late_echo: Dict[int, str] = {}
+        if gone:
+            late_echo = {p: f"Rank {p} went away since this failure began ({why})" for p, why in late.items()}
+        else:
+            gone.update(late)
+        alive = [p for p in peers if p not in gone and p not in late_echo]
+
+        # Root causes are the peers that are gone or elsewhere by this rank's own observation; peers
+        # that failed in the same operation and blamed someone are reported as such.
+        roots: Dict[int, str] = {}
+        echoes: Dict[int, str] = {}
+        same: List[int] = []
+        blamed: set = set()
+        for p in peers:
+            state = self._peer_states.get(p)
+            if p in late_echo and not (state is not None and state.failed):
+                echoes[p] = late_echo[p]
+                continue
+            if state is not None and state.failed and state.seq:
+                blamed.update(b for b in state.blamed if b != p)
+                if p in gone or p in late_echo:
+                    echoes[p] = (f"Rank {p} failed in `{state.op}` too, blaming rank(s) {state.blamed}, and has "
+                                 f"exited since")
+                else:
+                    echoes[p] = f"Rank {p} failed in `{state.op}` too, blaming rank(s) {state.blamed}"
+                continue
+            if p in gone:
+                roots[p] = gone[p]
+                if state is not None and state.seq:
+                    roots[p] += f"; last seen {'in' if state.busy else 'after'} `{state.op}` (its call #{state.seq})"
+            elif state is not None:
+                stalled = time.monotonic() - state.changed_at
+                if stalled > self._stall_s:
+                    roots[p] = (f"alive, but frozen: no heartbeat for {stalled:.1f} s (process stopped, or stuck "
+                                f"without releasing Python's GIL); its last heartbeat: {state.doing()}")
+                elif state.busy and state.op == op:
+                    same.append(p)
+                else:
+                    roots[p] = f"alive, but {state.doing()}"
+        if self._store_lost and self.rank != 0 and 0 not in roots and 0 not in echoes:
+            roots[0] = "unreachable: deep_ep's rendezvous store, which it hosts, stopped answering"
+            gone[0] = roots[0]
+        if not roots:
+            for b in sorted(blamed):
+                if b != self.rank and b in peers and b not in echoes:
+                    roots[b] = "named by the peers that failed first"
+        missing = sorted(roots)
+        timed_out = "imed out" in cause or elapsed >= self.timeout_s * 0.99
+
+        where = _where(op)
+        head = f"{where}: `{op}` failed on rank {self.rank} of {self.size} after {elapsed:.1f} s"
+        parts = []
+        if missing:
+            within = f" within {self.timeout_s:g} s" if timed_out and not any(p in gone for p in missing) else ""
+            parts.append(f"peer rank(s) {missing} did not answer{within}")
+            parts += [f"Rank {p}: {roots[p]}" for p in missing]
+        elif alive and len(same) == len(alive) and not echoes:
+            parts.append("every peer is alive and in this operation (ranks passing different shapes or "
+                         "arguments, or a network problem?)")
+        else:
+            parts.append("no peer could be identified as missing")
+        parts += [echoes[p] for p in sorted(echoes)]
+        if same and (missing or echoes):
+            parts.append(f"Peer rank(s) {sorted(same)} are alive and in this operation")
+        parts.append(f"This rank's call #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
+        message = head + ": " + ". ".join(parts) + "."
+        if cause:
+            message += f" Cause: {cause}"
+        message += (" The Buffer cannot be used after this error: create a new one (in shrink mode, low-latency "
+                    "calls mask the ranks that are gone instead).")
+        self._publish_failure(op, missing)
+        return CommError(message, op=op, rank=self.rank, missing_ranks=missing,
+                         gone_ranks=[p for p in missing if p in gone])
+
+    def _publish_failure(self, op: str, blamed: Sequence[int]) -> None:
+        """Tell the peers (through this rank's heartbeat key) that `op` failed here and whom it blamed."""
+        act = self._activity
+        act.op = op
+        act.failed = ",".join(str(b) for b in blamed) or "-"
+        if self._diag_store is None or self._store_lost:
+            return
+        try:
+            self._diag_store.set(self._hb_prefix + str(self.rank), act.encode(os.getpid()))
+        except Exception:
+            self._store_lost = True
+
+    def _setup_error(self, exc: BaseException, started: float, addr: str, port: int) -> CommError:
+        op = "__init__ (set-up of deep_ep's gloo group)"
+        missing: List[int] = []
+        detail = ""
+        if self._store is None:
+            if self.rank != 0:
+                missing = [0]
+                detail = f"could not reach deep_ep's rendezvous store on rank 0 at {addr}:{port}"
+        else:
+            try:
+                keys = [self._hb_prefix + str(p) for p in range(self.size)]
+                missing = [p for p, key in enumerate(keys) if not self._store.check([key])]
+            except Exception:
+                missing = [0] if self.rank != 0 else []
+        if not detail:
+            detail = (f"rank(s) {missing} never joined deep_ep's rendezvous" if missing else
+                      "the ranks reached the rendezvous but could not connect to each other (firewall, or "
+                      "DEEP_EP_STORE_ADDR / MASTER_ADDR naming an address the peers cannot reach?)")
+        return CommError(f"deep_ep.Buffer.__init__: set-up of deep_ep's gloo group failed on rank {self.rank} of "
+                         f"{self.size} after {time.monotonic() - started:.1f} s: {detail}. Timeout "
+                         f"{self.timeout_s:g} s (DEEP_EP_TIMEOUT_S). Cause: {_fmt_exc(exc)}",
+                         op=op, rank=self.rank, missing_ranks=missing)
+
+    # ------------------------------------------------------------------------------- waiting
+    def _begin(self, op: str) -> float:
+        act = self._activity
+        act.seq += 1
+        act.op = op
+        act.inflight += 1
+        act.failed = ""
+        self._op_started = time.monotonic()
+        return self._op_started
+
+    def _end(self) -> None:
+        self._activity.inflight = max(0, self._activity.inflight - 1)
+
+    def _wait(self, work: Any, op: str, started: float, peers: Optional[Sequence[int]] = None) -> None:
+        """Wait for a gloo collective: one plain wait on the happy path; past one heartbeat period,
+        watch the peers and fail as soon as one is gone, or at the timeout."""
+        try:
+            work.wait(self._slice)
+            return
+        except Exception as exc:
+            if not _c10d_slice_timeout(exc):
+                raise self.error(op, exc, peers, started) from exc
+        self._activity.op = op  # what this rank is blocked on, for the peers' diagnostics
+        watch = [p for p in (range(self.size) if peers is None else peers) if p != self.rank]
+        deadline = started + self.timeout_s
+        while True:
+            gone = self._gone(watch)
+            if gone:
+                raise self.error(op, None, peers, started, gone)
+            self._read_peers(watch)  # heartbeats of this host's peers too: a stalled one means frozen
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.error(op, TimeoutError(f"no answer within {self.timeout_s:g} s"), peers, started)
+            try:
+                work.wait(datetime.timedelta(seconds=min(self._period, max(remaining, 0.001))))
+                return
+            except Exception as exc:
+                if not _c10d_slice_timeout(exc):
+                    raise self.error(op, exc, peers, started) from exc
+
+    # ------------------------------------------------------------------------------- bootstrap
     def bootstrap_all_gather(self, obj: Any) -> List[Any]:
         """All-gather a picklable object over the bootstrap channel (user group or MPI)."""
         if self.user_group is not None:
@@ -148,9 +581,14 @@ class Communicator:
         gathered = self.all_gather(padded, op=op)
         return [pickle.loads(gathered[i, : sizes[i]].numpy().tobytes()) for i in range(self.size)]
 
-    # ----------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------- collectives
     def _cuda_native(self, t: torch.Tensor) -> bool:
         return t.is_cuda and self.user_group is not None and "nccl" in self._user_backend
+
+    def _check_open(self, op: str) -> None:
+        if self.pg is None:
+            raise CommError(f"{_where(op)}: `{op}` on rank {self.rank}: deep_ep's communicator was closed "
+                            f"(the Buffer was destroyed)", op=op, rank=self.rank)
 
     def all_gather(self, t: torch.Tensor, op: str = "all_gather") -> torch.Tensor:
         """Returns ``[size, *t.shape]`` with every rank's ``t`` (same shape on all ranks)."""
@@ -162,13 +600,21 @@ class Communicator:
             except Exception as exc:
                 raise self.error(op, exc) from exc
             return out
+        self._check_open(op)
         src = t.cpu() if t.is_cuda else t
         out = torch.empty((self.size,) + tuple(src.shape), dtype=src.dtype)
         raw_in, raw_out = _as_gloo(src), _as_gloo(out)
+        started = self._begin(op)
         try:
-            self.pg._allgather_base(raw_out.view(-1), raw_in.view(-1)).wait()
+            work = self.pg._allgather_base(raw_out.view(-1), raw_in.view(-1))
         except Exception as exc:
-            raise self.error(op, exc) from exc
+            err = self.error(op, exc, None, started)
+            self._end()
+            raise err from exc
+        try:
+            self._wait(work, op, started)
+        finally:
+            self._end()
         return out.to(t.device) if t.is_cuda else out
 
     def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
@@ -181,37 +627,196 @@ class Communicator:
                                               async_op=async_op)
             except Exception as exc:
                 raise self.error(op, exc) from exc
-            return _Work(self, op, work) if async_op else _Done()
+            return _Work(self, op, work, native=True) if async_op else _Done()
+        self._check_open(op)
         staged = out.is_cuda
         h_out = torch.empty(out.shape, dtype=out.dtype) if staged else out
         h_in = inp.cpu() if inp.is_cuda else inp
         raw_out, raw_in = _as_gloo(h_out), _as_gloo(h_in)
+        started = self._begin(op)
         try:
             work = self.pg.alltoall_base(raw_out, raw_in, out_splits, in_splits, dist.AllToAllOptions())
         except Exception as exc:
-            raise self.error(op, exc) from exc
+            err = self.error(op, exc, None, started)
+            self._end()
+            raise err from exc
         finish = (lambda: out.copy_(h_out)) if staged else None
-        handle = _Work(self, op, work, finish)
+        handle = _Work(self, op, work, finish, started=started)
         if not async_op:
             handle.wait()
             return _Done()
         return handle
 
     def barrier(self, op: str = "barrier") -> None:
+        self._check_open(op)
+        started = self._begin(op)
         try:
-            self.pg.allreduce([torch.zeros(1)]).wait()
+            work = self.pg.allreduce([torch.zeros(1)])
+            self._wait(work, op, started)
+        except CommError:
+            raise
         except Exception as exc:
-            raise self.error(op, exc) from exc
+            raise self.error(op, exc, None, started) from exc
+        finally:
+            self._end()
 
+    # ------------------------------------------------------------------------ point-to-point
+    def p2p(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor], tag: int,
+            op: str) -> "P2PWork":
+        """Send ``sends[p]`` to each ``p`` and receive ``recvs[p]`` from each ``p``, all in flight at once,
+        on the private gloo group (host tensors; this rank's own entries are copied locally).
+
+        Every peer must post the mirror image with the same `tag` (a non-negative int below 2**31).
+        Returns a `P2PWork`; its ``wait(tolerate_gone=...)`` finishes the messages.
+        """
+        self._check_open(op)
+        started = self._begin(op)
+        works: List[Tuple[int, Any]] = []
+        keep: List[torch.Tensor] = []
+        for p in (set(recvs) | set(sends)):
+            if p in recvs and not recvs[p].is_contiguous():
+                self._end()
+                raise ValueError(f"deep_ep: p2p receive buffer for rank {p} must be contiguous")
+        if self.rank in recvs and self.rank in sends:
+            recvs[self.rank].copy_(sends[self.rank])
+        for p in sorted(set(sends) | set(recvs)):
+            if p == self.rank:
+                continue
+            # Posting to a peer whose connection is already closed raises at once; that is the same
+            # failure as one seen while waiting, so it is recorded for `wait` to judge.
+            try:
+                if p in sends and sends[p].numel() > 0:
+                    t = _as_gloo(sends[p].contiguous())
+                    keep.append(t)
+                    works.append((p, self.pg.send([t], p, tag)))
+                if p in recvs and recvs[p].numel() > 0:
+                    t = _as_gloo(recvs[p])
+                    keep.append(t)
+                    works.append((p, self.pg.recv([t], p, tag)))
+            except Exception as exc:
+                works.append((p, _Failed(exc)))
+        return P2PWork(self, op, works, keep, started)
+
+    def confirm_gone(self, peer: int) -> Optional[str]:
+        """Why `peer` is gone (its process exited, its heartbeat stalled, or, for rank 0, the store it
+        hosts stopped answering), or None when it seems alive. For a peer on another host this may
+        watch its heartbeat for a few seconds."""
+        local = peer in self._local_peers
+        # A process killed on this host closes its sockets a moment before /proc shows it gone.
+        deadline = time.monotonic() + (1.5 if local else self._stall_s + self._period)
+        reason = self._gone([peer]).get(peer)
+        while reason is None and time.monotonic() < deadline and (local or not self._store_lost):
+            time.sleep(0.05 if local else self._period / 2)
+            reason = self._gone([peer]).get(peer)
+        return reason
+
+    # ------------------------------------------------------------------------------ life cycle
     def close(self) -> None:
+        """Release the private group; the peers' diagnostics will say this rank closed its Buffer."""
+        if 0 in self._local_peers and _proc_gone(*self._local_peers[0]):
+            self._store_lost = True  # rank 0 and the store it hosted are gone: nobody to tell
+        if self.pg is not None and self._diag_store is not None and not self._store_lost:
+            self._activity.closed = True
+            try:
+                self._diag_store.set(self._hb_prefix + str(self.rank), self._activity.encode(os.getpid()))
+            except Exception:
+                pass
+        self._stop.set()
         self.pg = None
         self._store = None
+        self._diag_store = None
         if self._listen_sock is not None:
             try:
                 self._listen_sock.close()
             except OSError:
                 pass
             self._listen_sock = None
+
+
+class _Done:
+    """A completed work handle (for synchronous paths that still return a handle)."""
+
+    def wait(self) -> None:
+        return None
+
+
+class _Failed:
+    """A message that could not even be posted: waiting for it re-raises the error."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self._exc = exc
+
+    def wait(self) -> None:
+        raise self._exc
+
+
+class _Work:
+    """An in-flight collective; ``wait()`` finishes it (and copies staged CUDA results back)."""
+
+    def __init__(self, comm: Communicator, op: str, work: Any, finish=None, native: bool = False,
+                 started: Optional[float] = None) -> None:
+        self._comm, self._op, self._work, self._finish = comm, op, work, finish
+        self._native = native
+        self._started = started if started is not None else time.monotonic()
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            if self._work is not None:
+                if self._native:
+                    try:
+                        self._work.wait()
+                    except Exception as exc:
+                        raise self._comm.error(self._op, exc, None, self._started) from exc
+                else:
+                    self._comm._wait(self._work, self._op, self._started)
+        finally:
+            if not self._native:
+                self._comm._end()
+        if self._finish is not None:
+            self._finish()
+
+
+class P2PWork:
+    """Messages posted by `Communicator.p2p`."""
+
+    def __init__(self, comm: Communicator, op: str, works: List[Tuple[int, Any]], keep: List[torch.Tensor],
+                 started: float) -> None:
+        self._comm, self._op, self._works, self._keep, self._started = comm, op, works, keep, started
+        self._result: Optional[List[int]] = None
+
+    def wait(self, tolerate_gone: bool = False) -> List[int]:
+        """Finish every message. A message to or from a peer whose process is gone raises a `CommError`
+        naming it, or with ``tolerate_gone`` marks the peer failed: its receive buffer is left as it was
+        and the peer is returned. A peer that is alive but does not answer always raises (gloo's timeout
+        breaks the whole private group, so it cannot be tolerated). Returns the failed peers, sorted."""
+        if self._result is not None:
+            return list(self._result)
+        comm = self._comm
+        failed: Dict[int, str] = {}
+        try:
+            for peer, work in self._works:
+                if peer in failed:
+                    continue
+                try:
+                    work.wait()
+                except Exception as exc:
+                    reason = comm.confirm_gone(peer)
+                    if reason is None or not tolerate_gone:
+                        peers = sorted({p for p, _ in self._works})
+                        gone = dict(failed)
+                        if reason is not None:
+                            gone[peer] = reason
+                        raise comm.error(self._op, exc, peers, self._started, gone) from exc
+                    failed[peer] = reason
+        finally:
+            comm._end()
+            self._keep = []
+        self._result = sorted(failed)
+        return list(self._result)
 
 
 def _as_gloo(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-__all__ = ["EventHandle", "EventOverlap", "cuda_in_use"]
+from ._comm import loopback_store  # rendezvous for single-host runs that listens on 127.0.0.1 only
+
+__all__ = ["EventHandle", "EventOverlap", "cuda_in_use", "loopback_store"]
 
 
 def cuda_in_use() -> bool:

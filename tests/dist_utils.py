@@ -95,8 +95,9 @@ def _worker(rank: int, num_ranks: int, port: int, env: Dict[str, str], fn: Calla
     os.environ.update(env)
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks,
-                                timeout=timedelta(seconds=timeout_s))
+        from deep_ep._comm import loopback_store  # torch's tcp:// init method would listen on every interface
+        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, timeout_s), rank=rank,
+                                world_size=num_ranks, timeout=timedelta(seconds=timeout_s))
         group = dist.new_group(list(range(num_ranks)))
         value = fn(rank, num_ranks, group, *args)
         result_queue.put((rank, True, pickle.dumps(value)))

@@ -144,7 +144,8 @@ def run_mode(mode, comm):
     elif mode == "torch":
         if not dist.is_initialized():
             port = comm.bcast(free_port() if rank == 0 else None, root=0)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+            from deep_ep._comm import loopback_store  # torch's tcp:// init method would listen on every interface
+            dist.init_process_group("gloo", store=loopback_store(port, rank, size, 120), rank=rank, world_size=size,
                                     timeout=timedelta(seconds=120))
 
         def new_buffer(**kwargs):

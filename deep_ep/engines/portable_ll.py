@@ -1,0 +1,661 @@
+"""Low-latency (LL) mode of the portable engine: dispatch/combine over torch.distributed collectives.
+
+`deep_ep.Buffer` validates every user argument and handles streams/events/``async_finish``; this
+module does the work, with the exact outputs `docs/semantics.md` specifies ("Low-latency dispatch",
+"Low-latency combine", "Double buffer").
+
+Wire protocol (per call, at most two collectives):
+
+1. **Header exchange** (`all_gather`): every rank publishes one int64 vector ``[signature (10 words),
+   rows it sends to each rank (R), rows it expects from each rank (R)]``. The signature carries the
+   call kind and its shape arguments, so ranks that diverged (different ``num_experts``, hidden,
+   FP8 flags, or dispatch on one rank and combine on another) all raise the same error instead of
+   deadlocking; with the full count matrix every rank also knows the receive splits.
+2. **Data exchange** (`all_to_all_single`, skipped when nothing moves anywhere): rows grouped by
+   destination rank.
+
+   * Dispatch sends one message per (token, destination rank), deduplicated: ``[src token index
+     (int32) | the token's K top-k ids (int32) | payload]``, payload = BF16 ``x`` (``2H`` bytes) or,
+     with FP8, the sender-side cast ``x_fp8`` (``H`` bytes) + float32 ``scale_inv`` (``4 * H/128``
+     bytes). The receiver expands each message to its ``(token, k)`` rows for its own experts.
+   * Combine sends one BF16 row per ``(token, k)`` pair back to the token's owner, grouped by local
+     expert then by the dispatch order; the owner matches them to its own ``topk_idx`` (sorted by
+     expert, stable) and reduces with its weights in ``k`` order in float32.
+
+With ``return_recv_hook`` the header exchange runs at call time and the data exchange is started
+asynchronously; ``hook()`` waits for it and fills the already returned tensors in place.
+
+Shrink mode: while any rank is masked, the exchanges above run as point-to-point messages among the
+unmasked ranks only (`Communicator.p2p` on the private gloo group), so a dead masked rank never blocks
+the others. On that path a peer whose process is found gone is masked on the spot (as DeepEP masks a
+rank that times out) and the call completes without its data; a peer that is alive but silent still
+fails the call with the Communicator's timeout error, and so does any failure while no rank is masked
+(collectives cannot leave a rank out). Every rank must hold the same mask: a rank that sees a
+different mask waits for a message that never comes. A rank that is masked in its own mask is cut
+off: it sends and receives nothing, its dispatch returns zero counts and its combine zeros.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .._comm import Communicator
+from ..config import LowLatencyLayout
+from ..quant import GROUP_SIZE, logfmt10_round, pack_ue8m0, per_token_cast_to_fp8
+from .local_buffers import LocalBuffers
+
+__all__ = ["PortableLowLatency"]
+
+# Header layout (int64 words). The signature words are compared across ranks.
+_KIND_DISPATCH = 1
+_KIND_COMBINE = 2
+_HEADER_WORDS = 10
+_H_KIND, _H_TMAX, _H_HIDDEN, _H_EXPERTS, _H_TOPK, _H_FP8, _H_ROUND, _H_UE8M0, _H_OVERFLOW = range(9)
+_DISPATCH_SIGNATURE = ((_H_TMAX, "num_max_dispatch_tokens_per_rank"), (_H_HIDDEN, "x (hidden size)"),
+                       (_H_EXPERTS, "num_experts"), (_H_TOPK, "topk_idx (num_topk)"), (_H_FP8, "use_fp8"),
+                       (_H_ROUND, "round_scale"), (_H_UE8M0, "use_ue8m0"))
+_COMBINE_SIGNATURE = ((_H_TMAX, "handle (num_max_dispatch_tokens_per_rank)"), (_H_HIDDEN, "handle (hidden)"),
+                      (_H_EXPERTS, "handle (num_experts)"))
+_KIND_NAMES = {_KIND_DISPATCH: "low_latency_dispatch", _KIND_COMBINE: "low_latency_combine"}
+
+# Point-to-point tags, one per phase of a call. They are constants on purpose: gloo matches the messages
+# of one (pair, tag) in FIFO order and every rank issues its calls in the same order, whereas a tag
+# derived from a call counter would desynchronise when a masked rank skips calls and later rejoins.
+# The base keeps them apart from anything else the user might send on the private group.
+_TAG_BASE = 0x4C4C0000  # "LL"
+_PHASE_HEADER, _PHASE_DATA, _PHASE_BARRIER = 1, 2, 3
+
+_SRC_BYTES = 4  # int32 source token index at the head of a dispatch message
+_TOPK_ID_BYTES = 4  # top-k ids travel as int32
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``[M, n]`` of any dtype -> ``[M, n * itemsize]`` uint8 (contiguous)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _from_bytes(buf: torch.Tensor, begin: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns ``[begin, end)`` of a ``[M, B]`` uint8 tensor reinterpreted as ``dtype`` (a copy)."""
+    return buf[:, begin:end].contiguous().view(dtype)
+
+
+def _exclusive_cumsum(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return torch.cumsum(t, dim=dim) - t
+
+
+class _Exchange:
+    """One in-flight data exchange; `wait()` finishes it and returns the peers found gone.
+
+    Wraps a collective work handle (or nothing, when no rank sends anything) or a point-to-point
+    `P2PWork`; `finish` copies host-staged data back to the device.
+    """
+
+    def __init__(self, work=None, p2p: bool = False, tolerate_gone: bool = False,
+                 finish: Optional[Callable[[], None]] = None) -> None:
+        self._work, self._p2p, self._tolerate_gone, self._finish = work, p2p, tolerate_gone, finish
+        self._failed: Optional[List[int]] = None
+
+    def wait(self) -> List[int]:
+        if self._failed is not None:
+            return self._failed
+        failed: List[int] = []
+        if self._work is not None:
+            if self._p2p:
+                failed = self._work.wait(tolerate_gone=self._tolerate_gone)
+            else:
+                self._work.wait()
+        if self._finish is not None:
+            self._finish()
+        self._failed = failed
+        return failed
+
+
+class PortableLowLatency:
+    """Low-latency dispatch/combine on torch collectives (CPU via gloo, CUDA via NCCL or host staging).
+
+    Args:
+        comm: the Buffer's `Communicator`.
+        local_buffers: the Buffer's raw buffers; the RDMA one holds the zero-copy combine send areas.
+        num_rdma_bytes: size of the RDMA buffer (the Buffer checked it against the layout).
+        enable_shrink: allow masking ranks (`update_mask` and friends).
+    """
+
+    # Shrink mode: a peer found gone during a call is masked instead of failing the call
+    # (tests/test_faults.py runs its shrink scenario when this is set).
+    masks_gone_peers = True
+
+    def __init__(self, comm: Communicator, local_buffers: LocalBuffers, num_rdma_bytes: int,
+                 enable_shrink: bool) -> None:
+        self.comm = comm
+        self.local_buffers = local_buffers
+        self.num_rdma_bytes = num_rdma_bytes
+        self.enable_shrink = enable_shrink
+        # Double buffer: the slot the next LL call uses, and how often each slot has been taken
+        # (a hook remembers its slot's use count and detects reuse by comparing).
+        self._slot = 0
+        self._slot_uses = [0, 0]
+        self._mask = torch.zeros(comm.size, dtype=torch.int32)
+
+    # ------------------------------------------------------------------------------------------
+    # Double buffer and routing
+
+    def _begin_call(self) -> Tuple[int, int]:
+        """Take the current slot and flip it; returns ``(slot, its use count)``."""
+        slot = self._slot
+        self._slot_uses[slot] += 1
+        self._slot ^= 1
+        return slot, self._slot_uses[slot]
+
+    def _check_slot(self, slot: int, use: int, what: str) -> None:
+        if self._slot_uses[slot] != use:
+            raise RuntimeError(
+                f"deep_ep.Buffer.{what}: this receive hook's buffer slot was reused by a later low-latency "
+                f"call. The low-latency mode is double-buffered: at most two results (dispatch or combine) "
+                f"can be alive at a time, so call the hook before issuing two more low-latency calls.")
+
+    def _route(self) -> Tuple[bool, List[int], bool]:
+        """``(participating, peers, use_p2p)``: whether this rank communicates, with whom, and how."""
+        size = self.comm.size
+        if not self.enable_shrink:
+            return True, list(range(size)), False
+        # Shrink mode exchanges point to point even while no rank is masked: a rank that dies then
+        # fails only its own messages and is masked, where a collective would fail as a whole.
+        if int(self._mask[self.comm.rank]) != 0:
+            return False, [], True
+        return True, [p for p in range(size) if int(self._mask[p]) == 0], True
+
+    def _rank_ok(self, participating: bool, use_p2p: bool, device: torch.device) -> Optional[torch.Tensor]:
+        """Bool ``[R]`` of the ranks data may come from / go to, or None when all may."""
+        if not use_p2p:
+            return None
+        if not participating:
+            return torch.zeros(self.comm.size, dtype=torch.bool, device=device)
+        return (self._mask == 0).to(device)
+
+
+    # ------------------------------------------------------------------------------------------
+    # Exchanges
+
+    def _gather_header(self, vec: torch.Tensor, peers: List[int], use_p2p: bool,
+                       op: str) -> Tuple[torch.Tensor, List[int]]:
+        """All-gather the int64 header among `peers`: ``([R, W] table (CPU), peers that answered)``.
+
+        Rows of ranks outside the answering peers are zero. In shrink mode a peer whose process is
+        gone is masked instead of failing the call.
+        """
+        size = self.comm.size
+        if not use_p2p:
+            return self.comm.all_gather(vec, op=op).view(size, -1), peers
+        table = torch.zeros(size, vec.numel(), dtype=torch.int64)
+        work = self.comm.p2p({p: vec for p in peers}, {p: table[p] for p in peers}, _TAG_BASE + _PHASE_HEADER, op)
+        gone = self._mask_gone(work.wait(tolerate_gone=self.enable_shrink))
+        table[gone] = 0
+        return table, [p for p in peers if p not in gone]
+
+    def _exchange_rows(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int], peers: List[int],
+                       use_p2p: bool, nothing_moves: bool, op: str) -> Tuple[torch.Tensor, _Exchange]:
+        """Start moving rows of `send` (grouped by destination) and return ``(recv buffer, exchange)``.
+
+        The receive buffer is filled once the exchange's `wait()` returns (rows from peers it reports
+        gone are left unfilled). `nothing_moves` (no rank sends anything, known to all ranks from the
+        header table) skips the collective.
+        """
+        recv = torch.empty((sum(recv_counts),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
+        if not use_p2p:
+            if nothing_moves:
+                return recv, _Exchange()
+            work = self.comm.all_to_all_single(recv, send, recv_counts, send_counts, op=op, async_op=True)
+            return recv, _Exchange(work)
+
+        # Point-to-point among the unmasked peers; CUDA tensors are staged through host memory.
+        send_host = send.cpu() if send.is_cuda else send
+        recv_host = torch.empty(recv.shape, dtype=recv.dtype) if recv.is_cuda else recv
+        send_offsets = [0] + torch.tensor(send_counts, dtype=torch.int64).cumsum(0).tolist()
+        recv_offsets = [0] + torch.tensor(recv_counts, dtype=torch.int64).cumsum(0).tolist()
+        sends = {p: send_host[send_offsets[p]:send_offsets[p + 1]] for p in peers}
+        recvs = {p: recv_host[recv_offsets[p]:recv_offsets[p + 1]] for p in peers}
+        work = self.comm.p2p(sends, recvs, _TAG_BASE + _PHASE_DATA, op)
+        finish = (lambda: recv.copy_(recv_host)) if recv.is_cuda else None
+        return recv, _Exchange(work, p2p=True, tolerate_gone=self.enable_shrink, finish=finish)
+
+    def _p2p_barrier(self, peers: List[int], op: str) -> None:
+        token = torch.zeros(1, dtype=torch.int32)
+        sinks = {p: torch.empty(1, dtype=torch.int32) for p in peers}
+        work = self.comm.p2p({p: token for p in peers}, sinks, _TAG_BASE + _PHASE_BARRIER, op)
+        self._mask_gone(work.wait(tolerate_gone=self.enable_shrink))
+
+    def _mask_gone(self, gone: List[int]) -> List[int]:
+        """Shrink mode: mask the peers whose process is gone (as DeepEP masks ranks that time out)."""
+        for peer in gone:
+            self._mask[peer] = 1
+        return gone
+
+    def _header(self, kind: int, words: Sequence[Tuple[int, int]], send_counts: Sequence[int],
+                expect_counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+        size = self.comm.size
+        vec = torch.zeros(_HEADER_WORDS + 2 * size, dtype=torch.int64)
+        vec[_H_KIND] = kind
+        for index, value in words:
+            vec[index] = int(value)
+        vec[_HEADER_WORDS:_HEADER_WORDS + size] = torch.tensor(list(send_counts), dtype=torch.int64)
+        if expect_counts is not None:
+            vec[_HEADER_WORDS + size:] = torch.tensor(list(expect_counts), dtype=torch.int64)
+        return vec
+
+    def _check_signatures(self, table: torch.Tensor, peers: List[int], kind: int,
+                          signature: Sequence[Tuple[int, str]]) -> None:
+        """Raise the same error on every rank when the peers' headers disagree."""
+        what = _KIND_NAMES[kind]
+        kinds = {p: int(table[p, _H_KIND]) for p in peers}
+        if len(set(kinds.values())) > 1:
+            calls = ", ".join(f"rank {p}: {_KIND_NAMES.get(k, f'kind {k}')}" for p, k in kinds.items())
+            raise RuntimeError(f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency "
+                               f"operations ({calls}); every rank must issue the same sequence of calls")
+        for index, name in signature:
+            values = {p: int(table[p, index]) for p in peers}
+            if len(set(values.values())) > 1:
+                listing = ", ".join(f"rank {p}: {v}" for p, v in values.items())
+                raise ValueError(f"deep_ep.Buffer.{what}: `{name}` must be the same on every rank, got {listing}")
+
+    # ------------------------------------------------------------------------------------------
+    # Dispatch
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                 num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+                 dispatch_wait_recv_cost_stats: Optional[torch.Tensor], use_fp8: bool, round_scale: bool,
+                 use_ue8m0: bool, return_recv_hook: bool):
+        """Send each token to the ranks of its top-k experts; receive per local expert.
+
+        Args:
+            x: ``[T, H]`` bf16, ``T <= num_max_dispatch_tokens_per_rank``, ``H % 128 == 0``.
+            topk_idx: ``[T, K]`` int64 (or int32) global expert ids, -1 = none.
+            num_max_dispatch_tokens_per_rank: ``T_max``, the same on every rank.
+            num_experts: ``E``, a multiple of the number of ranks ``R``.
+            cumulative_local_expert_recv_stats: optional int32 ``[E/R]``; ``recv_count`` is added.
+            dispatch_wait_recv_cost_stats: optional int64 ``[R]``; wait nanoseconds are added for every
+                source that sent rows.
+            use_fp8, round_scale, use_ue8m0: the FP8 cast (on the sender) and the scale format.
+            return_recv_hook: start the receive and return a hook that completes it.
+
+        Returns:
+            ``(recv_x, recv_count, handle, hook)``: ``recv_x`` bf16 ``[E/R, R*T_max, H]``, or ``(fp8
+            [E/R, R*T_max, H], scales)`` with float32 ``[E/R, R*T_max, H/128]`` or int32
+            ``[E/R, R*T_max, ceil(H/512)]`` (UE8M0) column-major scales; ``recv_count`` int32 ``[E/R]``;
+            ``handle = (src_info int32 [E/R, R*T_max], layout_range int64 [E/R, R], T_max, H, E)``;
+            ``hook`` a callable or None. Rows past ``recv_count`` of ``recv_x``/scales are unspecified.
+        """
+        comm = self.comm
+        size, rank = comm.size, comm.rank
+        device = x.device
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.size(1)
+        t_max = num_max_dispatch_tokens_per_rank
+        num_local = num_experts // size
+        num_rows = size * t_max
+        num_scales = hidden // GROUP_SIZE
+        assert num_experts % size == 0 and hidden % GROUP_SIZE == 0 and num_tokens <= t_max
+
+        slot, use = self._begin_call()
+        participating, peers, use_p2p = self._route()
+        rank_ok = self._rank_ok(participating, use_p2p, device)
+
+        # Outputs (allocated now so that hook mode can return them before the data arrives).
+        if use_fp8:
+            recv_x = torch.empty((num_local, num_rows, hidden), dtype=torch.float8_e4m3fn, device=device)
+            if use_ue8m0:
+                num_packed = (num_scales + 3) // 4
+                scales = torch.empty((num_local, num_packed, num_rows), dtype=torch.int32,
+                                     device=device).transpose(1, 2)
+            else:
+                scales = torch.empty((num_local, num_scales, num_rows), dtype=torch.float32,
+                                     device=device).transpose(1, 2)
+        else:
+            recv_x = torch.empty((num_local, num_rows, hidden), dtype=torch.bfloat16, device=device)
+            scales = None
+        recv_count = torch.zeros(num_local, dtype=torch.int32, device=device)
+        src_info = torch.full((num_local, num_rows), -1, dtype=torch.int32, device=device)
+        layout_range = torch.zeros((num_local, size), dtype=torch.int64, device=device)
+        handle = (src_info, layout_range, t_max, hidden, num_experts)
+        recv_x_out = (recv_x, scales) if use_fp8 else recv_x
+
+        if not participating:
+            return recv_x_out, recv_count, handle, (lambda: None) if return_recv_hook else None
+
+        # Sender side: one message per (token, destination rank), destinations ascending, tokens in order.
+        topk = topk_idx.to(torch.int64)
+        valid = topk >= 0
+        dest = torch.where(valid, torch.div(topk, num_local, rounding_mode="floor"), torch.full_like(topk, -1))
+        if rank_ok is not None:
+            valid &= rank_ok[dest.clamp(min=0)]
+        is_sent = torch.zeros((num_tokens, size + 1), dtype=torch.bool, device=device)
+        is_sent.scatter_(1, torch.where(valid, dest, torch.full_like(dest, size)), True)
+        is_sent = is_sent[:, :size]
+        msg_dest, msg_token = is_sent.t().nonzero(as_tuple=True)
+        send_counts = is_sent.sum(dim=0).tolist()
+        # A (source, expert) block holds at most T_max rows; only duplicate experts in a row exceed it.
+        pairs_per_expert = torch.bincount(topk[valid], minlength=num_experts)
+        overflow = int((pairs_per_expert > t_max).sum()) if pairs_per_expert.numel() else 0
+
+        words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts), (_H_TOPK, num_topk),
+                 (_H_FP8, use_fp8), (_H_ROUND, round_scale), (_H_UE8M0, use_ue8m0), (_H_OVERFLOW, overflow))
+        start_ns = time.perf_counter_ns()
+        table, peers = self._gather_header(self._header(_KIND_DISPATCH, words, send_counts), peers, use_p2p,
+                                           "low_latency_dispatch (header exchange)")
+        header_ns = time.perf_counter_ns() - start_ns
+        self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
+        overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
+        if overflowing:
+            raise RuntimeError(
+                f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
+                f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
+                f"same expert several times); a rank's block per expert holds at most {t_max} rows")
+        counts = table[:, _HEADER_WORDS:_HEADER_WORDS + size]
+        recv_counts = counts[:, rank].tolist()
+
+        # Pack: [src index | top-k ids | payload] as bytes.
+        parts = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)), _as_bytes(topk[msg_token].to(torch.int32))]
+        if use_fp8:
+            x_fp8, scale_inv = per_token_cast_to_fp8(x, round_scale)
+            parts += [x_fp8[msg_token].view(torch.uint8), _as_bytes(scale_inv[msg_token])]
+        else:
+            parts.append(_as_bytes(x[msg_token]))
+        send_buf = torch.cat(parts, dim=1)
+        recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
+                                                 int(counts.sum()) == 0, "low_latency_dispatch (data exchange)")
+
+        def finish() -> None:
+            wait_start = time.perf_counter_ns()
+            gone = exchange.wait()
+            waited_ns = header_ns + time.perf_counter_ns() - wait_start
+            rows, counts = recv_buf, list(recv_counts)
+            if gone:  # shrink mode: drop what the peers found gone should have sent
+                source = torch.repeat_interleave(torch.arange(size), torch.tensor(recv_counts, dtype=torch.int64))
+                keep = ~torch.isin(source, torch.tensor(gone, dtype=torch.int64))
+                rows = recv_buf[keep.to(recv_buf.device)]
+                counts = [0 if p in gone else c for p, c in enumerate(recv_counts)]
+            self._unpack_dispatch(rows, counts, num_topk, hidden, num_local, num_rows, use_fp8, use_ue8m0,
+                                  recv_x, scales, recv_count, src_info, layout_range)
+            if cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
+            if dispatch_wait_recv_cost_stats is not None:
+                self._add_wait(dispatch_wait_recv_cost_stats, counts, waited_ns)
+
+        return recv_x_out, recv_count, handle, self._make_hook(finish, exchange, slot, use, return_recv_hook,
+                                                               "low_latency_dispatch")
+
+    def _unpack_dispatch(self, recv_buf: torch.Tensor, recv_counts: List[int], num_topk: int, hidden: int,
+                         num_local: int, num_rows: int, use_fp8: bool, use_ue8m0: bool, recv_x: torch.Tensor,
+                         scales: Optional[torch.Tensor], recv_count: torch.Tensor, src_info: torch.Tensor,
+                         layout_range: torch.Tensor) -> None:
+        """Expand received messages to (token, k) rows of the local experts, in the documented order."""
+        size, rank = self.comm.size, self.comm.rank
+        device = recv_buf.device
+        topk_end = _SRC_BYTES + _TOPK_ID_BYTES * num_topk
+        src_token = _from_bytes(recv_buf, 0, _SRC_BYTES, torch.int32).squeeze(1)
+        topk = _from_bytes(recv_buf, _SRC_BYTES, topk_end, torch.int32).to(torch.int64)
+        msg_source = torch.repeat_interleave(torch.arange(size, device=device),
+                                             torch.tensor(recv_counts, dtype=torch.int64, device=device))
+        local = (topk >= rank * num_local) & (topk < (rank + 1) * num_local)
+        # nonzero() walks (message, k) row-major = (source, token, k) order; a stable sort by expert keeps it.
+        pair_msg, pair_k = local.nonzero(as_tuple=True)
+        pair_expert = topk[pair_msg, pair_k] - rank * num_local
+        order = torch.sort(pair_expert, stable=True).indices
+        expert_sorted = pair_expert[order]
+        msg_sorted = pair_msg[order]
+        per_expert = torch.bincount(pair_expert, minlength=num_local)
+        position = torch.arange(order.numel(), device=device) - _exclusive_cumsum(per_expert)[expert_sorted]
+        flat_row = expert_sorted * num_rows + position
+
+        payload_begin = topk_end
+        if use_fp8:
+            payload = recv_buf[:, payload_begin:payload_begin + hidden]
+            recv_x.view(torch.uint8).view(-1, hidden)[flat_row] = payload[msg_sorted]
+            scale_inv = _from_bytes(recv_buf, payload_begin + hidden,
+                                    payload_begin + hidden + 4 * (hidden // GROUP_SIZE), torch.float32)
+            if use_ue8m0:
+                scale_inv = pack_ue8m0(scale_inv)
+            scales[expert_sorted, position] = scale_inv[msg_sorted]
+        else:
+            payload = _from_bytes(recv_buf, payload_begin, payload_begin + 2 * hidden, torch.bfloat16)
+            recv_x.view(-1, hidden)[flat_row] = payload[msg_sorted]
+        src_info.view(-1)[flat_row] = src_token[msg_sorted]
+        recv_count.copy_(per_expert.to(torch.int32))
+        block = torch.bincount(pair_expert * size + msg_source[pair_msg], minlength=num_local * size)
+        block = block.view(num_local, size)
+        layout_range.copy_((_exclusive_cumsum(block, dim=1) << 32) | block)
+
+    # ------------------------------------------------------------------------------------------
+    # Combine
+
+    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: tuple,
+                use_logfmt: bool, zero_copy: bool, return_recv_hook: bool, out: Optional[torch.Tensor],
+                combine_wait_recv_cost_stats: Optional[torch.Tensor]):
+        """Return expert outputs to the tokens' owners and reduce them with the top-k weights.
+
+        ``combined_x[t] = bf16(sum_k fp32(topk_weights[t, k]) * fp32(y_k))`` over ``k`` ascending (one
+        float32 multiply, then one float32 add, per term), skipping ``topk_idx == -1`` and experts of
+        masked ranks. With ``use_logfmt`` each row is rounded through LogFMT-10 on the sending rank
+        (`deep_ep.quant.logfmt10_round`) and then travels as BF16: the numbers are exactly those of a
+        10-bit transfer, the bytes on the wire are not.
+
+        Args:
+            x: ``[E/R, R*T_max, H]`` bf16 in the dispatch layout; with ``zero_copy`` the rows are read
+                from the RDMA buffer's combine send area of the slot this call uses instead.
+            topk_idx, topk_weights: ``[T, K]`` this rank's original routing (int64, float32).
+            handle: the dispatch's handle.
+            out: optional ``[T, H]`` bf16 written in place and returned.
+            combine_wait_recv_cost_stats: optional int64 ``[R]``; wait nanoseconds are added for every
+                rank that sent rows.
+
+        Returns:
+            ``(combined_x [T, H] bf16, hook or None)``.
+        """
+        comm = self.comm
+        size, rank = comm.size, comm.rank
+        src_info, layout_range, t_max, hidden, num_experts = handle
+        num_local = num_experts // size
+        num_rows = size * t_max
+        device = topk_idx.device
+        num_tokens, num_topk = topk_idx.shape
+
+        slot, use = self._begin_call()
+        participating, peers, use_p2p = self._route()
+        rank_ok = self._rank_ok(participating, use_p2p, device)
+        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=device)
+
+        if not participating:
+            combined.zero_()
+            return combined, (lambda: None) if return_recv_hook else None
+
+        # Sender side: the rows of every (local expert, source) block, grouped by source, experts ascending.
+        data = self._combine_send_view(slot, t_max, hidden, num_experts, device) if zero_copy else x
+        ranges = layout_range.to(device)
+        block_count = ranges & 0xFFFFFFFF
+        block_begin = ranges >> 32
+        if rank_ok is not None:
+            block_count = block_count * rank_ok.to(torch.int64).unsqueeze(0)
+        count_by_source = block_count.t().reshape(-1)
+        begin_by_source = (block_begin + torch.arange(num_local, device=device).unsqueeze(1) * num_rows).t().reshape(-1)
+        num_send = int(count_by_source.sum())
+        send_rows = (torch.repeat_interleave(begin_by_source, count_by_source)
+                     + torch.arange(num_send, device=device)
+                     - torch.repeat_interleave(_exclusive_cumsum(count_by_source), count_by_source))
+        send_buf = data.reshape(num_local * num_rows, hidden)[send_rows]
+        if use_logfmt:
+            send_buf = logfmt10_round(send_buf)
+        send_counts = block_count.sum(dim=0).tolist()
+
+        # Receiver side: this rank's valid (token, k) pairs, sorted by expert (stable) = arrival order.
+        topk = topk_idx.to(torch.int64)
+        valid = topk >= 0
+        owner = torch.div(topk, num_local, rounding_mode="floor")
+        if rank_ok is not None:
+            valid &= rank_ok[owner.clamp(min=0)]
+        pair_token, pair_k = valid.nonzero(as_tuple=True)
+        pair_expert = topk[pair_token, pair_k]
+        pair_owner = torch.div(pair_expert, num_local, rounding_mode="floor")
+        order = torch.sort(pair_expert, stable=True).indices
+        expect_counts = torch.bincount(pair_owner, minlength=size).tolist()
+
+        words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts))
+        start_ns = time.perf_counter_ns()
+        table, answered = self._gather_header(self._header(_KIND_COMBINE, words, send_counts, expect_counts), peers,
+                                              use_p2p, "low_latency_combine (header exchange)")
+        # Shrink mode: peers found gone now are masked; they get nothing and their experts are skipped.
+        gone_before = [p for p in peers if p not in answered]
+        peers = answered
+        header_ns = time.perf_counter_ns() - start_ns
+        self._check_signatures(table, peers, _KIND_COMBINE, _COMBINE_SIGNATURE)
+        sent = table[:, _HEADER_WORDS:_HEADER_WORDS + size]
+        expected = table[:, _HEADER_WORDS + size:]
+        peer_index = torch.tensor(peers, dtype=torch.int64)
+        sub_sent = sent[peer_index][:, peer_index]
+        sub_expected = expected[peer_index][:, peer_index].t()
+        if not torch.equal(sub_sent, sub_expected):
+            bad = (sub_sent != sub_expected).nonzero().tolist()
+            src, dst = peers[bad[0][0]], peers[bad[0][1]]
+            raise RuntimeError(
+                f"deep_ep.Buffer.low_latency_combine: `topk_idx`/`handle` do not match the dispatch: rank {src} "
+                f"returns {int(sent[src, dst])} rows to rank {dst}, whose `topk_idx` expects "
+                f"{int(expected[dst, src])}. Pass the handle of the dispatch of these very tokens and the same "
+                f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)")
+        recv_counts = sent[:, rank].tolist()
+        recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
+                                                 int(sent.sum()) == 0, "low_latency_combine (data exchange)")
+        weights = topk_weights.to(torch.float32)
+
+        def finish() -> None:
+            wait_start = time.perf_counter_ns()
+            gone = exchange.wait()
+            waited_ns = header_ns + time.perf_counter_ns() - wait_start
+            counts = [0 if p in gone else c for p, c in enumerate(recv_counts)]
+            # Arrival order = pairs sorted by expert; pairs whose owner is gone (shrink mode) are skipped.
+            row_token, row_k, row_owner = pair_token[order], pair_k[order], pair_owner[order]
+            if gone_before:  # no rows were expected from them
+                keep = ~torch.isin(row_owner, torch.tensor(gone_before, dtype=torch.int64, device=device))
+                row_token, row_k, row_owner = row_token[keep], row_k[keep], row_owner[keep]
+            row = torch.arange(row_token.numel(), device=device)
+            if gone:  # their rows were expected but never arrived
+                keep = ~torch.isin(row_owner, torch.tensor(gone, dtype=torch.int64, device=device))
+                row_token, row_k, row = row_token[keep], row_k[keep], row[keep]
+            combined.copy_(self._reduce(recv_buf, row_token, row_k, row, weights, num_tokens, num_topk, hidden))
+            if combine_wait_recv_cost_stats is not None:
+                self._add_wait(combine_wait_recv_cost_stats, counts, waited_ns)
+
+        return combined, self._make_hook(finish, exchange, slot, use, return_recv_hook, "low_latency_combine")
+
+    @staticmethod
+    def _reduce(recv: torch.Tensor, row_token: torch.Tensor, row_k: torch.Tensor, row: torch.Tensor,
+                weights: torch.Tensor, num_tokens: int, num_topk: int, hidden: int) -> torch.Tensor:
+        """``bf16(sum_k w[t, k] * y[t, k])`` in float32, ``k`` ascending, skipping pairs without a row.
+
+        ``recv[row[i]]`` is the expert output for pair ``(row_token[i], row_k[i])``.
+        """
+        device = recv.device
+        acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
+        if row.numel() == 0:
+            return acc.to(torch.bfloat16)
+        row_of = torch.full((num_tokens, num_topk), -1, dtype=torch.int64, device=device)
+        row_of[row_token, row_k] = row
+        for k in range(num_topk):
+            rows = row_of[:, k]
+            present = (rows >= 0).unsqueeze(1)
+            y = recv[rows.clamp(min=0)].to(torch.float32)
+            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order).
+            product = weights[:, k:k + 1] * y
+            acc = torch.where(present, acc + product, acc)
+        return acc.to(torch.bfloat16)
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks, stats, buffers
+
+    def _make_hook(self, finish: Callable[[], None], exchange: _Exchange, slot: int, use: int, return_recv_hook: bool,
+                   what: str) -> Optional[Callable[[], None]]:
+        if not return_recv_hook:
+            finish()
+            return None
+        state = {"done": False, "error": None}
+
+        def hook() -> None:
+            """Complete the receive: fills the tensors returned by the call (a second call does nothing)."""
+            if state["error"] is not None:
+                raise state["error"]
+            if state["done"]:
+                return
+            try:
+                if self._slot_uses[slot] != use:
+                    try:  # drain the in-flight exchange so that its buffers are released
+                        exchange.wait()
+                    except Exception:
+                        pass
+                    self._check_slot(slot, use, what)
+                finish()
+            except Exception as exc:
+                state["error"] = exc  # a failed or refused hook keeps failing: its outputs are invalid
+                raise
+            state["done"] = True
+
+        return hook
+
+    def _add_wait(self, stats: torch.Tensor, recv_counts: List[int], waited_ns: int) -> None:
+        sent = torch.tensor([1 if c > 0 else 0 for c in recv_counts], dtype=torch.int64) * int(waited_ns)
+        stats.add_(sent.to(device=stats.device, dtype=stats.dtype))
+
+    def _combine_send_view(self, slot: int, t_max: int, hidden: int, num_experts: int,
+                           device: Optional[torch.device]) -> torch.Tensor:
+        """BF16 ``[E/R, R*T_max, H]`` view, strides ``(R*T_max*M, M, 1)``, of slot `slot`'s send area."""
+        size = self.comm.size
+        num_local = num_experts // size
+        num_rows = size * t_max
+        layout = LowLatencyLayout(t_max, hidden, num_experts)
+        msg_elems = layout.combine_msg_bytes // 2
+        offset = layout.send_offset(slot)
+        num_bytes = num_local * num_rows * layout.combine_msg_bytes
+        rdma = self.local_buffers.get("rdma", device)
+        assert offset + num_bytes <= rdma.numel(), "RDMA buffer smaller than the low-latency layout"
+        area = rdma[offset:offset + num_bytes].view(torch.bfloat16).view(num_local, num_rows, msg_elems)
+        return area[:, :, :hidden]
+
+    def get_next_combine_buffer(self, handle: tuple) -> torch.Tensor:
+        """The zero-copy combine input of the next LL call's slot (see `_combine_send_view`)."""
+        src_info, _, t_max, hidden, num_experts = handle
+        return self._combine_send_view(self._slot, t_max, hidden, num_experts, src_info.device)
+
+    def clean_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Zero the signalling area of both slots, then synchronise the (unmasked) ranks."""
+        layout = LowLatencyLayout(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        rdma = self.local_buffers.get("rdma")
+        rdma[layout.signaling_offset(0):layout.signaling_offset(0) + 2 * layout.signaling_bytes].zero_()
+        participating, peers, use_p2p = self._route()
+        if not participating:
+            return
+        if use_p2p:
+            self._p2p_barrier(peers, "clean_low_latency_buffer (barrier)")
+        else:
+            self.comm.barrier("clean_low_latency_buffer (barrier)")
+
+    # ------------------------------------------------------------------------------------------
+    # Shrink mode
+
+    def update_mask(self, rank_to_mask: int, mask: bool) -> None:
+        assert self.enable_shrink and 0 <= rank_to_mask < self.comm.size
+        self._mask[rank_to_mask] = 1 if mask else 0
+
+    def query_mask(self, mask_status: torch.Tensor) -> None:
+        """Write the mask (int32 ``[R]``, 1 = masked) into `mask_status`."""
+        assert self.enable_shrink
+        mask_status.copy_(self._mask.to(device=mask_status.device, dtype=mask_status.dtype))
+
+    def clean_mask(self) -> None:
+        assert self.enable_shrink
+        self._mask.zero_()
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """gloo has no float8 types: move such tensors as bytes."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or t.dtype == torch.bool:
+        return t.view(torch.uint8)
+    return t
