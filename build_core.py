@@ -25,8 +25,18 @@ fails if a kernel spills registers (``--allow-spills`` turns that into a warning
 Environment: ``CUDA_HOME`` / ``CUDA_PATH`` (where nvcc lives; default ``/usr/local/cuda``, then
 ``PATH``), ``DEEP_EP_BUILD_CUDA`` (``0`` never / ``1`` always / unset: when nvcc is found; read by
 `should_build_core`), ``DISABLE_SM90_FEATURES=1``, ``DEEP_EP_CUDA_ARCH`` (e.g. ``90`` or ``80,90``),
-``NVSHMEM_DIR`` (else the ``nvidia-nvshmem-cu13``/``-cu12`` wheel; reported, not linked yet: this
-core is intranode-only), ``DEEP_EP_BUILD_JOBS``.
+``NVSHMEM_DIR`` (else the ``nvidia-nvshmem-cu13``/``-cu12`` wheel), ``DEEP_EP_DISABLE_NVSHMEM=1`` (skip
+the NVSHMEM library), ``DEEP_EP_BUILD_JOBS``.
+
+Two libraries come out:
+
+* ``libdeep_ep_core.so``: layout, intranode and low-latency kernels over peer memory (CUDA IPC); no
+  NVSHMEM dependency, always built.
+* ``libdeep_ep_nvshmem.so``: the NVSHMEM bootstrap and the low-latency send kernels over NVSHMEM's
+  public device API; built when NVSHMEM is found. ``csrc/nvshmem/*.cu`` are compiled with
+  ``-rdc=true``, device-linked (``nvcc -dlink ... -lnvshmem_device``) and linked against
+  ``libnvshmem_host.so.3`` by SONAME with no rpath: ``deep_ep/_core.py`` loads that library from the
+  wheel (or ``NVSHMEM_DIR``) before this one, so the core keeps working where NVSHMEM is absent.
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ __all__ = ["build_core", "should_build_core", "find_nvcc", "find_nvshmem", "pars
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 LIBRARY_NAME = "libdeep_ep_core.so"
+NVSHMEM_LIBRARY_NAME = "libdeep_ep_nvshmem.so"
+NVSHMEM_SOURCES = CSRC / "nvshmem"
 BUILD_INFO_NAME = "_core_build.json"
 
 
@@ -220,6 +232,7 @@ class BuildResult:
     archs: List[str]
     kernels: List[KernelResources] = field(default_factory=list)
     nvshmem: str = ""
+    nvshmem_library: Optional[Path] = None
 
     @property
     def spilling_kernels(self) -> List[KernelResources]:
@@ -241,6 +254,33 @@ def _archs(arch: Optional[str], disable_sm90: bool) -> List[str]:
 def _run(cmd: List[str], cwd: Path) -> Tuple[int, str]:
     proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True)
     return proc.returncode, (proc.stdout or "") + (proc.stderr or "")
+
+
+def _link_nvshmem(nvcc: Path, gencode: List[str], objects: List[Path], nvshmem_dir: Path, obj_dir: Path,
+                  library: Path, log) -> Path:
+    """Device-link the rdc objects with libnvshmem_device, then link the shared library.
+
+    The host library is linked by SONAME (``-l:libnvshmem_host.so.3``) without an rpath: Python loads
+    it from the wheel / ``NVSHMEM_DIR`` first (``deep_ep/_core.py``)."""
+    lib_dir = nvshmem_dir / "lib"
+    hosts = sorted(p.name for p in lib_dir.glob("libnvshmem_host.so.*"))
+    host_name = "libnvshmem_host.so.3" if "libnvshmem_host.so.3" in hosts else hosts[0]
+    dlink_obj = obj_dir / "nvshmem_dlink.o"
+    dlink = [str(nvcc), "-dlink", "-Xcompiler=-fPIC"] + gencode + [str(o) for o in objects] + \
+        [f"-L{lib_dir}", "-lnvshmem_device", "-o", str(dlink_obj)]
+    rc, out = _run(dlink, ROOT)
+    if rc != 0:
+        raise BuildError(f"NVSHMEM device link failed (exit {rc}):\n{' '.join(dlink)}\n{out}")
+    tmp_lib = library.with_name(f".{library.name}.tmp{os.getpid()}")
+    link = [str(nvcc), "-shared", "-cudart=static"] + gencode + [str(o) for o in objects] + \
+        [str(dlink_obj), f"-L{lib_dir}", "-lnvshmem_device", f"-l:{host_name}", "-o", str(tmp_lib)]
+    rc, out = _run(link, ROOT)
+    if rc != 0:
+        raise BuildError(f"NVSHMEM library link failed (exit {rc}):\n{' '.join(link)}\n{out}")
+    os.replace(tmp_lib, library)
+    log(f"[build_core] linked {library.name} (device-linked with {lib_dir}/libnvshmem_device.a, host {host_name} "
+        f"by SONAME)")
+    return library
 
 
 def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = None,
@@ -278,22 +318,32 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
     output_dir = Path(output_dir) if output_dir is not None else ROOT / "deep_ep"
     output_dir.mkdir(parents=True, exist_ok=True)
     nvshmem_dir, nvshmem_note = find_nvshmem(major)
+    if os.environ.get("DEEP_EP_DISABLE_NVSHMEM", "0").strip() not in ("", "0"):
+        nvshmem_dir, nvshmem_note = None, f"DEEP_EP_DISABLE_NVSHMEM set ({nvshmem_note})"
+    if nvshmem_dir is not None and not (nvshmem_dir / "lib" / "libnvshmem_device.a").is_file():
+        nvshmem_dir, nvshmem_note = None, f"{nvshmem_note}: no lib/libnvshmem_device.a"
+    if nvshmem_dir is not None and not list((nvshmem_dir / "lib").glob("libnvshmem_host.so*")):
+        nvshmem_dir, nvshmem_note = None, f"{nvshmem_note}: no lib/libnvshmem_host.so*"
 
-    sources = sorted(CSRC.rglob("*.cu"))
+    sources = sorted(p for p in CSRC.rglob("*.cu") if NVSHMEM_SOURCES not in p.parents)
+    nv_sources = sorted(NVSHMEM_SOURCES.glob("*.cu")) if nvshmem_dir is not None else []
     if not sources:
         raise BuildError(f"no CUDA sources under {CSRC}")
     gencode = []
     for a in archs:
         gencode += [f"--generate-code=arch=compute_{a},code=[sm_{a},compute_{a}]"]
     defines = ["-DNDEBUG"] + (["-DDEEP_EP_DISABLE_SM90_FEATURES"] if disable_sm90 else [])
-    # NVSHMEM is only discovered here; the intranode core does not link it (DEEP_EP_HAS_NVSHMEM stays unset).
+    # The core never links NVSHMEM (DEEP_EP_HAS_NVSHMEM stays unset); csrc/nvshmem/ becomes libdeep_ep_nvshmem.so.
     common = [str(nvcc), "-std=c++17", "-O3", "-lineinfo", "-Xcompiler=-fPIC,-fvisibility=hidden",
               "-Xptxas=-v", "--expt-relaxed-constexpr", f"-I{CSRC}"] + gencode + defines
 
     log(f"[build_core] nvcc {major}.{minor} at {nvcc}; archs {archs}{' (DISABLE_SM90_FEATURES)' if disable_sm90 else ''}; "
         f"{len(sources)} sources, {jobs} jobs")
-    log(f"[build_core] NVSHMEM: {nvshmem_note}" + ("; not linked: this core is intranode-only" if nvshmem_dir else
-                                                   "; building intranode-only"))
+    log(f"[build_core] NVSHMEM: {nvshmem_note}" + (f"; building {NVSHMEM_LIBRARY_NAME}" if nvshmem_dir else
+                                                   f"; no {NVSHMEM_LIBRARY_NAME} (low-latency mode over peer memory only)"))
+    nv_common: List[str] = []
+    if nvshmem_dir is not None:
+        nv_common = common + ["-rdc=true", f"-I{nvshmem_dir / 'include'}"]
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="deep_ep_core_") if build_dir is None else None
     obj_dir = Path(tmp_ctx.name) if tmp_ctx is not None else Path(build_dir)
@@ -301,17 +351,20 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
     try:
         def compile_one(src: Path) -> Tuple[Path, int, str, Path]:
             obj = obj_dir / (str(src.relative_to(CSRC)).replace(os.sep, "_") + ".o")
-            rc, out = _run(common + ["-c", str(src), "-o", str(obj)], ROOT)
+            flags = nv_common if NVSHMEM_SOURCES in src.parents else common
+            rc, out = _run(flags + ["-c", str(src), "-o", str(obj)], ROOT)
             return src, rc, out, obj
 
         outputs: List[str] = []
         objects: List[Path] = []
+        nv_objects: List[Path] = []
         failures: List[str] = []
+        # The slow NVSHMEM (rdc) sources first, so that they overlap with the core's.
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            for src, rc, out, obj in pool.map(compile_one, sources):
+            for src, rc, out, obj in pool.map(compile_one, nv_sources + sources):
                 rel = src.relative_to(ROOT)
                 outputs.append(out)
-                objects.append(obj)
+                (nv_objects if NVSHMEM_SOURCES in src.parents else objects).append(obj)
                 if rc != 0:
                     failures.append(f"--- {rel} (exit {rc})\n{out}")
                 else:
@@ -327,6 +380,13 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         library = output_dir / LIBRARY_NAME
         # Atomic replace: a process that has the old library mapped keeps its copy intact.
         os.replace(tmp_lib, library)
+        nv_library = output_dir / NVSHMEM_LIBRARY_NAME
+        if nvshmem_dir is None:
+            if nv_library.exists():  # a stale one from an earlier build would not match this core
+                nv_library.unlink()
+            nv_library = None
+        else:
+            nv_library = _link_nvshmem(nvcc, gencode, nv_objects, nvshmem_dir, obj_dir, nv_library, log)
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
@@ -335,14 +395,16 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
     for k, name in zip(kernels, _demangle([k.name for k in kernels])):
         k.demangled = name
     result = BuildResult(library=library, seconds=time.monotonic() - start, archs=archs, kernels=kernels,
-                         nvshmem=nvshmem_note)
+                         nvshmem=nvshmem_note, nvshmem_library=nv_library)
     log("[build_core] ptxas resource report (registers / stack / spills per function):")
     log(format_report(kernels))
     spilling = result.spilling_kernels
     info = {
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "nvcc": f"{major}.{minor}", "archs": archs, "disable_sm90_features": disable_sm90,
-        "nvshmem": nvshmem_note, "nvshmem_linked": False, "seconds": round(result.seconds, 1),
+        "nvshmem": nvshmem_note, "nvshmem_linked": nv_library is not None,
+        "nvshmem_library": nv_library.name if nv_library is not None else None,
+        "nvshmem_dir": str(nvshmem_dir) if nvshmem_dir is not None else None, "seconds": round(result.seconds, 1),
         "kernels": [asdict(k) for k in kernels if k.entry],
     }
     (output_dir / BUILD_INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")

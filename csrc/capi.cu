@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -363,6 +364,102 @@ int64_t deep_ep_host_intranode_layout(int num_ranks, int num_channels, int num_s
                                                    num_topk, num_scales);
     for (int i = 0; i < num_offsets && i < deep_ep::IntranodeLayout::kNumRegions; ++i) offsets[i] = layout.offset(i);
     return layout.total_bytes();
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// Low-latency kernels (deep_ep_ll.h): prepare / peer-memory send / receive.
+#include "deep_ep_ll.h"
+#include "kernels/low_latency.cuh"
+#include "kernels/low_latency_send.cuh"
+#include "kernels/transport_peer.cuh"
+
+// Instantiated once, in kernels/low_latency.cu.
+extern template void deep_ep::ll::launch_send<deep_ep::transport::PeerTransport>(
+    const deep_ep_ll_call&, const deep_ep::transport::PeerTransport&, cudaStream_t);
+
+extern "C" {
+
+int deep_ep_ll_call_bytes(void) { return static_cast<int>(sizeof(deep_ep_ll_call)); }
+
+int64_t deep_ep_ll_workspace_words(int num_max_tokens, int num_experts, int num_ranks) {
+    if (num_max_tokens < 1 || num_ranks < 1 || num_experts < num_ranks || num_experts % num_ranks != 0) return -1;
+    return deep_ep::ll::Workspace(num_max_tokens, num_experts, num_ranks).total_words();
+}
+
+int deep_ep_ll_layout(int num_max_tokens, int hidden, int num_experts, int64_t* out, int num_out) {
+    return guarded([&] {
+        deep_ep::host_check(num_max_tokens > 0 && hidden > 0 && hidden % 128 == 0 && num_experts > 0,
+                            "deep_ep_ll_layout: bad arguments");
+        const deep_ep::ll::LowLatencyLayout layout(num_max_tokens, hidden, num_experts);
+        const int64_t values[] = {layout.signaling_offset(0), layout.signaling_offset(1), layout.send_offset(0),
+                                  layout.send_offset(1), layout.recv_offset(0), layout.recv_offset(1),
+                                  layout.total_bytes(), layout.dispatch_msg_bytes, layout.combine_msg_bytes};
+        for (int i = 0; i < num_out && i < 9; ++i) out[i] = values[i];
+    });
+}
+
+void deep_ep_ll_host_fp8_cast(const uint16_t* x, int n, int round_scale, uint8_t* out, float* scales) {
+    using namespace deep_ep::ll;
+    for (int g = 0; g < n / kGroup; ++g) {
+        float amax = 0.0f;
+        for (int i = 0; i < kGroup; ++i) amax = fmaxf(amax, fabsf(bf16_bits_to_float(x[g * kGroup + i])));
+        const float scale_inv = fp8_scale_inv(amax, round_scale != 0);
+        const float inv = ieee_div(1.0f, scale_inv);  // = __frcp_rn on the device
+        scales[g] = scale_inv;
+        for (int i = 0; i < kGroup; ++i) out[g * kGroup + i] = fp8_quantize(bf16_bits_to_float(x[g * kGroup + i]), inv);
+    }
+}
+
+void deep_ep_ll_host_logfmt10_round(const uint16_t* x, int n, uint16_t* out) {
+    using namespace deep_ep::ll;
+    for (int g = 0; g < n / kGroup; ++g) {
+        const uint16_t* in = x + g * kGroup;
+        float amax = 0.0f, amin = bits_to_float(0x7f800000u);
+        bool nonfinite = false;
+        for (int i = 0; i < kGroup; ++i) {
+            const float a = fabsf(bf16_bits_to_float(in[i]));
+            nonfinite |= !std::isfinite(a);
+            amax = fmaxf(amax, a);
+            if (a != 0.0f) amin = fminf(amin, a);
+        }
+        const LogfmtGroup params = logfmt10_group(amin, amax, nonfinite);
+        for (int i = 0; i < kGroup; ++i) out[g * kGroup + i] = params.passthrough ? in[i] : logfmt10_element(in[i], params);
+    }
+}
+
+int deep_ep_ll_host_pack_signal(int epoch, int count) { return deep_ep::ll::pack_signal(epoch, count); }
+int deep_ep_ll_host_next_epoch(int epoch) { return deep_ep::ll::next_epoch(epoch); }
+
+int deep_ep_ll_prepare(const deep_ep_ll_call* call, uint64_t stream) {
+    return guarded([&] {
+        deep_ep::host_check(call != nullptr, "deep_ep_ll_prepare: null call");
+        deep_ep::ll::prepare(*call, as_stream(stream));
+    });
+}
+
+int deep_ep_ll_peer_send(void* rt, const deep_ep_ll_call* call, uint64_t stream) {
+    return guarded([&] {
+        deep_ep::Runtime* runtime = as_runtime(rt);
+        deep_ep::host_check(call != nullptr, "deep_ep_ll_peer_send: null call");
+        deep_ep::host_check(runtime->num_ranks() == call->num_ranks && runtime->rank() == call->rank,
+                            "deep_ep_ll_peer_send: the runtime's ranks do not match the call");
+        deep_ep::host_check(call->buffer == runtime->data(), "deep_ep_ll_peer_send: call->buffer is not the runtime's buffer");
+        const deep_ep::PeerBuffers& peers = runtime->peers();
+        deep_ep::transport::PeerTransport tr{};
+        for (int r = 0; r < runtime->num_ranks(); ++r) tr.base[r] = static_cast<char*>(peers.data[r]);
+        tr.rank = runtime->rank();
+        tr.num_ranks = runtime->num_ranks();
+        deep_ep::ll::launch_send(*call, tr, as_stream(stream));
+    });
+}
+
+int deep_ep_ll_receive(const deep_ep_ll_call* call, uint64_t stream) {
+    return guarded([&] {
+        deep_ep::host_check(call != nullptr, "deep_ep_ll_receive: null call");
+        deep_ep::ll::receive(*call, as_stream(stream));
+    });
 }
 
 }  // extern "C"

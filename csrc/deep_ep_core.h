@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 #define DEEP_EP_CORE_API __attribute__((visibility("default")))
-#define DEEP_EP_CORE_ABI_VERSION 1
+#define DEEP_EP_CORE_ABI_VERSION 2
 
 /* ---- library and device queries (safe without a GPU: they fail with a message) */
 DEEP_EP_CORE_API int deep_ep_core_abi_version(void);

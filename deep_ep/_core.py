@@ -7,6 +7,13 @@ library return CUDA errors (as `CoreError`) when there is none.
 
 ctypes releases the GIL during every call into the library, so the host-side wait of a dispatch
 (`deep_ep_runtime_wait_recv_counters`) does not block other Python threads.
+
+The NVSHMEM half of the low-latency mode is a second library, ``deep_ep/libdeep_ep_nvshmem.so``
+(``csrc/nvshmem/``, built only when NVSHMEM was found at build time). It needs NVSHMEM's host library
+``libnvshmem_host.so.3``, which `load_nvshmem()` loads first, by absolute path, from ``NVSHMEM_DIR/lib``
+or the ``nvidia-nvshmem-cu*`` wheel (`find_nvshmem_host_library`), with ``RTLD_GLOBAL``; the dynamic
+linker then resolves the library's ``NEEDED libnvshmem_host.so.3`` to it. When any of this is missing
+the core still loads and runs (intranode, and low-latency over peer memory).
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["CoreError", "load", "load_error", "library_path", "build_info", "check", "ABI_VERSION",
-           "IPC_HANDLE_BYTES", "NUM_LAYOUT_REGIONS"]
+           "IPC_HANDLE_BYTES", "NUM_LAYOUT_REGIONS", "LLCall", "load_nvshmem", "nvshmem_load_error",
+           "nvshmem_library_path", "find_nvshmem_host_library", "check_nvshmem"]
 
 LIBRARY_NAME = "libdeep_ep_core.so"
-ABI_VERSION = 1              # DEEP_EP_CORE_ABI_VERSION in csrc/deep_ep_core.h
+NVSHMEM_LIBRARY_NAME = "libdeep_ep_nvshmem.so"
+NVSHMEM_HOST_LIBRARY = "libnvshmem_host.so.3"
+ABI_VERSION = 2              # DEEP_EP_CORE_ABI_VERSION in csrc/deep_ep_core.h
 IPC_HANDLE_BYTES = 64        # sizeof(cudaIpcMemHandle_t)
 NUM_LAYOUT_REGIONS = 11      # IntranodeLayout::kNumRegions
 
@@ -79,7 +89,50 @@ _SIGNATURES: Dict[str, Any] = {
     "deep_ep_host_ring_free_slots": (_i32, [_i32, _i32, _i32]),
     "deep_ep_host_intranode_layout": (
         _i64, [_i32, _i32, _i32, _i32, _i64, _i32, _i32, _i32, ctypes.POINTER(_i64), _i32]),
+    # low-latency (csrc/deep_ep_ll.h)
+    "deep_ep_ll_call_bytes": (_i32, []),
+    "deep_ep_ll_workspace_words": (_i64, [_i32, _i32, _i32]),
+    "deep_ep_ll_layout": (_i32, [_i32, _i32, _i32, ctypes.POINTER(_i64), _i32]),
+    "deep_ep_ll_host_fp8_cast": (None, [_vp, _i32, _i32, _vp, _vp]),
+    "deep_ep_ll_host_logfmt10_round": (None, [_vp, _i32, _vp]),
+    "deep_ep_ll_host_pack_signal": (_i32, [_i32, _i32]),
+    "deep_ep_ll_host_next_epoch": (_i32, [_i32]),
+    "deep_ep_ll_prepare": (_i32, [_vp, _u64]),
+    "deep_ep_ll_peer_send": (_i32, [_vp, _vp, _u64]),
+    "deep_ep_ll_receive": (_i32, [_vp, _u64]),
 }
+
+_NVSHMEM_SIGNATURES: Dict[str, Any] = {
+    "deep_ep_nvshmem_abi_version": (_i32, []),
+    "deep_ep_nvshmem_last_error": (ctypes.c_char_p, []),
+    "deep_ep_nvshmem_call_bytes": (_i32, []),
+    "deep_ep_nvshmem_uniqueid_bytes": (_i32, []),
+    "deep_ep_nvshmem_get_uniqueid": (_i32, [_vp]),
+    "deep_ep_nvshmem_init": (_i32, [_vp, _i32, _i32, _i32]),
+    "deep_ep_nvshmem_alloc": (_i32, [_i64, ctypes.POINTER(_u64)]),
+    "deep_ep_nvshmem_free": (_i32, [_u64]),
+    "deep_ep_nvshmem_barrier": (_i32, []),
+    "deep_ep_nvshmem_finalize": (_i32, []),
+    "deep_ep_nvshmem_info": (_i32, [_pi32, _pi32, _pi32]),
+    "deep_ep_nvshmem_ll_send": (_i32, [_vp, _u64]),
+}
+
+
+class LLCall(ctypes.Structure):
+    """Mirror of ``deep_ep_ll_call`` (csrc/deep_ep_ll.h); its size is checked against the library's."""
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "kind", "rank", "num_ranks", "slot", "num_tokens", "num_max_tokens", "hidden", "num_experts", "num_topk",
+        "use_fp8", "round_scale", "use_ue8m0", "use_logfmt", "zero_copy", "shrink", "num_sms")] + [
+        ("timeout_ns", ctypes.c_uint64), ("buffer", ctypes.c_void_p),
+        ("signaling_offset", ctypes.c_int64 * 2), ("send_offset", ctypes.c_int64 * 2),
+        ("recv_offset", ctypes.c_int64 * 2), ("dispatch_msg_bytes", ctypes.c_int64),
+        ("combine_msg_bytes", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
+            "workspace", "mask", "host_flags", "x", "topk_idx", "topk_weights", "recv_x", "recv_scales",
+            "recv_count", "src_info", "layout_range", "cumulative_stats", "wait_stats", "combined_x")]
+
+
+LL_DISPATCH, LL_COMBINE = 1, 2
+LL_SEND, LL_RECV = 1, 2
 
 
 def _open(path: Path) -> ctypes.CDLL:
@@ -91,6 +144,9 @@ def _open(path: Path) -> ctypes.CDLL:
     version = lib.deep_ep_core_abi_version()
     if version != ABI_VERSION:
         raise OSError(f"ABI version {version}, this deep_ep expects {ABI_VERSION}: rebuild with `python build_core.py`")
+    if lib.deep_ep_ll_call_bytes() != ctypes.sizeof(LLCall):
+        raise OSError(f"deep_ep_ll_call is {lib.deep_ep_ll_call_bytes()} bytes in the library, {ctypes.sizeof(LLCall)} "
+                      f"in deep_ep._core.LLCall: rebuild with `python build_core.py`")
     return lib
 
 
@@ -150,3 +206,86 @@ def limits() -> Dict[str, int]:
     lib.deep_ep_core_limits(values, 6)
     keys = ("max_ranks", "max_channels", "max_topk", "max_local_experts", "threads_per_block", "num_host_counters")
     return dict(zip(keys, list(values)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The NVSHMEM library (low-latency mode over NVSHMEM)
+
+_nv_lib: Optional[ctypes.CDLL] = None
+_nv_error: Optional[str] = None
+_nv_tried = False
+
+
+def nvshmem_library_path() -> Path:
+    """``DEEP_EP_NVSHMEM_LIB`` if set, else ``libdeep_ep_nvshmem.so`` next to this file."""
+    override = os.environ.get("DEEP_EP_NVSHMEM_LIB")
+    return Path(override) if override else Path(__file__).resolve().parent / NVSHMEM_LIBRARY_NAME
+
+
+def find_nvshmem_host_library(env: Optional[Dict[str, str]] = None) -> Tuple[Optional[Path], str]:
+    """NVSHMEM's host library: ``(path or None, where it was looked for)``.
+
+    ``NVSHMEM_DIR/lib/libnvshmem_host.so.3`` when ``NVSHMEM_DIR`` is set (and only there), else the
+    ``nvidia-nvshmem-cu*`` wheel's ``nvidia/nvshmem/lib/libnvshmem_host.so.3``.
+    """
+    env = os.environ if env is None else env
+    nvshmem_dir = env.get("NVSHMEM_DIR")
+    if nvshmem_dir:
+        path = Path(nvshmem_dir) / "lib" / NVSHMEM_HOST_LIBRARY
+        return (path, f"NVSHMEM_DIR={nvshmem_dir}") if path.is_file() else (None, f"no {path} (NVSHMEM_DIR)")
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("nvidia.nvshmem")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None, "no NVSHMEM_DIR and no nvidia-nvshmem-cu* wheel installed"
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "lib" / NVSHMEM_HOST_LIBRARY
+        if path.is_file():
+            return path, f"wheel at {location}"
+    return None, f"the nvidia-nvshmem wheel at {list(spec.submodule_search_locations)} has no lib/{NVSHMEM_HOST_LIBRARY}"
+
+
+def load_nvshmem() -> Optional[ctypes.CDLL]:
+    """``libdeep_ep_nvshmem.so`` (after NVSHMEM's host library), or None (see `nvshmem_load_error`)."""
+    global _nv_lib, _nv_error, _nv_tried
+    with _lock:
+        if _nv_tried:
+            return _nv_lib
+        _nv_tried = True
+        path = nvshmem_library_path()
+        if not path.is_file():
+            _nv_error = (f"{path.name} is not built (NVSHMEM was not found when `python build_core.py` ran; install "
+                         f"nvidia-nvshmem-cu13 or set NVSHMEM_DIR and rebuild)")
+            return None
+        host, where = find_nvshmem_host_library()
+        if host is None:
+            _nv_error = f"NVSHMEM's host library {NVSHMEM_HOST_LIBRARY} is not available: {where}"
+            return None
+        try:
+            ctypes.CDLL(str(host), mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(str(path))
+            for name, (restype, argtypes) in _NVSHMEM_SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
+            if lib.deep_ep_nvshmem_call_bytes() != ctypes.sizeof(LLCall):
+                raise OSError("deep_ep_ll_call size mismatch: rebuild with `python build_core.py`")
+            _nv_lib = lib
+        except (OSError, AttributeError) as exc:
+            _nv_error = f"{path} cannot be loaded (NVSHMEM host library {host}, {where}): {exc}"
+        return _nv_lib
+
+
+def nvshmem_load_error() -> Optional[str]:
+    load_nvshmem()
+    return _nv_error
+
+
+def check_nvshmem(rc: int, what: str) -> None:
+    """Raise `CoreError` when a call into the NVSHMEM library returned non-zero."""
+    if rc != 0:
+        lib = load_nvshmem()
+        raw = lib.deep_ep_nvshmem_last_error() if lib is not None else None
+        raise CoreError(f"deep_ep nvshmem: {what}: {raw.decode(errors='replace') if raw else _nv_error}")

@@ -183,6 +183,11 @@ class Buffer:
         self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
         self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
         self._ll = None
+        self._ll_cuda = None  # CudaLowLatency for low-latency calls on CUDA tensors, when every rank can run it
+        self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"
+        if low_latency_mode:
+            self.ll_engine, self.ll_engine_reason = self._choose_ll_engine()
+            self.engine_reason += f"; low-latency mode: {self.ll_engine} engine ({self.ll_engine_reason})"
         self._comm_stream = None
         self._destroyed = False
 
@@ -199,6 +204,27 @@ class Buffer:
                 raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: {reason}")
             return "portable", f"the CUDA engine is not available: {reason}"
         self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
+
+    def _choose_ll_engine(self) -> Tuple[str, str]:
+        """Collective: the CUDA low-latency kernels when every rank can run them (core built, CUDA device,
+        peer memory or NVSHMEM usable: `deep_ep.engines.cuda_ll.probe_ll`), else the portable engine;
+        ``DEEP_EP_ENGINE`` forces either, ``DEEP_EP_LL_TRANSPORT`` (auto/peer/nvshmem) picks the transport."""
+        forced = _env.engine_override()
+        if forced == "portable":
+            return "portable", "forced by DEEP_EP_ENGINE=portable"
+        from .engines import cuda_ll
+        ok, reason, transport, facts = cuda_ll.probe_ll(self._comm, self.num_rdma_bytes,
+                                                        self.allow_nvlink_for_low_latency_mode)
+        if not ok:
+            if forced == "cuda":
+                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA low-latency engine is not "
+                                   f"available: {reason}")
+            return "portable", f"the CUDA low-latency engine is not available: {reason}"
+        single_host = len({f["host"] for f in facts}) == 1
+        self._ll_cuda = cuda_ll.CudaLowLatency(self._comm, self.num_rdma_bytes, self.enable_shrink, transport,
+                                               self.num_qps_per_rank, self.allow_nvlink_for_low_latency_mode,
+                                               self.allow_mnnvl, single_host)
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _engine_for(self, t: torch.Tensor):
@@ -258,6 +284,8 @@ class Buffer:
             if self._cuda is not None:
                 # waits for this GPU, then for every rank, before freeing peer-mapped memory
                 self._cuda.destroy(collective=True)
+            if self._ll_cuda is not None:
+                self._ll_cuda.destroy(collective=True)  # same, for the low-latency buffer (NVSHMEM: frees, finalizes)
         finally:
             self._release()
 
@@ -266,6 +294,9 @@ class Buffer:
         if getattr(self, "_cuda", None) is not None:
             self._cuda.destroy(collective=False)
             self._cuda = None
+        if getattr(self, "_ll_cuda", None) is not None:
+            self._ll_cuda.destroy(collective=False)
+            self._ll_cuda = None
         self._local.release()
         self._ll = None
         self._comm.close()
@@ -339,7 +370,12 @@ class Buffer:
         elem = torch.empty((), dtype=dtype).element_size()
         if offset > total or offset % elem != 0:
             chk.fail("offset", f"must be a multiple of {elem} within the {total}-byte buffer, got {offset}")
-        whole = self._cuda.nvl_buffer() if (kind == "nvl" and self._cuda is not None) else self._local.get(kind)
+        if kind == "nvl" and self._cuda is not None:
+            whole = self._cuda.nvl_buffer()
+        elif kind == "rdma" and self._ll_cuda is not None:
+            whole = self._ll_cuda.rdma_buffer()  # the LL kernels' buffer (CUDA IPC or NVSHMEM symmetric heap)
+        else:
+            whole = self._local.get(kind)
         raw = whole[offset:]
         t = raw[: (raw.numel() // elem) * elem].view(dtype)
         if size is not None:
@@ -627,7 +663,10 @@ class Buffer:
         return self.combine(*args, **kwargs)
 
     # ------------------------------------------------------------------------- low-latency mode
-    def _ll_engine(self):
+    def _ll_engine(self, t: Optional[torch.Tensor] = None):
+        """The LL engine for a call on tensor `t`: the CUDA kernels for CUDA tensors when available."""
+        if self._ll_cuda is not None and t is not None and t.is_cuda:
+            return self._ll_cuda
         if self._ll is None:
             from .engines.portable_ll import PortableLowLatency
             self._ll = PortableLowLatency(self._comm, self._local, self.num_rdma_bytes, self.enable_shrink)
@@ -707,7 +746,7 @@ class Buffer:
         if all_same_device([x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
         with _Launch(self, [x, topk_idx], None, async_finish, on_comm_stream=async_finish) as launch:
-            recv_x, recv_count, handle, hook = self._ll_engine().dispatch(
+            recv_x, recv_count, handle, hook = self._ll_engine(x).dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
                 dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, return_recv_hook)
         event = launch.finish([recv_x, recv_count, handle])
@@ -781,7 +820,7 @@ class Buffer:
         if all_same_device([x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
         with _Launch(self, [x, topk_idx, topk_weights], None, async_finish, on_comm_stream=async_finish) as launch:
-            combined_x, hook = self._ll_engine().combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+            combined_x, hook = self._ll_engine(topk_idx).combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
                                                          return_recv_hook, out, combine_wait_recv_cost_stats)
         event = launch.finish([combined_x])
         if async_finish:
@@ -796,7 +835,9 @@ class Buffer:
         if hidden % 128 != 0:
             chk.fail("hidden", f"must be a multiple of 128, got {hidden}")
         self._check_ll_common(chk, num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._ll_engine().clean_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        # Every LL engine in use (the portable one allocates a host RDMA buffer: only when already used).
+        for engine in [e for e in (self._ll, self._ll_cuda) if e is not None] or [self._ll_engine()]:
+            engine.clean_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """BF16 view ``[num_local_experts, num_ranks * T, hidden]`` of the buffer the next
@@ -805,7 +846,7 @@ class Buffer:
         chk = ArgChecker("deep_ep.Buffer.get_next_low_latency_combine_buffer")
         t_max, hidden, num_experts = self._check_ll_handle(chk, handle)
         self._check_ll_common(chk, t_max, hidden, num_experts)
-        return self._ll_engine().get_next_combine_buffer(handle)
+        return self._ll_engine(handle[0]).get_next_combine_buffer(handle)
 
     def _check_shrink(self, where: str) -> ArgChecker:
         self._alive(where)
@@ -822,15 +863,20 @@ class Buffer:
         if rank_to_mask >= self.group_size:
             chk.fail("rank_to_mask", f"must be < {self.group_size}, got {rank_to_mask}")
         chk.flag("mask", mask)
-        self._ll_engine().update_mask(rank_to_mask, mask)
+        for engine in (self._ll_engine(), self._ll_cuda):  # both engines keep the same mask
+            if engine is not None:
+                engine.update_mask(rank_to_mask, mask)
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """Write the mask into ``mask_status`` (``[num_ranks]`` int32, 1 = masked)."""
         chk = self._check_shrink("low_latency_query_mask_buffer")
         chk.tensor("mask_status", mask_status, dtypes=(torch.int32,), shape=(self.group_size,))
-        self._ll_engine().query_mask(mask_status)
+        # The CUDA kernels may have masked a rank that timed out: their mask is the authoritative one.
+        (self._ll_cuda or self._ll_engine()).query_mask(mask_status)
 
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank."""
         self._check_shrink("low_latency_clean_mask_buffer")
-        self._ll_engine().clean_mask()
+        for engine in (self._ll_engine(), self._ll_cuda):
+            if engine is not None:
+                engine.clean_mask()

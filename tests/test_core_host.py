@@ -86,21 +86,25 @@ def test_stale_library_is_reported(tmp_path):
     assert proc.returncode == 0 and "cannot be loaded" in proc.stdout, proc.stdout + proc.stderr
 
 
-def _header_functions():
-    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+def _header_functions(path=HEADER, macro="DEEP_EP_CORE_API"):
+    text = re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)
     functions = {}
-    for m in re.finditer(r"DEEP_EP_CORE_API\s+([\w\s\*]+?)\s*\b(deep_ep_\w+)\s*\(([^)]*)\)\s*;", text):
+    for m in re.finditer(macro + r"\s+([\w\s\*]+?)\s*\b(deep_ep_\w+)\s*\(([^)]*)\)\s*;", text):
         args = m.group(3).strip()
         functions[m.group(2)] = 0 if args in ("", "void") else len(args.split(","))
     return functions
 
 
 def test_ctypes_signatures_match_header():
-    header = _header_functions()
+    ll = _header_functions(HEADER.with_name("deep_ep_ll.h"), "DEEP_EP_LL_API")
+    assert ll, "no functions parsed from deep_ep_ll.h"
+    header = dict(_header_functions(), **{k: v for k, v in ll.items() if not k.startswith("deep_ep_nvshmem_")})
+    nvshmem = {k: v for k, v in ll.items() if k.startswith("deep_ep_nvshmem_")}
     assert header, "no functions parsed from the header"
-    assert set(header) == set(_core._SIGNATURES), (set(header) ^ set(_core._SIGNATURES))
-    for name, count in header.items():
-        assert len(_core._SIGNATURES[name][1]) == count, f"{name}: header has {count} arguments"
+    for parsed, signatures in ((header, _core._SIGNATURES), (nvshmem, _core._NVSHMEM_SIGNATURES)):
+        assert set(parsed) == set(signatures), (set(parsed) ^ set(signatures))
+        for name, count in parsed.items():
+            assert len(signatures[name][1]) == count, f"{name}: header has {count} arguments"
 
 
 @needs_lib
@@ -283,8 +287,13 @@ def test_build_core_from_scratch(tmp_path):
     assert not result.spilling_kernels
     names = " ".join(k.demangled for k in result.kernels if k.entry)
     for kernel in ("dispatch_kernel", "combine_kernel", "notify_dispatch_kernel", "cached_notify_kernel",
-                   "get_dispatch_layout_kernel"):
+                   "get_dispatch_layout_kernel", "prepare_kernel", "dispatch_recv_kernel", "combine_recv_kernel",
+                   "dispatch_send_kernel<deep_ep::transport::PeerTransport>",
+                   "combine_send_kernel<deep_ep::transport::PeerTransport>"):
         assert kernel in names
+    if build_core.find_nvshmem()[0] is not None:  # the wheel is installed (CI): the NVSHMEM library too
+        assert result.nvshmem_library is not None and result.nvshmem_library.is_file()
+        assert "NvshmemTransport" in names
 
 
 # ------------------------------------------------------------------------- engine choice, no GPU

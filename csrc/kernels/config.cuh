@@ -4,8 +4,9 @@
 //   DEEP_EP_DISABLE_SM90_FEATURES  build for sm_80: no TMA, no clusters, no elect.sync. The kernels
 //                                  of this version use none of them, so the switch only changes the
 //                                  target architecture and `deep_ep_core_is_sm90()`.
-//   DEEP_EP_HAS_NVSHMEM            set when NVSHMEM was found; the intranode core does not use it yet
-//                                  (internode and low-latency kernels will).
+//   DEEP_EP_HAS_NVSHMEM            never set for libdeep_ep_core.so, which stays free of NVSHMEM; the
+//                                  NVSHMEM code (bootstrap, LL sends over NVSHMEM) is the separate
+//                                  libdeep_ep_nvshmem.so built from csrc/nvshmem/ (build_core.py).
 #pragma once
 
 #include <cstdint>

@@ -7,9 +7,13 @@
 #   2. build         python build_core.py (when nvcc exists; otherwise a carried deep_ep/libdeep_ep_core.so
 #                    is used as is, and the log says so)
 #   3. GPU tests     tests/gpu/test_intranode_cuda.py: N = 2, 3, 4, 8 ranks on this GPU vs the portable
-#                    engine, async events, CUDA-graph capture (pytest if installed, else script mode)
-#   4. sanitizer     compute-sanitizer memcheck and racecheck on tests/gpu/sanitize_case.py (if found)
-#   5. benchmark     tests/gpu/bench_intranode.py: dispatch/combine GB/s with 2, 4, 8 ranks + copy GB/s
+#                    engine, async events, CUDA-graph capture (pytest if installed, else script mode);
+#                    tests/gpu/test_ll_cuda.py: low-latency kernels over peer memory (2, 4 ranks) and
+#                    NVSHMEM (2 PEs on this GPU over P2P, IBGDA off) vs the portable engine
+#   4. sanitizer     compute-sanitizer memcheck and racecheck on tests/gpu/sanitize_case.py, memcheck on
+#                    tests/gpu/sanitize_ll_case.py (if found)
+#   5. benchmark     tests/gpu/bench_intranode.py: dispatch/combine GB/s with 2, 4, 8 ranks + copy GB/s;
+#                    tests/gpu/bench_ll.py: low-latency dispatch/combine and hook send/recv in us, 2, 4, 8 ranks
 #
 # Every step runs under `timeout`; logs go to OUT_DIR/<step>.log, verdicts to OUT_DIR/summary.txt.
 # Exit status: 0 all passed, 1 a step failed, 2 no GPU (the build still runs and is checked).
@@ -78,14 +82,14 @@ for cand in "${CUDA_HOME:-}/bin/nvcc" /usr/local/cuda/bin/nvcc "$(command -v nvc
 done
 if [ -n "$NVCC" ]; then
     export CUDA_HOME="$(dirname "$(dirname "$NVCC")")"
-    step build 110 "$PY" build_core.py --jobs "${DEEP_EP_BUILD_JOBS:-$(nproc)}"
+    step build 90 "$PY" build_core.py --jobs "${DEEP_EP_BUILD_JOBS:-$(nproc)}"
 elif [ -f deep_ep/libdeep_ep_core.so ]; then
     note "build        SKIPPED        no nvcc here: using the carried deep_ep/libdeep_ep_core.so ($(stat -c %y deep_ep/libdeep_ep_core.so 2>/dev/null))"
 else
     note "build        FAIL           no nvcc and no prebuilt deep_ep/libdeep_ep_core.so"
     FAILED=1
 fi
-step load 60 "$PY" -c "from deep_ep import _core; lib = _core.load(); assert lib is not None, _core.load_error(); print('core loaded:', _core.library_path(), _core.build_info().get('archs'), 'sm90' if lib.deep_ep_core_is_sm90() else 'sm80 build')"
+step load 60 "$PY" -c "from deep_ep import _core; lib = _core.load(); assert lib is not None, _core.load_error(); print('core loaded:', _core.library_path(), _core.build_info().get('archs'), 'sm90' if lib.deep_ep_core_is_sm90() else 'sm80 build'); nv = _core.load_nvshmem(); print('nvshmem library:', _core.nvshmem_library_path() if nv is not None else _core.nvshmem_load_error())"
 
 # ---- no GPU: stop cleanly here
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -96,23 +100,28 @@ fi
 
 # ---- 3. GPU tests
 if "$PY" -c "import pytest" 2>/dev/null; then
-    step gpu_tests 170 "$PY" -m pytest -q -x -p no:cacheprovider tests/gpu/test_intranode_cuda.py
+    step gpu_tests 110 "$PY" -m pytest -q -x -p no:cacheprovider tests/gpu/test_intranode_cuda.py
+    step ll_tests 100 "$PY" -m pytest -q -p no:cacheprovider -rs tests/gpu/test_ll_cuda.py
 else
-    step gpu_tests 170 "$PY" tests/gpu/test_intranode_cuda.py
+    step gpu_tests 110 "$PY" tests/gpu/test_intranode_cuda.py
+    step ll_tests 100 "$PY" tests/gpu/test_ll_cuda.py
 fi
 
 # ---- 4. compute-sanitizer
 SAN="$(command -v compute-sanitizer 2>/dev/null || true)"
 [ -z "$SAN" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ] && SAN="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
 if [ -n "$SAN" ]; then
-    step memcheck 60 "$SAN" --tool memcheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
-    step racecheck 60 "$SAN" --tool racecheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
+    step memcheck 45 "$SAN" --tool memcheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
+    step racecheck 45 "$SAN" --tool racecheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
+    step ll_memcheck 40 "$SAN" --tool memcheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_ll_case.py
 else
     note "sanitizer    SKIPPED        compute-sanitizer not found"
 fi
 
 # ---- 5. benchmark
-step bench 60 "$PY" tests/gpu/bench_intranode.py --ranks 2 4 8 --tokens 2048 --iters 3 --json "$OUT_DIR/bench.json"
+step bench 35 "$PY" tests/gpu/bench_intranode.py --ranks 2 4 8 --tokens 2048 --iters 3 --json "$OUT_DIR/bench.json"
+step bench_ll 45 "$PY" tests/gpu/bench_ll.py --ranks 2 4 8 --tokens 128 --hidden 7168 --experts 64 --iters 10 \
+    --json "$OUT_DIR/bench_ll.json"
 
 note "total $(( $(date +%s) - START ))s: $([ $FAILED -eq 0 ] && echo 'ALL PASSED' || echo 'FAILED')"
 exit $FAILED

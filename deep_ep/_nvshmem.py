@@ -1,0 +1,139 @@
+"""NVSHMEM set-up for the CUDA low-latency engine: environment defaults, the QP-depth rule, bootstrap.
+
+Everything NVSHMEM reads from the environment is decided in ONE place, `apply_env_defaults`, which is
+called once right before NVSHMEM is initialised and logs (logger ``deep_ep``, INFO) every variable it
+changed. The rules follow DeepEP V1's ``Buffer.__init__`` (docs: ../shared/spec/deepep-v1-reference.md
+§2.1), with two differences when every rank is on one host and P2P is allowed (no NIC needed): IBGDA
+defaults to off and the remote transport to ``none``, so that NVSHMEM's P2P transport alone carries the traffic
+(TESTING-ON-THESE-MACHINES.md §1.3). Variables the user already set are kept, except the ones that
+mirror `Buffer` arguments (``allow_nvlink_for_low_latency_mode`` -> ``NVSHMEM_DISABLE_P2P``,
+``num_qps_per_rank`` -> ``NVSHMEM_IBGDA_NUM_RC_PER_PE``, ``allow_mnnvl=False`` ->
+``NVSHMEM_DISABLE_MNNVL=1``), which DeepEP also overwrites.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, MutableMapping, Optional, Tuple
+
+__all__ = ["apply_env_defaults", "env_defaults", "qp_depth", "check_qp_depth", "bootstrap", "DEFAULT_QP_DEPTH"]
+
+log = logging.getLogger("deep_ep")
+
+DEFAULT_QP_DEPTH = 1024
+_GiB = 1 << 30
+_CUMEM_GRANULARITY = 1 << 29  # "NVSHMEM initialization requires at least 256 MiB" (DeepEP uses 512 MiB)
+
+
+def env_defaults(num_qps_per_rank: int, allow_nvlink: bool, allow_mnnvl: bool, single_host: bool,
+                 num_rdma_bytes: int) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """``(forced, defaults)``: the variables `apply_env_defaults` sets always / only when unset."""
+    forced = {
+        "NVSHMEM_DISABLE_P2P": "0" if allow_nvlink else "1",
+        "NVSHMEM_IBGDA_NUM_RC_PER_PE": str(int(num_qps_per_rank)),
+    }
+    if not allow_mnnvl:
+        forced["NVSHMEM_DISABLE_MNNVL"] = "1"
+    # The symmetric heap must hold the LL buffer (NVSHMEM's default is 1 GiB); whole granules plus slack.
+    heap = max(_GiB, (int(num_rdma_bytes) + 256 * (1 << 20) + _CUMEM_GRANULARITY - 1)
+               // _CUMEM_GRANULARITY * _CUMEM_GRANULARITY)
+    # Every rank on one host with P2P allowed: NVSHMEM's P2P transport carries everything, no NIC needed.
+    p2p_only = single_host and allow_nvlink
+    defaults = {
+        "NVSHMEM_IB_ENABLE_IBGDA": "0" if p2p_only else "1",
+        "NVSHMEM_QP_DEPTH": str(DEFAULT_QP_DEPTH),
+        "NVSHMEM_MAX_TEAMS": "7",          # 6 default teams + 1 (DeepEP)
+        "NVSHMEM_DISABLE_NVLS": "1",       # no NVLink SHARP; required with several PEs per GPU
+        "NVSHMEM_CUMEM_GRANULARITY": str(_CUMEM_GRANULARITY),
+        "NVSHMEM_SYMMETRIC_SIZE": str(heap),
+    }
+    if p2p_only:
+        defaults.update({
+            "NVSHMEM_REMOTE_TRANSPORT": "none",      # no NIC needed: P2P (NVLink / same GPU) only
+            "NVSHMEM_DISABLE_NCCL": "1",
+            "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+        })
+    return forced, defaults
+
+
+def apply_env_defaults(num_qps_per_rank: int, allow_nvlink: bool, allow_mnnvl: bool, single_host: bool,
+                       num_rdma_bytes: int, env: Optional[MutableMapping[str, str]] = None) -> Dict[str, Tuple[Optional[str], str]]:
+    """Set NVSHMEM's environment for the low-latency buffer; the only place deep_ep writes ``NVSHMEM_*``.
+
+    Args:
+        num_qps_per_rank: `Buffer`'s argument (``NVSHMEM_IBGDA_NUM_RC_PER_PE``).
+        allow_nvlink: `Buffer`'s ``allow_nvlink_for_low_latency_mode`` (``NVSHMEM_DISABLE_P2P``).
+        allow_mnnvl: `Buffer`'s ``allow_mnnvl`` (False -> ``NVSHMEM_DISABLE_MNNVL=1``).
+        single_host: every rank is on this host (with ``allow_nvlink``: no NIC needed, so IBGDA off and
+            remote transport none by default).
+        num_rdma_bytes: the LL buffer size (``NVSHMEM_SYMMETRIC_SIZE`` default).
+        env: the mapping to change (default ``os.environ``).
+
+    Returns:
+        ``{name: (old value or None, new value)}`` for every variable it changed (also logged).
+    """
+    env = os.environ if env is None else env
+    forced, defaults = env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, num_rdma_bytes)
+    changed: Dict[str, Tuple[Optional[str], str]] = {}
+    for name, value in forced.items():
+        if env.get(name) != value:
+            changed[name] = (env.get(name), value)
+            env[name] = value
+    for name, value in defaults.items():
+        if name not in env:
+            changed[name] = (None, value)
+            env[name] = value
+    if changed:
+        log.info("deep_ep: NVSHMEM environment for the low-latency buffer: %s",
+                 ", ".join(f"{k}={v!r}" + (f" (was {old!r})" if old is not None else "") for k, (old, v) in changed.items()))
+    return changed
+
+
+def qp_depth(env: Optional[MutableMapping[str, str]] = None) -> int:
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("NVSHMEM_QP_DEPTH", str(DEFAULT_QP_DEPTH)))
+    except ValueError:
+        return DEFAULT_QP_DEPTH
+
+
+def check_qp_depth(num_max_dispatch_tokens_per_rank: int, env: Optional[MutableMapping[str, str]] = None) -> None:
+    """DeepEP's rule (PR #430): ``NVSHMEM_QP_DEPTH >= (num_max_dispatch_tokens_per_rank + 1) * 2``.
+
+    Raises:
+        ValueError: the queue pairs are too shallow for this many tokens per rank.
+    """
+    depth, needed = qp_depth(env), (int(num_max_dispatch_tokens_per_rank) + 1) * 2
+    if depth < needed:
+        raise ValueError(f"deep_ep.Buffer.low_latency_dispatch: NVSHMEM_QP_DEPTH={depth} is too small for "
+                         f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}: it must be at least "
+                         f"(tokens + 1) * 2 = {needed}; set NVSHMEM_QP_DEPTH before creating the Buffer")
+
+
+def bootstrap(comm, lib, device: int) -> None:
+    """Initialise NVSHMEM over the group: rank 0 makes a unique id, everyone gets it through
+    `Communicator.all_gather_object`, then ``NVSHMEMX_INIT_WITH_UNIQUEID`` with the group's ranks.
+
+    Args:
+        comm: the Buffer's `Communicator`.
+        lib: `deep_ep._core.load_nvshmem()`.
+        device: this rank's CUDA device index.
+    """
+    import ctypes
+
+    from ._core import check_nvshmem
+
+    size = lib.deep_ep_nvshmem_uniqueid_bytes()
+    status, pe, n_pes = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    check_nvshmem(lib.deep_ep_nvshmem_info(ctypes.byref(status), ctypes.byref(pe), ctypes.byref(n_pes)), "nvshmem info")
+    if pe.value >= 0:  # an earlier Buffer of this process initialised NVSHMEM: join it (no exchange needed)
+        check_nvshmem(lib.deep_ep_nvshmem_init(ctypes.create_string_buffer(size), comm.rank, comm.size, device),
+                      "NVSHMEM init (joining this process's world)")
+        return
+    uid = ctypes.create_string_buffer(size)
+    if comm.rank == 0:
+        check_nvshmem(lib.deep_ep_nvshmem_get_uniqueid(uid), "nvshmemx_get_uniqueid")
+    ids = comm.all_gather_object(uid.raw if comm.rank == 0 else b"", op="NVSHMEM unique id exchange")
+    root = ctypes.create_string_buffer(ids[0], size)
+    check_nvshmem(lib.deep_ep_nvshmem_init(root, comm.rank, comm.size, device), "NVSHMEM init")
