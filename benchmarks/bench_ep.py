@@ -35,6 +35,11 @@ Bandwidth uses DeepEP's byte accounting (its tests' formulas), averaged over ran
   combine, ``hidden + hidden/128*4 + 16`` for FP8 dispatch;
 * both baselines are reported with the BF16 dispatch's bytes, so every bandwidth ratio is a time ratio.
 
+Launch: on one machine it spawns the ranks itself. On several machines, run it once per node with
+``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE`` (nodes)/``RANK`` (node index) set, or under ``mpirun``
+(``--launch``; see ``benchmarks/common.py`` and ``benchmarks/README.md``). ``--ranks-per-node K``
+exercises deep_ep's multi-node layout on one machine. Sweeps and plots: ``benchmarks/sweep.py``.
+
 Run ``python benchmarks/bench_ep.py --help`` for the options. ``make bench`` runs it with defaults.
 """
 
@@ -45,58 +50,29 @@ import contextlib
 import json
 import os
 import platform
-import socket
-import statistics
 import sys
 import time
-import traceback
-from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-# Runnable from a checkout without installing deep_ep.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+
+# Launch, inputs, baselines and timing are shared with the other benchmarks (benchmarks/common.py).
+from common import (FP8_FACTOR, FP8_MAX, LaunchError, NaiveDispatcher, RawAllToAll,  # noqa: E402,F401
+                    add_launch_args, bench_round_robin, launch, machine_info, make_inputs, mean_over_ranks,
+                    per_token_cast_to_fp8)
 
 TARGET_VS_RAW = 0.85
 TARGET_VS_NAIVE = 2.0
-FP8_MAX = 448.0
 
 
 # ------------------------------------------------------------------------------------------------
-# Inputs (the global view: any rank can rebuild any rank's inputs)
+# Checking helpers (the inputs themselves come from common.make_inputs: the global view)
 # ------------------------------------------------------------------------------------------------
-def make_inputs(seed: int, src: int, num_tokens: int, hidden: int, num_experts: int, num_topk: int,
-                num_masked: int) -> Dict[str, torch.Tensor]:
-    """Rank `src`'s inputs: BF16 tokens, DeepEP-style routing (top-k of |randn|+1 scores), weights.
-
-    `num_masked` random (token, slot) entries of `topk_idx` are set to -1 ("no expert"), as DeepEP's
-    low-latency test does.
-    """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + src)
-    x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
-    scores = torch.randn(num_tokens, num_experts, generator=gen).abs() + 1
-    topk_idx = torch.topk(scores, num_topk, dim=-1, sorted=True).indices.to(torch.int64)
-    topk_weights = torch.rand(num_tokens, num_topk, generator=gen) + 0.1
-    if num_masked > 0 and num_tokens > 0:
-        flat = torch.randperm(num_tokens * num_topk, generator=gen)[:num_masked]
-        topk_idx.view(-1)[flat] = -1
-    return {"x": x, "topk_idx": topk_idx, "topk_weights": topk_weights.float()}
-
-
-def per_token_cast_to_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """1x128-block FP8 (e4m3) cast with float32 inverse scales `[tokens, hidden/128]`."""
-    t, h = x.shape
-    blocks = x.float().view(t, h // 128, 128)
-    amax = blocks.abs().amax(dim=2).clamp(min=1e-4)
-    q = (blocks * (FP8_MAX / amax).unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(t, h), (amax / FP8_MAX).contiguous()
-
-
 def fp8_dequant(x_fp8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of the 1x128 cast. `scales` float32 `[..., hidden/128]` (any strides)."""
     shape = x_fp8.shape
@@ -304,96 +280,6 @@ def verify_ll_combine(combined, inp, use_fp8: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Baselines (plain torch.distributed on a gloo group)
-# ------------------------------------------------------------------------------------------------
-class RawAllToAll:
-    """One all_to_all_single of exactly the BF16 dispatch's bytes per (src, dst) pair, pre-arranged."""
-
-    def __init__(self, group, send_rows: List[int], recv_rows: List[int], hidden: int) -> None:
-        row_bytes = hidden * 2
-        self.group = group
-        self.in_splits = [r * row_bytes for r in send_rows]
-        self.out_splits = [r * row_bytes for r in recv_rows]
-        self.send = torch.randint(0, 255, (sum(self.in_splits),), dtype=torch.uint8)
-        self.recv = torch.empty(sum(self.out_splits), dtype=torch.uint8)
-
-    def __call__(self) -> None:
-        dist.all_to_all_single(self.recv, self.send, self.out_splits, self.in_splits, group=self.group)
-
-
-class NaiveDispatcher:
-    """One row per (token, expert) pair: sort pairs by expert, index_select, counts exchange, all-to-all.
-
-    Buffers are handled the way deep_ep's portable dispatch handles them, so that the comparison is
-    about the algorithm: the send staging buffer is kept between calls (grown when needed), and the
-    received rows land in a fresh output tensor on every call (the caller owns the result).
-    """
-
-    def __init__(self, group, num_ranks: int, num_experts: int) -> None:
-        self.group, self.num_ranks, self.num_experts = group, num_ranks, num_experts
-        self._send: Optional[torch.Tensor] = None
-
-    def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor):
-        num_topk = topk_idx.shape[1]
-        flat = topk_idx.reshape(-1)
-        key = torch.where(flat >= 0, flat, torch.full_like(flat, self.num_experts))
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=self.num_experts + 1)[: self.num_experts]
-        pairs = order[: int(counts.sum())]
-        if self._send is None or self._send.shape[0] < pairs.numel() or self._send.shape[1:] != x.shape[1:] \
-                or self._send.dtype != x.dtype:
-            self._send = torch.empty((max(pairs.numel(), 1),) + tuple(x.shape[1:]), dtype=x.dtype)
-        send = self._send[: pairs.numel()]
-        torch.index_select(x, 0, pairs // num_topk, out=send)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # [src rank, local expert]
-        in_splits = counts.view(self.num_ranks, -1).sum(1).tolist()
-        out_splits = recv_counts.view(self.num_ranks, -1).sum(1).tolist()
-        recv = torch.empty((sum(out_splits),) + tuple(x.shape[1:]), dtype=x.dtype)
-        dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group)
-        return recv, recv_counts
-
-
-# ------------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------------
-def bench_round_robin(ops: Dict[str, Callable[[], object]], group, warmup: int, iters: int,
-                      settle: int = 1) -> Dict[str, dict]:
-    """Median over rounds of the slowest rank's time per op, ops interleaved within each round.
-
-    In each round every op first runs `settle` times untimed, then once timed (each run preceded by a
-    barrier). The untimed runs let an op reach its own steady state instead of inheriting the
-    memory-allocator state another op left behind: on CPU, freshly mapped memory must be faulted in,
-    and one op's large allocations can slow the next op by 2x (measured here).
-    """
-    names = list(ops)
-    samples = torch.zeros(iters, len(names), dtype=torch.float64)
-    for it in range(warmup + iters):
-        for i, name in enumerate(names):
-            for _ in range(settle):
-                dist.barrier(group=group)
-                ops[name]()
-            dist.barrier(group=group)
-            start = time.perf_counter()
-            ops[name]()
-            elapsed = time.perf_counter() - start
-            if it >= warmup:
-                samples[it - warmup, i] = elapsed
-    dist.all_reduce(samples, op=dist.ReduceOp.MAX, group=group)
-    out = {}
-    for i, name in enumerate(names):
-        col = samples[:, i].tolist()
-        out[name] = {"median_s": statistics.median(col), "min_s": min(col), "max_s": max(col)}
-    return out
-
-
-def mean_over_ranks(value: float, group) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return float(t.item()) / dist.get_world_size(group)
-
-
-# ------------------------------------------------------------------------------------------------
 # One rank
 # ------------------------------------------------------------------------------------------------
 def make_buffer(deep_ep, group, low_latency: bool, args, num_ranks: int):
@@ -535,55 +421,36 @@ def run_low_latency(deep_ep, group, bench_group, rank, num_ranks, args, log) -> 
     return {"times": times, "bytes": byte_counts}
 
 
-def rank_main(rank: int, num_ranks: int, port: int, args, result_queue) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
+def rank_main(ctx, args) -> Dict[str, object]:
+    """One rank of the main job (run by common.launch): normal mode, then low-latency mode."""
+    rank, num_ranks, group, bench_group = ctx.rank, ctx.num_ranks, ctx.group, ctx.bench_group
     torch.manual_seed(args.seed)
-    timeout = timedelta(seconds=args.timeout)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks,
-                            timeout=timeout)
 
     def log(msg: str) -> None:
         if rank == 0:
             print(f"[bench] {msg}", flush=True)
 
-    try:
-        import deep_ep
-        group = dist.group.WORLD
-        # The baselines' own gloo group over the same ranks (deep_ep's portable engine also runs its
-        # collectives on a private gloo group, so the transports match).
-        bench_group = dist.new_group(list(range(num_ranks)), backend="gloo", timeout=timeout)
-        out: Dict[str, object] = {"normal": None, "ll": None, "ll_error": None}
-        out["normal"] = run_normal(deep_ep, group, bench_group, rank, num_ranks, args, log)
-        if not args.skip_ll:
-            try:
-                out["ll"] = run_low_latency(deep_ep, group, bench_group, rank, num_ranks, args, log)
-            except (NotImplementedError, ImportError) as exc:
-                # Low-latency mode not implemented by this engine (yet): report it, keep the rest.
-                out["ll_error"] = f"not available ({type(exc).__name__}: {exc})"
-                log(f"LL: {out['ll_error']}")
-        else:
-            out["ll_error"] = "skipped (--skip-ll)"
-        dist.barrier(group=bench_group)
-        if rank == 0:
-            result_queue.put(("ok", out))
-    except BaseException:
-        result_queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    import deep_ep
+    out: Dict[str, object] = {"normal": None, "ll": None, "ll_error": None}
+    out["normal"] = run_normal(deep_ep, group, bench_group, rank, num_ranks, args, log)
+    if not args.skip_ll:
+        try:
+            out["ll"] = run_low_latency(deep_ep, group, bench_group, rank, num_ranks, args, log)
+        except (NotImplementedError, ImportError) as exc:
+            # Low-latency mode not implemented by this engine (yet): report it, keep the rest.
+            out["ll_error"] = f"not available ({type(exc).__name__}: {exc})"
+            log(f"LL: {out['ll_error']}")
+    else:
+        out["ll_error"] = "skipped (--skip-ll)"
+    out["num_ranks"] = num_ranks
+    out["launch"] = ctx.launch
+    dist.barrier(group=bench_group)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def fmt_row(name: str, t: Optional[dict], nbytes: Optional[float]) -> Tuple[str, Optional[float]]:
     if t is None:
         return f"{name:<28} {'-':>10} {'-':>10}", None
@@ -599,8 +466,12 @@ def report(args, out: Dict[str, object], wall_s: float) -> Dict[str, object]:
     rows = ["get_dispatch_layout", "dispatch BF16", "dispatch FP8", "combine BF16"]
     baselines = ["raw all_to_all_single", "naive dispatcher"]
     cpu = platform.processor() or platform.machine()
+    num_ranks = out.get("num_ranks", args.num_ranks)
+    where = "on one host (gloo over 127.0.0.1" if out.get("launch", "spawn") != "env" else "across nodes (gloo"
+    if args.ranks_per_node:
+        where += f", DEEP_EP_RANKS_PER_NODE={args.ranks_per_node}"
     print()
-    print(f"deep_ep benchmark: {args.num_ranks} ranks on one host (gloo over 127.0.0.1, 1 CPU thread per rank, "
+    print(f"deep_ep benchmark: {num_ranks} ranks {where}, 1 CPU thread per rank, "
           f"{os.cpu_count()} cores, {cpu}), engine={normal['engine']}, torch {torch.__version__}")
     print(f"normal mode: {args.num_tokens} tokens/rank, hidden {args.hidden}, top-{args.num_topk} of "
           f"{args.num_experts} experts; avg {normal['tokens_per_rank_avg']:.0f} tokens received/rank; "
@@ -646,6 +517,7 @@ def report(args, out: Dict[str, object], wall_s: float) -> Dict[str, object]:
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": {"cpus": os.cpu_count(), "processor": cpu, "torch": torch.__version__,
                     "python": platform.python_version(), "backend": "gloo"},
+        "meta": machine_info("cpu"),  # date, CPU model, load average, git commit, command line
         "engine": normal["engine"],
         "ops": table,
         "ratios": {"dispatch_vs_raw_all_to_all": vs_raw, "dispatch_vs_naive": vs_naive,
@@ -663,7 +535,6 @@ def parse_args(argv=None):
                     "dispatcher. Prints a table (time, algorithm bandwidth with DeepEP's byte accounting) and "
                     "the ratios dispatch/raw (target >= 0.85) and dispatch/naive (target >= 2 at top-8).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--num-ranks", type=int, default=4, help="local processes (ranks) to spawn")
     p.add_argument("--num-tokens", type=int, default=1024, help="tokens per rank, normal mode")
     p.add_argument("--hidden", type=int, default=2048,
                    help="hidden size (a multiple of 128: FP8 uses 1x128 blocks, low-latency needs it)")
@@ -678,14 +549,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds")
     p.add_argument("--iters", type=int, default=15, help="timed rounds (the table shows the median)")
     p.add_argument("--seed", type=int, default=1, help="seed of the inputs (all ranks' inputs derive from it)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds before a stuck collective raises")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    add_launch_args(p, default_ranks=4, with_device=False)
     args = p.parse_args(argv)
     if args.num_ranks < 1:
         p.error("--num-ranks must be >= 1")
     if args.hidden % 128 != 0:
         p.error("--hidden must be a multiple of 128")
-    if args.num_experts % args.num_ranks != 0:
+    if args.launch in ("auto", "spawn") and args.num_experts % args.num_ranks != 0:
         p.error("--num-experts must be a multiple of --num-ranks")
     if not 1 <= args.num_topk <= args.num_experts:
         p.error("--num-topk must be in [1, --num-experts]")
@@ -699,27 +570,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    result_queue = ctx.Queue()
-    port = free_port()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(f"[bench] spawning {args.num_ranks} ranks (gloo, 127.0.0.1:{port})", flush=True)
     try:
-        mp.start_processes(rank_main, args=(args.num_ranks, port, args, result_queue), nprocs=args.num_ranks,
-                           join=True, start_method="spawn")
-    except Exception as exc:  # a rank raised: its traceback is in the queue (and on stderr)
-        messages = []
-        while not result_queue.empty():
-            status, payload = result_queue.get()
-            if status == "error":
-                messages.append(payload)
-        print("\n[bench] FAILED\n" + ("\n".join(messages) if messages else str(exc)), file=sys.stderr)
+        payload = launch(rank_main, args, prefix="[bench]")
+    except LaunchError as exc:
+        print(f"\n[bench] FAILED\n{exc}", file=sys.stderr)
         return 1
-    status, payload = result_queue.get(timeout=30)
-    if status != "ok":
-        print("\n[bench] FAILED\n" + payload, file=sys.stderr)
-        return 1
+    if payload is None:  # not the process that hosts rank 0 (env / mpirun launch)
+        return 0
     summary = report(args, payload, time.perf_counter() - start)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
