@@ -35,6 +35,7 @@ import torch
 
 from .. import _core, _nvshmem
 from .._comm import Communicator
+from .local_buffers import DoubleBufferSlots
 
 __all__ = ["CudaLowLatency", "probe_ll", "TRANSPORTS"]
 
@@ -130,7 +131,7 @@ class _BufferView:
         self.owner = owner
 
 
-class CudaLowLatency:
+class CudaLowLatency(DoubleBufferSlots):
     """Low-latency dispatch/combine with the compiled kernels (same interface as `PortableLowLatency`).
 
     Args:
@@ -165,8 +166,7 @@ class CudaLowLatency:
         self._rt = None
         self._nv = None
         self._nv_ptr = 0
-        self._slot = 0
-        self._slot_uses = [0, 0]
+        self._init_slots()
         self._workspace: Optional[torch.Tensor] = None
         self._workspace_key: Optional[Tuple[int, int]] = None
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
@@ -276,19 +276,6 @@ class CudaLowLatency:
                 f"pairs from one rank to one expert (seen on rank {self.rank}, as sender or as the expert's rank), more "
                 f"than num_max_dispatch_tokens_per_rank allows (a token lists the same expert several times); the "
                 f"extra pairs were dropped, so the outputs of that call were incomplete")
-
-    def _begin_call(self) -> Tuple[int, int]:
-        slot = self._slot
-        self._slot_uses[slot] += 1
-        self._slot ^= 1
-        return slot, self._slot_uses[slot]
-
-    def _check_slot(self, slot: int, use: int, what: str) -> None:
-        if self._slot_uses[slot] != use:
-            raise RuntimeError(
-                f"deep_ep.Buffer.{what}: this receive hook's buffer slot was reused by a later low-latency "
-                f"call. The low-latency mode is double-buffered: at most two results (dispatch or combine) "
-                f"can be alive at a time, so call the hook before issuing two more low-latency calls.")
 
     def _call(self, kind: int, slot: int, t_max: int, hidden: int, num_experts: int, num_tokens: int,
               num_topk: int) -> _core.LLCall:

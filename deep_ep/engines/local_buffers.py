@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["LocalBuffers"]
+__all__ = ["LocalBuffers", "DoubleBufferSlots"]
 
 
 class LocalBuffers:
@@ -38,3 +38,29 @@ class LocalBuffers:
 
     def release(self) -> None:
         self._tensors.clear()
+
+
+class DoubleBufferSlots:
+    """The low-latency double buffer's bookkeeping, shared by the low-latency engines.
+
+    Every low-latency call takes the current slot and flips it; a receive hook remembers its slot's use
+    count and refuses to run once a later call reused the slot (at most two results alive).
+    """
+
+    def _init_slots(self) -> None:
+        self._slot = 0
+        self._slot_uses = [0, 0]
+
+    def _begin_call(self) -> Tuple[int, int]:
+        """Take the current slot and flip it; returns ``(slot, its use count)``."""
+        slot = self._slot
+        self._slot_uses[slot] += 1
+        self._slot ^= 1
+        return slot, self._slot_uses[slot]
+
+    def _check_slot(self, slot: int, use: int, what: str) -> None:
+        if self._slot_uses[slot] != use:
+            raise RuntimeError(
+                f"deep_ep.Buffer.{what}: this receive hook's buffer slot was reused by a later low-latency "
+                f"call. The low-latency mode is double-buffered: at most two results (dispatch or combine) "
+                f"can be alive at a time, so call the hook before issuing two more low-latency calls.")

@@ -45,7 +45,7 @@ import torch
 from .._comm import Communicator
 from ..config import LowLatencyLayout
 from ..quant import GROUP_SIZE, logfmt10_round, pack_ue8m0, per_token_cast_to_fp8
-from .local_buffers import LocalBuffers
+from .local_buffers import DoubleBufferSlots, LocalBuffers
 
 __all__ = ["PortableLowLatency"]
 
@@ -113,7 +113,7 @@ class _Exchange:
         return failed
 
 
-class PortableLowLatency:
+class PortableLowLatency(DoubleBufferSlots):
     """Low-latency dispatch/combine on torch collectives (CPU via gloo, CUDA via NCCL or host staging).
 
     Args:
@@ -135,26 +135,11 @@ class PortableLowLatency:
         self.enable_shrink = enable_shrink
         # Double buffer: the slot the next LL call uses, and how often each slot has been taken
         # (a hook remembers its slot's use count and detects reuse by comparing).
-        self._slot = 0
-        self._slot_uses = [0, 0]
+        self._init_slots()
         self._mask = torch.zeros(comm.size, dtype=torch.int32)
 
     # ------------------------------------------------------------------------------------------
-    # Double buffer and routing
-
-    def _begin_call(self) -> Tuple[int, int]:
-        """Take the current slot and flip it; returns ``(slot, its use count)``."""
-        slot = self._slot
-        self._slot_uses[slot] += 1
-        self._slot ^= 1
-        return slot, self._slot_uses[slot]
-
-    def _check_slot(self, slot: int, use: int, what: str) -> None:
-        if self._slot_uses[slot] != use:
-            raise RuntimeError(
-                f"deep_ep.Buffer.{what}: this receive hook's buffer slot was reused by a later low-latency "
-                f"call. The low-latency mode is double-buffered: at most two results (dispatch or combine) "
-                f"can be alive at a time, so call the hook before issuing two more low-latency calls.")
+    # Routing (the double buffer is DoubleBufferSlots)
 
     def _route(self) -> Tuple[bool, List[int], bool]:
         """``(participating, peers, use_p2p)``: whether this rank communicates, with whom, and how."""
