@@ -1,5 +1,6 @@
 // The C ABI (deep_ep_core.h): argument checks that need the runtime, layout sizing, and calls into
 // the launchers. Every entry point catches exceptions and turns them into -1 + a message.
+#include "capi_guard.h"
 #include "deep_ep_core.h"
 
 #include <cuda_runtime.h>
@@ -21,15 +22,7 @@ thread_local std::string g_last_error;
 
 template <typename F>
 int guarded(F&& body) {
-    try {
-        body();
-        return 0;
-    } catch (const std::exception& e) {
-        g_last_error = e.what();
-    } catch (...) {
-        g_last_error = "deep_ep core: unknown C++ exception";
-    }
-    return -1;
+    return deep_ep::capi_guarded(g_last_error, "deep_ep core", std::forward<F>(body));
 }
 
 deep_ep::Runtime* as_runtime(void* rt) {

@@ -15,6 +15,7 @@
 #include <exception>
 #include <string>
 
+#include "../capi_guard.h"
 #include "../deep_ep_ll.h"
 #include "../kernels/exception.cuh"
 #include "../kernels/low_latency_send.cuh"
@@ -28,15 +29,7 @@ int g_users = 0;  // Buffers sharing this process's NVSHMEM world (init once, fi
 
 template <typename F>
 int guarded(F&& body) {
-    try {
-        body();
-        return 0;
-    } catch (const std::exception& e) {
-        g_last_error = e.what();
-    } catch (...) {
-        g_last_error = "deep_ep nvshmem: unknown C++ exception";
-    }
-    return -1;
+    return deep_ep::capi_guarded(g_last_error, "deep_ep nvshmem", std::forward<F>(body));
 }
 
 void require_init(const char* what) {
