@@ -2,6 +2,7 @@
 // the launchers. Every entry point catches exceptions and turns them into -1 + a message.
 #include "capi_guard.h"
 #include "deep_ep_core.h"
+#include "deep_ep_internode.h"
 
 #include <cuda_runtime.h>
 
@@ -14,6 +15,7 @@
 #include "kernels/buffer_layout.cuh"
 #include "kernels/config.cuh"
 #include "kernels/exception.cuh"
+#include "kernels/internode.cuh"
 #include "runtime/runtime.cuh"
 
 namespace {
@@ -326,6 +328,72 @@ int deep_ep_intranode_combine(void* rt, uint64_t stream, void* combined_x, void*
         deep_ep::intranode::cached_notify(notify, as_stream(stream));
         deep_ep::intranode::combine(args, as_stream(stream));
     });
+}
+
+/* ---- internode (two-hop) over the peer-memory transport */
+
+int deep_ep_internode_layout_bytes(const deep_ep_internode_call* call, int64_t* rdma_bytes, int64_t* nvl_bytes) {
+    return guarded([&] {
+        deep_ep::host_check(call != nullptr, "deep_ep internode: null call");
+        deep_ep::internode::check_call(*call);
+        const deep_ep::InternodeLayout layout = deep_ep::internode::call_layout(*call);
+        *rdma_bytes = layout.rdma_bytes();
+        *nvl_bytes = layout.nvl_bytes();
+    });
+}
+
+int deep_ep_internode_launch(void* rt, const deep_ep_internode_call* call, int64_t nvl_region_bytes, uint64_t stream) {
+    return guarded([&] {
+        deep_ep::Runtime* runtime = as_runtime(rt);
+        deep_ep::host_check(call != nullptr, "deep_ep internode: null call");
+        deep_ep::DeviceGuard guard(runtime->device());
+        deep_ep_internode_call c = *call;
+        deep_ep::host_check(c.rank == runtime->rank() && c.num_ranks == runtime->num_ranks(),
+                            "deep_ep internode: the call's rank / num_ranks do not match the runtime");
+        deep_ep::internode::check_call(c);
+        const deep_ep::InternodeLayout layout = deep_ep::internode::call_layout(c);
+        deep_ep::host_check(nvl_region_bytes >= 0 && nvl_region_bytes % 128 == 0 &&
+                                nvl_region_bytes <= runtime->num_nvl_bytes(),
+                            "deep_ep internode: bad NVL region size");
+        const char* op = c.op == DEEP_EP_INTERNODE_COMBINE ? "combine" : "dispatch";
+        deep_ep::host_check(layout.nvl_bytes() <= nvl_region_bytes,
+                            std::string("deep_ep: the internode ") + op + " needs " + std::to_string(layout.nvl_bytes()) +
+                                " bytes of NVLink buffer, but the Buffer has num_nvl_bytes=" +
+                                std::to_string(nvl_region_bytes) +
+                                "; allocate more or use a config with fewer SMs / smaller num_max_nvl_chunked_recv_tokens");
+        deep_ep::host_check(layout.rdma_bytes() <= runtime->num_nvl_bytes() - nvl_region_bytes,
+                            std::string("deep_ep: the internode ") + op + " needs " + std::to_string(layout.rdma_bytes()) +
+                                " bytes of RDMA buffer, but the Buffer has num_rdma_bytes=" +
+                                std::to_string(runtime->num_nvl_bytes() - nvl_region_bytes) +
+                                "; allocate more (Buffer.get_rdma_buffer_size_hint) or use a config with fewer SMs / "
+                                "smaller num_max_rdma_chunked_recv_tokens");
+        const deep_ep::PeerBuffers& peers = runtime->peers();
+        const int P = c.num_ranks_per_node, node = c.rank / P;
+        for (int r = 0; r < c.num_ranks; ++r) c.rdma_peers[r] = static_cast<char*>(peers.data[r]) + nvl_region_bytes;
+        for (int j = 0; j < P; ++j) c.nvl_peers[j] = peers.data[node * P + j];
+        c.rdma_local = c.rdma_peers[c.rank];
+        c.host_counters = runtime->device_counters();
+        c.timeout_ns = runtime->timeout_ns();
+        if (c.op == DEEP_EP_INTERNODE_NOTIFY && c.num_worst_tokens == 0)
+            runtime->reset_recv_counters(c.num_experts / c.num_ranks);
+        deep_ep::internode::launch_peer(c, as_stream(stream));
+    });
+}
+
+int deep_ep_runtime_host_counter(void* rt, int index, int* value) {
+    return guarded([&] { *value = as_runtime(rt)->host_counter(index); });
+}
+
+int deep_ep_host_internode_layout(int num_ranks, int num_ranks_per_node, int num_channels, int num_rdma_slots,
+                                  int num_nvl_slots, int num_local_experts, int64_t row_bytes, int num_topk,
+                                  int num_scales, int is_combine, int64_t* rdma_offsets, int num_rdma_offsets,
+                                  int64_t* nvl_offsets, int num_nvl_offsets) {
+    const deep_ep::InternodeLayout l =
+        deep_ep::internode_layout(num_ranks, num_ranks_per_node, num_channels, num_rdma_slots, num_nvl_slots,
+                                  num_local_experts, row_bytes, num_topk, num_scales, is_combine != 0);
+    for (int i = 0; i < num_rdma_offsets && i < deep_ep::InternodeLayout::kNumRdma; ++i) rdma_offsets[i] = l.rdma_offsets[i];
+    for (int i = 0; i < num_nvl_offsets && i < deep_ep::InternodeLayout::kNumNvl; ++i) nvl_offsets[i] = l.nvl_offsets[i];
+    return static_cast<int>(l.msg_bytes);
 }
 
 void deep_ep_host_channel_range(int num_tokens, int num_channels, int channel, int* begin, int* end) {

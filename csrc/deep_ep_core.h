@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 #define DEEP_EP_CORE_API __attribute__((visibility("default")))
-#define DEEP_EP_CORE_ABI_VERSION 2
+#define DEEP_EP_CORE_ABI_VERSION 3
 
 /* ---- library and device queries (safe without a GPU: they fail with a message) */
 DEEP_EP_CORE_API int deep_ep_core_abi_version(void);
@@ -103,6 +103,28 @@ DEEP_EP_CORE_API int deep_ep_intranode_combine(
     const void* topk_weights, const void* bias_0, const void* bias_1, const void* rank_prefix_matrix,
     const void* recv_channel_prefix_matrix, const void* send_head, int num_tokens, int num_channels,
     int num_slots, int num_max_send_tokens, int64_t row_bytes, int num_topk);
+
+/* ---- internode (two-hop) normal mode over the peer-memory transport (deep_ep_internode.h). The
+ * runtime's allocation holds the NVL region [0, nvl_region_bytes) and the RDMA region after it; every
+ * rank must map every other rank's allocation (one host). */
+struct deep_ep_internode_call;
+/* Bytes of RDMA and NVL region the call's layout needs (checks the call's shape). */
+DEEP_EP_CORE_API int deep_ep_internode_layout_bytes(const struct deep_ep_internode_call* call, int64_t* rdma_bytes,
+                                                    int64_t* nvl_bytes);
+/* Enqueues the kernels of call->op. Fills the transport pointers, host counters and timeout from the
+ * runtime. A non-cached notify with num_worst_tokens == 0 resets the host counters: wait for them
+ * with deep_ep_runtime_wait_recv_counters, then read index kCounterRdmaRecvTokens (M). */
+DEEP_EP_CORE_API int deep_ep_internode_launch(void* rt, const struct deep_ep_internode_call* call,
+                                              int64_t nvl_region_bytes, uint64_t stream);
+/* One host-mapped counter as the CPU sees it now. */
+DEEP_EP_CORE_API int deep_ep_runtime_host_counter(void* rt, int index, int* value);
+/* Region offsets of the internode layout (InternodeLayout::RdmaRegion / NvlRegion order); returns the
+ * message bytes. */
+DEEP_EP_CORE_API int deep_ep_host_internode_layout(int num_ranks, int num_ranks_per_node, int num_channels,
+                                                   int num_rdma_slots, int num_nvl_slots, int num_local_experts,
+                                                   int64_t row_bytes, int num_topk, int num_scales, int is_combine,
+                                                   int64_t* rdma_offsets, int num_rdma_offsets, int64_t* nvl_offsets,
+                                                   int num_nvl_offsets);
 
 /* ---- host-side index math, exported for CPU unit tests (same code the kernels run) */
 DEEP_EP_CORE_API void deep_ep_host_channel_range(int num_tokens, int num_channels, int channel, int* begin, int* end);

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../deep_ep_internode.h"
 #include "buffer_layout.cuh"
 #include "peer.cuh"
 
@@ -118,5 +119,13 @@ int dispatch_max_blocks_per_sm();
 int combine_max_blocks_per_sm();
 
 }  // namespace intranode
+
+namespace internode {
+
+// The internode kernels of `call.op` over the peer-memory transport (every rank's RDMA region is
+// mapped here: call.rdma_peers). internode.cu; the NVSHMEM instantiation is in libdeep_ep_nvshmem.so.
+void launch_peer(const deep_ep_internode_call& call, cudaStream_t stream);
+
+}  // namespace internode
 
 }  // namespace deep_ep

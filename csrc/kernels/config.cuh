@@ -34,10 +34,12 @@ constexpr int kNumLayoutThreads = 256;
 //   [kCounterWorstOverflow]    0, or the largest per-rank receive count when it exceeded
 //                              num_worst_tokens (sticky until the host reads and clears it)
 //   [kCounterExperts + j]      tokens local expert j receives (aligned), -1 until written
+//   [kCounterRdmaRecvTokens]   internode: tokens this rank forwards (M), written before the token count
 constexpr int kCounterRecvTokens = 0;
 constexpr int kCounterWorstOverflow = 1;
 constexpr int kCounterExperts = 2;
-constexpr int kNumHostCounters = kCounterExperts + kMaxLocalExperts;
+constexpr int kCounterRdmaRecvTokens = kCounterExperts + kMaxLocalExperts;
+constexpr int kNumHostCounters = kCounterRdmaRecvTokens + 1;
 
 // Spin-wait checks read %globaltimer only every this many polls (the read is not free).
 constexpr int kSpinsPerTimerCheck = 1024;

@@ -18,6 +18,8 @@ enum class WaitRole : int {
     kDispatchReceiver = 2,  // receiver waiting for tokens (sender's tail)
     kCombineSender = 3,
     kCombineReceiver = 4,
+    kForwarderTokens = 5,   // internode forwarder waiting for messages (sender's tail)
+    kForwarderSlots = 6,    // internode forwarder waiting for free slots (receiver's head)
 };
 
 __device__ __forceinline__ const char* wait_role_name(WaitRole role) {
@@ -27,6 +29,8 @@ __device__ __forceinline__ const char* wait_role_name(WaitRole role) {
         case WaitRole::kDispatchReceiver: return "dispatch receiver (waiting for tokens)";
         case WaitRole::kCombineSender: return "combine sender (waiting for free slots)";
         case WaitRole::kCombineReceiver: return "combine receiver (waiting for rows)";
+        case WaitRole::kForwarderTokens: return "forwarder (waiting for tokens)";
+        case WaitRole::kForwarderSlots: return "forwarder (waiting for free slots)";
     }
     return "?";
 }

@@ -18,6 +18,8 @@
 #include "../capi_guard.h"
 #include "../deep_ep_ll.h"
 #include "../kernels/exception.cuh"
+#include "../deep_ep_internode.h"
+#include "../kernels/internode.cuh"
 #include "../kernels/low_latency_send.cuh"
 #include "../kernels/transport_nvshmem.cuh"
 
@@ -146,6 +148,27 @@ int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t stream) {
         tr.rank = call->rank;
         tr.num_ranks = call->num_ranks;
         deep_ep::ll::launch_send(*call, tr, reinterpret_cast<cudaStream_t>(stream));
+    });
+}
+
+// The internode (two-hop) kernels with the RDMA hop over NVSHMEM. The caller fills
+// call->rdma_local (this PE's symmetric internode region, the same offset on every PE), nvl_peers
+// (the node's NVL regions, CUDA IPC through libdeep_ep_core.so), host_counters and timeout_ns.
+int deep_ep_nvshmem_internode_launch(const deep_ep_internode_call* call, uint64_t stream) {
+    return guarded([&] {
+        require_init("internode_launch");
+        deep_ep::host_check(call != nullptr, "deep_ep_nvshmem_internode_launch: null call");
+        deep_ep::host_check(call->num_ranks == nvshmem_n_pes() && call->rank == nvshmem_my_pe(),
+                            "deep_ep_nvshmem_internode_launch: the call's ranks do not match the NVSHMEM world");
+        deep_ep::host_check(call->rdma_local != nullptr && call->host_counters != nullptr,
+                            "deep_ep_nvshmem_internode_launch: rdma_local / host_counters not set");
+        for (int j = 0; j < call->num_ranks_per_node && j < DEEP_EP_INTERNODE_MAX_PEERS; ++j)
+            deep_ep::host_check(call->nvl_peers[j] != nullptr, "deep_ep_nvshmem_internode_launch: nvl_peers not set");
+        deep_ep::transport::NvshmemTransport tr{};
+        tr.base = static_cast<char*>(call->rdma_local);
+        tr.rank = call->rank;
+        tr.num_ranks = call->num_ranks;
+        deep_ep::internode::launch(*call, tr, reinterpret_cast<cudaStream_t>(stream));
     });
 }
 

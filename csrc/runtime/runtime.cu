@@ -109,7 +109,14 @@ void Runtime::reset_recv_counters(int num_local_experts) {
                    std::to_string(num_local_experts));
     volatile int* counters = host_counters_;
     counters[kCounterRecvTokens] = -1;
+    counters[kCounterRdmaRecvTokens] = -1;
     for (int j = 0; j < num_local_experts; ++j) counters[kCounterExperts + j] = -1;
+}
+
+int Runtime::host_counter(int index) const {
+    host_check(index >= 0 && index < kNumHostCounters, "deep_ep runtime: bad host counter index " + std::to_string(index));
+    const volatile int* counters = host_counters_;
+    return counters[index];
 }
 
 int Runtime::wait_recv_counters(cudaStream_t stream, int num_local_experts, int* values) const {

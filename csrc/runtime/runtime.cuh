@@ -51,6 +51,8 @@ class Runtime {
     // 0: arrived; 1: timed out (values hold what was seen).
     int wait_recv_counters(cudaStream_t stream, int num_local_experts, int* values) const;
     int take_worst_overflow();
+    // One host-mapped counter as the CPU sees it now (config.cuh lists them).
+    int host_counter(int index) const;
 
     // Checks that a kernel of 2 * num_channels blocks fits on the device at once.
     void check_grid(int num_channels, bool combine_kernel) const;
