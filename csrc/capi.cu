@@ -332,6 +332,8 @@ int deep_ep_intranode_combine(void* rt, uint64_t stream, void* combined_x, void*
 
 /* ---- internode (two-hop) over the peer-memory transport */
 
+int deep_ep_internode_call_bytes(void) { return static_cast<int>(sizeof(deep_ep_internode_call)); }
+
 int deep_ep_internode_layout_bytes(const deep_ep_internode_call* call, int64_t* rdma_bytes, int64_t* nvl_bytes) {
     return guarded([&] {
         deep_ep::host_check(call != nullptr, "deep_ep internode: null call");

@@ -108,6 +108,7 @@ DEEP_EP_CORE_API int deep_ep_intranode_combine(
  * runtime's allocation holds the NVL region [0, nvl_region_bytes) and the RDMA region after it; every
  * rank must map every other rank's allocation (one host). */
 struct deep_ep_internode_call;
+DEEP_EP_CORE_API int deep_ep_internode_call_bytes(void);  /* sizeof(deep_ep_internode_call) */
 /* Bytes of RDMA and NVL region the call's layout needs (checks the call's shape). */
 DEEP_EP_CORE_API int deep_ep_internode_layout_bytes(const struct deep_ep_internode_call* call, int64_t* rdma_bytes,
                                                     int64_t* nvl_bytes);

@@ -115,6 +115,10 @@ DEEP_EP_LL_API int deep_ep_nvshmem_finalize(void);
 DEEP_EP_LL_API int deep_ep_nvshmem_info(int* status, int* my_pe, int* n_pes);
 /* Enqueue the send kernel over the NVSHMEM transport (call->buffer is the symmetric LL buffer). */
 DEEP_EP_LL_API int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t stream);
+/* The internode (two-hop) normal-mode kernels with the RDMA hop over NVSHMEM; `call` points to a
+ * deep_ep_internode_call (csrc/deep_ep_internode.h) whose rdma_local, nvl_peers, host_counters and
+ * timeout_ns the caller filled. */
+DEEP_EP_LL_API int deep_ep_nvshmem_internode_launch(const void* call, uint64_t stream);
 
 #ifdef __cplusplus
 }

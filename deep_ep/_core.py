@@ -32,9 +32,12 @@ __all__ = ["CoreError", "load", "load_error", "library_path", "build_info", "che
 LIBRARY_NAME = "libdeep_ep_core.so"
 NVSHMEM_LIBRARY_NAME = "libdeep_ep_nvshmem.so"
 NVSHMEM_HOST_LIBRARY = "libnvshmem_host.so.3"
-ABI_VERSION = 2              # DEEP_EP_CORE_ABI_VERSION in csrc/deep_ep_core.h
+ABI_VERSION = 3              # DEEP_EP_CORE_ABI_VERSION in csrc/deep_ep_core.h
 IPC_HANDLE_BYTES = 64        # sizeof(cudaIpcMemHandle_t)
 NUM_LAYOUT_REGIONS = 11      # IntranodeLayout::kNumRegions
+INTERNODE_MAX_PEERS = 8      # DEEP_EP_INTERNODE_MAX_PEERS
+NUM_INTERNODE_RDMA_REGIONS = 8  # InternodeLayout::kNumRdma
+NUM_INTERNODE_NVL_REGIONS = 4   # InternodeLayout::kNumNvl
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -89,6 +92,14 @@ _SIGNATURES: Dict[str, Any] = {
     "deep_ep_host_ring_free_slots": (_i32, [_i32, _i32, _i32]),
     "deep_ep_host_intranode_layout": (
         _i64, [_i32, _i32, _i32, _i32, _i64, _i32, _i32, _i32, ctypes.POINTER(_i64), _i32]),
+    # internode (csrc/deep_ep_internode.h)
+    "deep_ep_internode_call_bytes": (_i32, []),
+    "deep_ep_internode_layout_bytes": (_i32, [_vp, ctypes.POINTER(_i64), ctypes.POINTER(_i64)]),
+    "deep_ep_internode_launch": (_i32, [_vp, _vp, _i64, _u64]),
+    "deep_ep_runtime_host_counter": (_i32, [_vp, _i32, _pi32]),
+    "deep_ep_host_internode_layout": (
+        _i32, [_i32, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _i32, _i32, ctypes.POINTER(_i64), _i32,
+               ctypes.POINTER(_i64), _i32]),
     # low-latency (csrc/deep_ep_ll.h)
     "deep_ep_ll_call_bytes": (_i32, []),
     "deep_ep_ll_workspace_words": (_i64, [_i32, _i32, _i32]),
@@ -115,6 +126,7 @@ _NVSHMEM_SIGNATURES: Dict[str, Any] = {
     "deep_ep_nvshmem_finalize": (_i32, []),
     "deep_ep_nvshmem_info": (_i32, [_pi32, _pi32, _pi32]),
     "deep_ep_nvshmem_ll_send": (_i32, [_vp, _u64]),
+    "deep_ep_nvshmem_internode_launch": (_i32, [_vp, _u64]),
 }
 
 
@@ -129,6 +141,38 @@ class LLCall(ctypes.Structure):
         ("combine_msg_bytes", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
             "workspace", "mask", "host_flags", "x", "topk_idx", "topk_weights", "recv_x", "recv_scales",
             "recv_count", "src_info", "layout_range", "cumulative_stats", "wait_stats", "combined_x")]
+
+
+class InternodeCall(ctypes.Structure):
+    """Mirror of ``deep_ep_internode_call`` (csrc/deep_ep_internode.h); its size is checked against the
+    library's (`check_internode_call_size`)."""
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "op", "rank", "num_ranks", "num_ranks_per_node", "num_channels", "num_rdma_slots", "num_nvl_slots",
+        "num_max_rdma_send", "num_max_nvl_send", "num_tokens", "num_experts", "num_topk", "num_scales")] + [
+        ("row_bytes", ctypes.c_int64)] + [(name, ctypes.c_int32) for name in (
+            "expert_alignment", "num_worst_tokens", "num_recv_rows", "fill_trailing_rows", "cached")] + [
+        ("timeout_ns", ctypes.c_uint64), ("host_counters", ctypes.c_void_p), ("rdma_local", ctypes.c_void_p),
+        ("rdma_peers", ctypes.c_void_p * INTERNODE_MAX_PEERS), ("nvl_peers", ctypes.c_void_p * INTERNODE_MAX_PEERS),
+        ("x", ctypes.c_void_p), ("x_scales", ctypes.c_void_p), ("scale_token_stride", ctypes.c_int64),
+        ("scale_hidden_stride", ctypes.c_int64)] + [(name, ctypes.c_void_p) for name in (
+            "topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_expert", "bias_0", "bias_1",
+            "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix", "recv_rdma_channel_prefix_matrix",
+            "recv_rdma_rank_prefix_sum", "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum",
+            "recv_src_meta", "send_rdma_head", "send_nvl_head")] + [("send_nvl_head_rows", ctypes.c_int32)] + [
+        (name, ctypes.c_void_p) for name in ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
+                                             "recv_src_idx")]
+
+
+INTERNODE_NOTIFY, INTERNODE_DISPATCH, INTERNODE_COMBINE = 0, 1, 2
+
+
+def check_internode_call_size(lib: ctypes.CDLL) -> None:
+    """The ctypes mirror must have the C struct's size (a field added on one side only would shift every
+    later field)."""
+    size = lib.deep_ep_internode_call_bytes()
+    if size != ctypes.sizeof(InternodeCall):
+        raise CoreError(f"deep_ep_internode_call is {size} bytes in the library but {ctypes.sizeof(InternodeCall)} in "
+                        "deep_ep._core.InternodeCall: rebuild the core (python build_core.py)")
 
 
 LL_DISPATCH, LL_COMBINE = 1, 2

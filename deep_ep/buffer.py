@@ -197,13 +197,22 @@ class Buffer:
         forced = _env.engine_override()
         if forced == "portable":
             return "portable", "forced by DEEP_EP_ENGINE=portable"
-        from .engines import cuda as cuda_engine
-        ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        if self.num_nodes > 1:
+            from .engines import cuda_internode
+            ok, reason, _ = cuda_internode.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes,
+                                                 self.num_rdma_bytes)
+        else:
+            from .engines import cuda as cuda_engine
+            ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
         if not ok:
             if forced == "cuda":
                 raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: {reason}")
             return "portable", f"the CUDA engine is not available: {reason}"
-        self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        if self.num_nodes > 1:
+            self._cuda = cuda_internode.CudaInternodeEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes,
+                                                            self.num_rdma_bytes)
+        else:
+            self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _choose_ll_engine(self) -> Tuple[str, str]:

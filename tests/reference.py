@@ -216,7 +216,7 @@ def _int32(values, shape) -> torch.Tensor:
 
 
 def _handle_one_node(rt: _Routing, r: int, recv: List[Tuple[int, int]], recv_rows: int,
-                     is_token_in_rank: torch.Tensor) -> tuple:
+                     is_token_in_rank: torch.Tensor, num_worst_tokens: int = 0) -> tuple:
     R, C = rt.topo.num_ranks, rt.num_channels
 
     rank_prefix = [[0] * R for _ in range(R)]
@@ -247,7 +247,7 @@ def _handle_one_node(rt: _Routing, r: int, recv: List[Tuple[int, int]], recv_row
 
 
 def _handle_multi_node(rt: _Routing, r: int, recv: List[Tuple[int, int]], recv_rows: int,
-                       is_token_in_rank: torch.Tensor) -> tuple:
+                       is_token_in_rank: torch.Tensor, num_worst_tokens: int = 0) -> tuple:
     topo = rt.topo
     R, C, P, num_nodes = topo.num_ranks, rt.num_channels, topo.P, topo.num_nodes
     my_node, my_local = topo.node_of(r), topo.local_of(r)
@@ -309,6 +309,10 @@ def _handle_multi_node(rt: _Routing, r: int, recv: List[Tuple[int, int]], recv_r
             else:
                 row.append(-1)
         send_nvl_head.append(row)
+    nvl_rows = len(forwarded)
+    if num_worst_tokens > 0:  # P * W rows, -1 past the forwarded ones (docs/semantics.md)
+        nvl_rows = P * num_worst_tokens
+        send_nvl_head += [[-1] * P for _ in range(nvl_rows - len(forwarded))]
 
     return (
         is_token_in_rank,
@@ -320,7 +324,7 @@ def _handle_multi_node(rt: _Routing, r: int, recv: List[Tuple[int, int]], recv_r
         _int32(recv_gbl_rank_prefix, (R,)),
         recv_src_meta,
         _int32(send_rdma_head, (rt.num_tokens(r), num_nodes)),
-        _int32(send_nvl_head, (len(forwarded), P)),
+        _int32(send_nvl_head, (nvl_rows, P)),
     )
 
 
@@ -425,7 +429,7 @@ def dispatch(x: Sequence[TensorOrPair], is_token_in_rank: Sequence[torch.Tensor]
                 count_list.append(_ceil_div(total, expert_alignment) * expert_alignment)
 
         make_handle = _handle_multi_node if topo.multi_node else _handle_one_node
-        handle = make_handle(rt, r, recv, recv_rows, is_token_in_rank[r])
+        handle = make_handle(rt, r, recv, recv_rows, is_token_in_rank[r], num_worst_tokens)
         outputs.append({
             "recv_x": recv_x,
             "recv_topk_idx": recv_topk_idx,

@@ -154,8 +154,9 @@ int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t stream) {
 // The internode (two-hop) kernels with the RDMA hop over NVSHMEM. The caller fills
 // call->rdma_local (this PE's symmetric internode region, the same offset on every PE), nvl_peers
 // (the node's NVL regions, CUDA IPC through libdeep_ep_core.so), host_counters and timeout_ns.
-int deep_ep_nvshmem_internode_launch(const deep_ep_internode_call* call, uint64_t stream) {
+int deep_ep_nvshmem_internode_launch(const void* raw_call, uint64_t stream) {
     return guarded([&] {
+        const auto* call = static_cast<const deep_ep_internode_call*>(raw_call);
         require_init("internode_launch");
         deep_ep::host_check(call != nullptr, "deep_ep_nvshmem_internode_launch: null call");
         deep_ep::host_check(call->num_ranks == nvshmem_n_pes() && call->rank == nvshmem_my_pe(),

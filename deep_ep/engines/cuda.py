@@ -96,9 +96,14 @@ def probe(comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int) -> Tu
     lib = _core.load()
     max_ranks = _core.limits()["max_ranks"] if lib is not None else 8
     if comm.size // num_ranks_per_node > 1:
-        return False, "the group spans several nodes (the CUDA engine is intranode-only so far)", []
+        return False, "the group spans several nodes (see deep_ep.engines.cuda_internode)", []
     if comm.size > max_ranks:
         return False, f"{comm.size} ranks: the intranode kernels handle at most {max_ranks} per NVLink domain", []
+    return probe_peers(comm, num_nvl_bytes)
+
+
+def probe_peers(comm: Communicator, num_nvl_bytes: int) -> Tuple[bool, str, List[dict]]:
+    """Collective: every rank has a usable core and device, and maps every other rank's GPU memory."""
     ok, reason, facts = local_status(num_nvl_bytes)
     statuses = comm.all_gather_object((ok, reason, facts), op="CUDA engine probe")
     for peer, (peer_ok, peer_reason, _) in enumerate(statuses):
@@ -126,21 +131,27 @@ class CudaEngine:
 
     def __init__(self, comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int,
                  timeout_s: Optional[float] = None) -> None:
+        if num_ranks_per_node != comm.size:
+            raise ValueError(f"CudaEngine: one NVLink domain only, got {num_ranks_per_node} ranks per node of "
+                             f"{comm.size}")
+        self._open(comm, num_nvl_bytes, num_nvl_bytes, timeout_s)
+
+    def _open(self, comm: Communicator, num_nvl_bytes: int, allocation_bytes: int,
+              timeout_s: Optional[float]) -> None:
+        """Allocate ``allocation_bytes`` on this rank's GPU (the first ``num_nvl_bytes`` are the NVLink
+        buffer `nvl_buffer` shows) and map every rank's allocation here (collective)."""
         lib = _core.load()
         if lib is None:
             raise _core.CoreError(_core.load_error() or "the compiled core is not available")
         self._lib = lib
         self.comm = comm
         self.rank, self.num_ranks = comm.rank, comm.size
-        if num_ranks_per_node != self.num_ranks:
-            raise ValueError(f"CudaEngine: one NVLink domain only, got {num_ranks_per_node} ranks per node of "
-                             f"{self.num_ranks}")
         self.num_nvl_bytes = num_nvl_bytes
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout_s = float(timeout_s if timeout_s is not None else comm.timeout_s)
         self._rt = ctypes.c_void_p()
         self._last_worst = 0
-        _core.check(lib.deep_ep_runtime_create(self.rank, self.num_ranks, self.device.index, num_nvl_bytes,
+        _core.check(lib.deep_ep_runtime_create(self.rank, self.num_ranks, self.device.index, allocation_bytes,
                                                self.timeout_s, ctypes.byref(self._rt)), "runtime_create")
         try:
             handle = ctypes.create_string_buffer(_core.IPC_HANDLE_BYTES)

@@ -327,6 +327,12 @@ class PortableEngine:
             recv_src_meta = meta.view(torch.uint8).view(num_rows, 8)
             send_rdma_head = _slots(in_node, C)
             send_nvl_head = self._send_nvl_head(recv_buf, recv_offsets, all_T, C, fwd_srcs, device)
+            if num_worst_tokens > 0:
+                # No CPU sync in the CUDA engine: the forwarded count M is bounded by P * W there, and
+                # rows past M are -1 (docs/semantics.md); the same shape here.
+                pad = torch.full((P * num_worst_tokens, P), -1, dtype=_I32, device=send_nvl_head.device)
+                pad[:send_nvl_head.size(0)] = send_nvl_head
+                send_nvl_head = pad
             handle = (is_token_in_rank, rdma_channel_prefix_matrix, channel_prefix_matrix,
                       to_dev(recv_rdma_channel_prefix_matrix), to_dev(recv_rdma_rank_prefix_sum),
                       to_dev(recv_gbl_channel_prefix_matrix), to_dev(recv_gbl_rank_prefix_sum),

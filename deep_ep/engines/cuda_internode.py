@@ -1,0 +1,282 @@
+"""The CUDA engine, normal mode, several nodes: the two-hop kernels of ``csrc/kernels/internode.cuh``.
+
+A token of rank ``(a, i)`` (node ``a``, local index ``i``) that needs ranks of node ``b`` travels once
+over the RDMA hop to rank ``(b, i)``, which forwards it over NVLink to the ranks ``(b, j)`` that need
+it; combine sums per node on the forwarder and once more across nodes on the source
+(``docs/semantics.md``: "Handle, several nodes", "Normal combine"). Outputs and the 10-tuple handle
+equal the portable engine's field by field.
+
+Transport of the RDMA hop. This engine drives the **peer-memory** transport: every rank maps every
+other rank's allocation (CUDA IPC), so all ranks must share one host, at most 8 in all. That is what
+"virtual nodes" are (``DEEP_EP_RANKS_PER_NODE`` smaller than the ranks of the host, e.g. 2 x 2 or
+4 x 2 on one GPU or one NVLink box) and what the GPU tests use. The same kernels are compiled with
+the NVSHMEM transport into ``libdeep_ep_nvshmem.so`` (``deep_ep_nvshmem_internode_launch``) for real
+multi-node runs; this module does not drive that path yet, so a group that spans hosts keeps the
+portable engine (``Buffer.engine_reason`` says so).
+
+Memory: one allocation per rank of ``num_nvl_bytes + num_rdma_bytes``; the NVL rings live in the first
+part (``Buffer.get_local_buffer_tensor`` shows it), the count exchange, barrier words and RDMA rings in
+the second.
+
+Differences a caller can observe are those of `deep_ep.engines.cuda.CudaEngine` (``num_worst_tokens``
+overflow raises at the next call), plus: with ``num_worst_tokens = W`` the forwarder's
+``send_nvl_head`` has ``P * W`` rows (a bound that needs no CPU sync), rows past the forwarded count
+being -1, as in the portable engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _core
+from .._comm import Communicator
+from ..config import Config, get_combine_config, get_dispatch_config
+from .cuda import CudaEngine, _ptr, _stream, probe_peers
+
+__all__ = ["CudaInternodeEngine", "probe"]
+
+_I32 = torch.int32
+
+
+def probe(comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int,
+          num_rdma_bytes: int) -> Tuple[bool, str, List[dict]]:
+    """Collective: whether every rank can run the internode kernels over peer memory. Every rank gets
+    the same ``(ok, reason, facts)``; the early answers follow from values every rank shares."""
+    R, P = comm.size, num_ranks_per_node
+    num_nodes = R // P
+    if num_nodes < 2:
+        return False, "one node: the intranode engine applies", []
+    lib = _core.load()
+    if lib is None:
+        return False, _core.load_error() or "the compiled core is not available", []
+    max_ranks = _core.limits()["max_ranks"]
+    if R > max_ranks:
+        return False, (f"{R} ranks on {num_nodes} nodes: the internode kernels run over peer memory for at most "
+                       f"{max_ranks} ranks on one host (virtual nodes); the NVSHMEM transport for real multi-node "
+                       "runs is compiled (libdeep_ep_nvshmem.so) but not driven from Python yet"), []
+    if num_rdma_bytes <= 0:
+        return False, ("num_rdma_bytes is 0: the internode kernels need an RDMA buffer "
+                       "(Config.get_rdma_buffer_size_hint)"), []
+    ok, reason, facts = probe_peers(comm, num_nvl_bytes)
+    if not ok:
+        return False, reason, []
+    if len({f["host"] for f in facts}) != 1:
+        return False, "the ranks span several hosts: the peer-memory internode transport needs one host", []
+    return True, (f"{num_nodes} nodes x {P} ranks on one host: internode kernels over peer memory "
+                  "(virtual nodes)"), facts
+
+
+class CudaInternodeEngine(CudaEngine):
+    """Normal-mode dispatch/combine across nodes with the compiled two-hop kernels.
+
+    Args:
+        comm: the Buffer's communicator.
+        num_ranks_per_node: P (1 to 8); the group has ``R = P * num_nodes`` ranks, ``num_nodes >= 2``.
+        num_nvl_bytes: bytes of the NVL region (rings between the ranks of a node).
+        num_rdma_bytes: bytes of the RDMA region (count exchange, barrier words, rings between nodes).
+        timeout_s: bound of every device- and host-side wait (default ``DEEP_EP_TIMEOUT_S`` via comm).
+    """
+
+    name = "cuda"
+
+    def __init__(self, comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int, num_rdma_bytes: int,
+                 timeout_s: Optional[float] = None) -> None:
+        if comm.size % num_ranks_per_node != 0 or comm.size // num_ranks_per_node < 2:
+            raise ValueError(f"CudaInternodeEngine: {comm.size} ranks do not form >= 2 nodes of "
+                             f"{num_ranks_per_node}")
+        self.num_ranks_per_node = num_ranks_per_node
+        self.num_nodes = comm.size // num_ranks_per_node
+        self.nvl_region_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self._open(comm, num_nvl_bytes, num_nvl_bytes + num_rdma_bytes, timeout_s)
+        _core.check_internode_call_size(self._lib)
+        self._counter_forwarded = _core.limits()["num_host_counters"] - 1  # kCounterRdmaRecvTokens
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _call(self, op: int, num_channels: int, config: Optional[Config], combine: bool) -> _core.InternodeCall:
+        if config is None:
+            config = (get_combine_config if combine else get_dispatch_config)(self.num_ranks, 2)
+        c = _core.InternodeCall()
+        c.op = op
+        c.rank, c.num_ranks, c.num_ranks_per_node = self.rank, self.num_ranks, self.num_ranks_per_node
+        c.num_channels = num_channels
+        c.num_rdma_slots = config.num_max_rdma_chunked_recv_tokens
+        c.num_nvl_slots = config.num_max_nvl_chunked_recv_tokens
+        c.num_max_rdma_send = config.num_max_rdma_chunked_send_tokens
+        c.num_max_nvl_send = config.num_max_nvl_chunked_send_tokens
+        c.expert_alignment = 1
+        return c
+
+    def _launch(self, call: _core.InternodeCall, what: str) -> None:
+        _core.check(self._lib.deep_ep_internode_launch(self._rt, ctypes.byref(call), self.nvl_region_bytes,
+                                                        _stream()), what)
+
+    def layout_bytes(self, call: _core.InternodeCall) -> Tuple[int, int]:
+        """``(rdma_bytes, nvl_bytes)`` the call's layout needs."""
+        rdma, nvl = ctypes.c_int64(0), ctypes.c_int64(0)
+        _core.check(self._lib.deep_ep_internode_layout_bytes(ctypes.byref(call), ctypes.byref(rdma),
+                                                             ctypes.byref(nvl)), "internode layout")
+        return rdma.value, nvl.value
+
+    # ------------------------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        per_rank, _, per_expert, in_rank = super().get_dispatch_layout(topk_idx, num_experts)
+        num_tokens = in_rank.size(0)
+        per_node = in_rank.view(num_tokens, self.num_nodes, self.num_ranks_per_node).any(-1).sum(0, dtype=_I32)
+        return per_rank, per_node, per_expert, in_rank
+
+    # ---------------------------------------------------------------------------------- dispatch
+    def _set_x(self, c: _core.InternodeCall, x: torch.Tensor, x_scales: Optional[torch.Tensor]) -> None:
+        c.x = _ptr(x)
+        c.num_tokens = x.size(0)
+        c.row_bytes = x.size(1) * x.element_size()
+        if x_scales is not None:
+            c.x_scales = _ptr(x_scales)
+            c.num_scales = x_scales.size(1)
+            c.scale_token_stride, c.scale_hidden_stride = x_scales.stride(0), x_scales.stride(1)
+
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
+                 topk_weights: Optional[torch.Tensor], is_token_in_rank: torch.Tensor,
+                 num_tokens_per_expert: torch.Tensor, expert_alignment: int, num_worst_tokens: int,
+                 num_channels: int, config: Optional[Config] = None):
+        self._enter(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert)
+        R, P, NN, C, dev = self.num_ranks, self.num_ranks_per_node, self.num_nodes, num_channels, self.device
+        x = x.contiguous()
+        is_token_in_rank = is_token_in_rank.contiguous()
+        num_tokens_per_expert = num_tokens_per_expert.contiguous()
+        num_tokens, hidden = x.shape
+        num_experts = num_tokens_per_expert.numel()
+        num_local_experts = num_experts // R
+        if topk_idx is not None:
+            topk_idx, topk_weights = topk_idx.contiguous(), topk_weights.contiguous()
+        num_topk = topk_idx.size(1) if topk_idx is not None else 0
+
+        rdma_channel_prefix_matrix = torch.empty((NN, C), dtype=_I32, device=dev)
+        gbl_channel_prefix_matrix = torch.empty((R, C), dtype=_I32, device=dev)
+        recv_rdma_channel_prefix_matrix = torch.empty((NN, C), dtype=_I32, device=dev)
+        recv_rdma_rank_prefix_sum = torch.empty(NN, dtype=_I32, device=dev)
+        recv_gbl_channel_prefix_matrix = torch.empty((R, C), dtype=_I32, device=dev)
+        recv_gbl_rank_prefix_sum = torch.empty(R, dtype=_I32, device=dev)
+
+        c = self._call(_core.INTERNODE_NOTIFY, C, config, combine=False)
+        self._set_x(c, x, x_scales)
+        c.num_experts, c.num_topk = num_experts, num_topk
+        c.expert_alignment, c.num_worst_tokens = expert_alignment, num_worst_tokens
+        c.is_token_in_rank = _ptr(is_token_in_rank)
+        c.num_tokens_per_expert = _ptr(num_tokens_per_expert)
+        c.rdma_channel_prefix_matrix = _ptr(rdma_channel_prefix_matrix)
+        c.gbl_channel_prefix_matrix = _ptr(gbl_channel_prefix_matrix)
+        c.recv_rdma_channel_prefix_matrix = _ptr(recv_rdma_channel_prefix_matrix)
+        c.recv_rdma_rank_prefix_sum = _ptr(recv_rdma_rank_prefix_sum)
+        c.recv_gbl_channel_prefix_matrix = _ptr(recv_gbl_channel_prefix_matrix)
+        c.recv_gbl_rank_prefix_sum = _ptr(recv_gbl_rank_prefix_sum)
+        stream = _stream()
+        self._launch(c, "internode notify")
+
+        if num_worst_tokens > 0:
+            self._last_worst = num_worst_tokens
+            num_rows, nvl_rows, count_list = num_worst_tokens, P * num_worst_tokens, []
+        else:
+            values = (ctypes.c_int * (1 + num_local_experts))()
+            status = self._lib.deep_ep_runtime_wait_recv_counters(self._rt, stream, num_local_experts, values)
+            if status < 0:
+                _core.check(status, "waiting for the dispatch receive counts")
+            if status == 1:
+                raise RuntimeError(
+                    f"deep_ep.Buffer.dispatch: timeout ({self.timeout_s:g} s, DEEP_EP_TIMEOUT_S) on rank {self.rank} "
+                    f"waiting for the receive counts of the internode notify kernel: received tokens = {values[0]}, "
+                    f"per local expert = {list(values)[1:]} (-1 = not written): a peer did not enter the dispatch")
+            forwarded = ctypes.c_int(-1)
+            _core.check(self._lib.deep_ep_runtime_host_counter(self._rt, self._counter_forwarded,
+                                                               ctypes.byref(forwarded)), "host counter")
+            num_rows, nvl_rows = values[0], forwarded.value
+            count_list = [int(v) for v in list(values)[1:]]
+
+        recv_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=dev)
+        recv_scales = None
+        if x_scales is not None:
+            recv_scales = torch.empty((num_rows, x_scales.size(1)), dtype=x_scales.dtype, device=dev)
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            recv_topk_idx = torch.empty((num_rows, num_topk), dtype=torch.int64, device=dev)
+            recv_topk_weights = torch.empty((num_rows, num_topk), dtype=torch.float32, device=dev)
+        recv_src_meta = torch.empty((num_rows, 8), dtype=torch.uint8, device=dev)
+        send_rdma_head = torch.empty((num_tokens, NN), dtype=_I32, device=dev)
+        send_nvl_head = torch.empty((nvl_rows, P), dtype=_I32, device=dev)
+
+        c.op = _core.INTERNODE_DISPATCH
+        c.topk_idx, c.topk_weights = _ptr(topk_idx), _ptr(topk_weights)
+        c.num_recv_rows = num_rows
+        c.fill_trailing_rows = int(num_worst_tokens > 0)
+        c.recv_x, c.recv_x_scales = _ptr(recv_x), _ptr(recv_scales)
+        c.recv_topk_idx, c.recv_topk_weights = _ptr(recv_topk_idx), _ptr(recv_topk_weights)
+        c.recv_src_meta = _ptr(recv_src_meta)
+        c.send_rdma_head = _ptr(send_rdma_head)
+        c.send_nvl_head, c.send_nvl_head_rows = _ptr(send_nvl_head), nvl_rows
+        self._launch(c, "internode dispatch")
+
+        handle = (is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
+                  recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum, recv_gbl_channel_prefix_matrix,
+                  recv_gbl_rank_prefix_sum, recv_src_meta, send_rdma_head, send_nvl_head)
+        recv_x_out = (recv_x, recv_scales) if x_scales is not None else recv_x
+        return recv_x_out, recv_topk_idx, recv_topk_weights, count_list, handle
+
+    def _set_handle(self, c: _core.InternodeCall, handle: tuple) -> List[torch.Tensor]:
+        """Routing fields of a 10-tuple handle into the call; returns the contiguous tensors (kept alive)."""
+        keep = [t.contiguous() for t in handle]
+        (c.is_token_in_rank, c.rdma_channel_prefix_matrix, c.gbl_channel_prefix_matrix,
+         c.recv_rdma_channel_prefix_matrix, c.recv_rdma_rank_prefix_sum, c.recv_gbl_channel_prefix_matrix,
+         c.recv_gbl_rank_prefix_sum) = [_ptr(t) for t in keep[:7]]
+        return keep
+
+    # --------------------------------------------------------------------------- cached dispatch
+    def cached_dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: tuple,
+                        config: Optional[Config] = None):
+        self._enter(x, x_scales, handle[0], handle[6])
+        x = x.contiguous()
+        num_rows = handle[7].size(0)
+        c = self._call(_core.INTERNODE_DISPATCH, handle[1].size(1), config, combine=False)
+        keep = self._set_handle(c, handle)
+        self._set_x(c, x, x_scales)
+        recv_x = torch.empty((num_rows, x.size(1)), dtype=x.dtype, device=self.device)
+        recv_scales = None
+        if x_scales is not None:
+            recv_scales = torch.empty((num_rows, x_scales.size(1)), dtype=x_scales.dtype, device=self.device)
+        c.cached = 1
+        c.num_recv_rows = num_rows
+        c.fill_trailing_rows = 1  # the received count is known only on the device
+        c.recv_x, c.recv_x_scales = _ptr(recv_x), _ptr(recv_scales)
+        self._launch(c, "internode cached dispatch")
+        del keep
+        return (recv_x, recv_scales) if x_scales is not None else recv_x
+
+    # ----------------------------------------------------------------------------------- combine
+    def combine(self, x: torch.Tensor, handle: tuple, topk_weights: Optional[torch.Tensor],
+                bias: Sequence[torch.Tensor], config: Optional[Config] = None):
+        self._enter(x, topk_weights, handle[8], handle[9], *bias)
+        x = x.contiguous()
+        num_tokens, hidden = handle[0].size(0), x.size(1)
+        c = self._call(_core.INTERNODE_COMBINE, handle[1].size(1), config, combine=True)
+        keep = self._set_handle(c, handle)
+        c.send_rdma_head, c.send_nvl_head = _ptr(keep[8]), _ptr(keep[9])
+        c.send_nvl_head_rows = keep[9].size(0)
+        c.x = _ptr(x)
+        c.num_tokens = num_tokens
+        c.row_bytes = hidden * x.element_size()
+        c.num_recv_rows = x.size(0)
+        if topk_weights is not None:
+            topk_weights = topk_weights.contiguous()
+            c.topk_weights, c.num_topk = _ptr(topk_weights), topk_weights.size(1)
+        biases = [b.contiguous() for b in bias] + [None, None]
+        c.bias_0, c.bias_1 = _ptr(biases[0]), _ptr(biases[1])
+        combined_x = torch.empty((num_tokens, hidden), dtype=x.dtype, device=self.device)
+        combined_w = None
+        if topk_weights is not None:
+            combined_w = torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=self.device)
+        c.recv_x, c.recv_topk_weights = _ptr(combined_x), _ptr(combined_w)
+        self._launch(c, "internode combine")
+        del keep
+        return combined_x, combined_w

@@ -1,0 +1,137 @@
+"""CPU tests of the internode (two-hop) engine's host side: the shared call struct, the buffer layout
+the kernels and the host agree on, the argument checks of the C ABI, and the collective engine choice
+for multi-node layouts without a GPU. The kernels themselves run only in ``tests/gpu`` (virtual nodes
+on one GPU: ``tests/gpu/test_internode_cuda.py``)."""
+
+import ctypes
+import os
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from deep_ep import _core
+
+LIB = _core.load()
+needs_lib = pytest.mark.skipif(LIB is None, reason=f"compiled core not built: {_core.load_error()}")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+
+
+def _align(v, a=128):
+    return (v + a - 1) // a * a
+
+
+def _layout(R, P, C, Qr, Qn, E_loc, row, K, S, combine):
+    rdma = (ctypes.c_int64 * _core.NUM_INTERNODE_RDMA_REGIONS)()
+    nvl = (ctypes.c_int64 * _core.NUM_INTERNODE_NVL_REGIONS)()
+    msg = LIB.deep_ep_host_internode_layout(R, P, C, Qr, Qn, E_loc, row, K, S, int(combine), rdma,
+                                            _core.NUM_INTERNODE_RDMA_REGIONS, nvl, _core.NUM_INTERNODE_NVL_REGIONS)
+    return msg, list(rdma), list(nvl)
+
+
+@needs_lib
+def test_call_struct_matches_the_library():
+    _core.check_internode_call_size(LIB)  # raises on a mismatch
+    assert LIB.deep_ep_internode_call_bytes() == ctypes.sizeof(_core.InternodeCall)
+
+
+@needs_lib
+@pytest.mark.parametrize("combine", [False, True])
+@pytest.mark.parametrize("shape", [(4, 2, 3), (8, 4, 10), (8, 1, 2), (16, 8, 12)])
+def test_internode_layout_regions(combine, shape):
+    R, P, C = shape
+    NN = R // P
+    Qr, Qn, E_loc, row, K, S = 128, 96, 5, 7168 * 2, 8, 56
+    msg, rdma, nvl = _layout(R, P, C, Qr, Qn, E_loc, row, K, S, combine)
+    tail = 4 * K if combine else 4 * (2 + 2 * K + S)
+    assert msg == row + _align(tail, 16)
+    words = _align(2 * C + R + E_loc, 4)
+    rdma_sizes = [(R + 1) * 4, R * words * 4, R * words * 4, C * NN * 4, C * NN * 4, C * NN * Qr * msg,
+                  C * NN * Qr * msg]
+    nvl_sizes = [C * P * 4, C * P * 4, C * P * Qn * msg]
+    for offsets, sizes in ((rdma, rdma_sizes), (nvl, nvl_sizes)):
+        assert offsets[0] == 0
+        for i, size in enumerate(sizes):
+            assert offsets[i] % 128 == 0
+            assert offsets[i + 1] - offsets[i] == _align(size), f"region {i}"
+    # The barrier words sit at offset 0 whatever the operation: they are never cleared between calls.
+    other = _layout(R, P, C, Qr, Qn, 0, row, 0, 0, not combine)[1]
+    assert other[0] == rdma[0] == 0 and other[1] == rdma[1], "the sync region must not move between operations"
+
+
+def _call(**kw):
+    c = _core.InternodeCall()
+    defaults = dict(op=_core.INTERNODE_DISPATCH, rank=0, num_ranks=4, num_ranks_per_node=2, num_channels=4,
+                    num_rdma_slots=64, num_nvl_slots=64, num_max_rdma_send=8, num_max_nvl_send=8, num_tokens=16,
+                    num_experts=8, num_topk=2, row_bytes=256)
+    defaults.update(kw)
+    for k, v in defaults.items():
+        setattr(c, k, v)
+    return c
+
+
+def _layout_error(**kw):
+    rdma, nvl = ctypes.c_int64(0), ctypes.c_int64(0)
+    status = LIB.deep_ep_internode_layout_bytes(ctypes.byref(_call(**kw)), ctypes.byref(rdma), ctypes.byref(nvl))
+    return status, _core.last_error(), rdma.value, nvl.value
+
+
+@needs_lib
+def test_layout_bytes_of_a_valid_call():
+    status, err, rdma, nvl = _layout_error()
+    assert status == 0, err
+    msg, r_off, n_off = _layout(4, 2, 4, 64, 64, 2, 256, 2, 0, False)
+    assert (rdma, nvl) == (r_off[-1], n_off[-1])
+
+
+@needs_lib
+@pytest.mark.parametrize("kw, words", [
+    (dict(num_ranks_per_node=3), "multiple of ranks per node"),
+    (dict(num_ranks=2), "number of nodes must be in [2"),
+    (dict(num_ranks=8, num_ranks_per_node=8), "number of nodes must be in [2"),
+    (dict(num_ranks_per_node=9, num_ranks=18), "ranks per node must be in [1, 8]"),
+    (dict(num_channels=0), "Config.num_sms / 2"),
+    (dict(num_max_rdma_send=65), "num_max_rdma_chunked_send_tokens"),
+    (dict(row_bytes=200), "multiple of 16 bytes"),
+    (dict(num_topk=33), "num_topk"),
+    (dict(num_experts=6), "num_experts must be a multiple of num_ranks"),
+])
+def test_layout_errors_name_the_argument(kw, words):
+    status, err, _, _ = _layout_error(**kw)
+    assert status == -1
+    assert words in err, err
+
+
+@needs_lib
+def test_launch_without_gpu_fails_cleanly():
+    status = LIB.deep_ep_internode_launch(None, ctypes.byref(_call()), 0, 0)
+    assert status == -1 and "null runtime" in _core.last_error()
+
+
+def _probe_worker(rank, num_ranks, group):
+    import deep_ep
+    from deep_ep._comm import Communicator
+    from deep_ep.engines import cuda_internode
+
+    comm = Communicator(group)
+    ok, reason, _ = cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
+    no_rdma = cuda_internode.probe(comm, 2, 1 << 20, 0)
+    one_node = cuda_internode.probe(comm, num_ranks, 1 << 20, 1 << 20)
+    comm.close()
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, explicitly_destroy=True)
+    result = (ok, reason, no_rdma[:2], one_node[:2], buffer.num_nodes, buffer.engine, buffer.engine_reason)
+    buffer.destroy()
+    return result
+
+
+@no_gpu
+@needs_lib
+def test_internode_engine_unavailable_without_gpu():
+    results = run_ranks(_probe_worker, 4, ranks_per_node=2, timeout_s=180)
+    for ok, reason, no_rdma, one_node, num_nodes, engine, engine_reason in results:
+        assert num_nodes == 2
+        assert not ok and ("no CUDA device" in reason or "not built" in reason), reason
+        assert no_rdma == (False, no_rdma[1]) and "num_rdma_bytes is 0" in no_rdma[1], no_rdma
+        assert one_node[0] is False and "one node" in one_node[1]
+        assert engine == "portable" and "CUDA engine is not available" in engine_reason, engine_reason
+    assert len({r[1] for r in results}) == 1, "every rank must report the same reason"
