@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 __all__ = ["Config", "LowLatencyLayout", "get_dispatch_config", "get_combine_config",
            "get_low_latency_rdma_size_hint"]
@@ -77,10 +78,35 @@ class Config:
         """Channels of the normal kernels (``num_sms // 2``)."""
         return self.num_sms // 2
 
-    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of NVLink buffer DeepEP V1's normal kernels would need (same formula, an upper bound)."""
+    def _internode_bytes(self, hidden_bytes: int, num_ranks: int, num_ranks_per_node: int) -> Tuple[int, int]:
+        """(NVL, RDMA) bytes deep_ep's two-hop kernels need at most (csrc/kernels/internode_layout.cuh, with
+        top-k 32, 128 scale columns and 4096 experts per rank as the bounds)."""
+        if num_ranks % num_ranks_per_node != 0:
+            raise ValueError(f"deep_ep.Config: num_ranks_per_node={num_ranks_per_node} does not divide "
+                             f"num_ranks={num_ranks}")
+        C, P, R = self.num_channels, num_ranks_per_node, num_ranks
+        NN = R // P
+        K, S, E_loc = 32, _HINT_MAX_SCALES, 4096
+        msg = hidden_bytes + _align(4 * (2 + 2 * K + S), 16)
+        words = _align(2 * C + R + E_loc, 4)
+        rdma = (_align((R + 1) * 4) + 2 * _align(R * words * 4) + 2 * _align(C * NN * 4)
+                + 2 * _align(C * NN * self.num_max_rdma_chunked_recv_tokens * msg))
+        nvl = 2 * _align(C * P * 4) + _align(C * P * self.num_max_nvl_chunked_recv_tokens * msg)
+        return nvl, rdma
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
+                                 num_ranks_per_node: Optional[int] = None) -> int:
+        """Bytes of NVLink buffer DeepEP V1's normal kernels would need (same formula, an upper bound).
+
+        ``num_ranks_per_node`` (deep_ep extension): with fewer ranks per node than ``num_ranks`` (several
+        nodes, any P from 1 to 8), the bytes deep_ep's two-hop kernels need at most instead.
+        """
         _check_int("hidden_bytes", hidden_bytes, 0)
         _check_int("num_ranks", num_ranks, 1)
+        if num_ranks_per_node is not None:
+            _check_int("num_ranks_per_node", num_ranks_per_node, 1)
+            if num_ranks_per_node < num_ranks:
+                return self._internode_bytes(hidden_bytes, num_ranks, num_ranks_per_node)[0]
         num_nvl_ranks = min(num_ranks, _HINT_NVL_PEERS)
         num_rdma_ranks = max(num_ranks // _HINT_NVL_PEERS, 1)
         ch = self.num_channels
@@ -90,10 +116,19 @@ class Config:
                  + ch * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens * per_token)
         return _align(total)
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA buffer DeepEP V1's internode kernels would need; 0 for <= 8 ranks."""
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
+                                  num_ranks_per_node: Optional[int] = None) -> int:
+        """Bytes of RDMA buffer DeepEP V1's internode kernels would need; 0 for <= 8 ranks.
+
+        ``num_ranks_per_node`` (deep_ep extension): with fewer ranks per node than ``num_ranks``, the bytes
+        deep_ep's two-hop kernels need at most (e.g. 2 nodes x 2 ranks, which DeepEP's formula sizes as 0).
+        """
         _check_int("hidden_bytes", hidden_bytes, 0)
         _check_int("num_ranks", num_ranks, 1)
+        if num_ranks_per_node is not None:
+            _check_int("num_ranks_per_node", num_ranks_per_node, 1)
+            if num_ranks_per_node < num_ranks:
+                return self._internode_bytes(hidden_bytes, num_ranks, num_ranks_per_node)[1]
         if num_ranks <= _HINT_NVL_PEERS:
             return 0
         num_rdma_ranks = num_ranks // _HINT_NVL_PEERS

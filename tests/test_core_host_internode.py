@@ -59,6 +59,30 @@ def test_internode_layout_regions(combine, shape):
     assert other[0] == rdma[0] == 0 and other[1] == rdma[1], "the sync region must not move between operations"
 
 
+@needs_lib
+@pytest.mark.parametrize("shape", [(4, 2), (8, 4), (8, 2), (16, 8), (32, 8), (6, 3)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_size_hints_cover_the_layout(shape, fp8):
+    """Config's hints with num_ranks_per_node bound what dispatch and combine need (top-k 32, 4096 experts
+    per rank, 128 scale columns)."""
+    import deep_ep
+    R, P = shape
+    config = deep_ep.Config(24, 6, 256, 8, 128)
+    hidden = 7168
+    nvl_hint = config.get_nvl_buffer_size_hint(hidden * 2, R, num_ranks_per_node=P)
+    rdma_hint = config.get_rdma_buffer_size_hint(hidden * 2, R, num_ranks_per_node=P)
+    assert nvl_hint % 128 == 0 and rdma_hint % 128 == 0
+    C = config.num_channels
+    for combine in (False, True):
+        row = hidden * (1 if fp8 and not combine else 2)
+        S = hidden // 128 if fp8 and not combine else 0
+        _, rdma, nvl = _layout(R, P, C, config.num_max_rdma_chunked_recv_tokens,
+                               config.num_max_nvl_chunked_recv_tokens, 0 if combine else 4096, row, 32, S, combine)
+        assert nvl[-1] <= nvl_hint and rdma[-1] <= rdma_hint
+    # one node: DeepEP's formulas, unchanged
+    assert config.get_rdma_buffer_size_hint(hidden * 2, 8, num_ranks_per_node=8) == 0
+
+
 def _call(**kw):
     c = _core.InternodeCall()
     defaults = dict(op=_core.INTERNODE_DISPATCH, rank=0, num_ranks=4, num_ranks_per_node=2, num_channels=4,

@@ -14,7 +14,12 @@
 #                    tests/gpu/sanitize_ll_case.py (if found)
 #   5. benchmark     tests/gpu/bench_intranode.py: dispatch/combine GB/s with 2, 4, 8 ranks + copy GB/s;
 #                    tests/gpu/bench_ll.py: low-latency dispatch/combine and hook send/recv in us, 2, 4, 8 ranks
+#   internode        tests/gpu/test_internode_cuda.py (virtual nodes 2x2, 2x4, 4x2 on this GPU vs the
+#                    portable engine, CUDA graph on 2x2), memcheck on tests/gpu/sanitize_internode_case.py,
+#                    tests/gpu/bench_internode.py (dispatch/combine recv and RDMA GB/s per layout)
 #
+# DEVICE_CHECK_ONLY=intranode,ll,internode (default: all three) picks the groups of steps 3-5, so that
+# one group fits a short device session with time left for a rerun.
 # Every step runs under `timeout`; logs go to OUT_DIR/<step>.log, verdicts to OUT_DIR/summary.txt.
 # Exit status: 0 all passed, 1 a step failed, 2 no GPU (the build still runs and is checked).
 # Environment: PYTHON (default: python3), DEEP_EP_BUILD_JOBS, CUDA_HOME.
@@ -98,30 +103,42 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     [ $FAILED -eq 0 ] && exit 2 || exit 1
 fi
 
+ONLY=",${DEVICE_CHECK_ONLY:-intranode,ll,internode},"
+want() { case "$ONLY" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+note "groups       ${ONLY//,/ }"
+gpu_test() {  # gpu_test NAME LIMIT FILE [pytest args]: pytest when installed, else the file's script mode
+    local name="$1" limit="$2" file="$3"; shift 3
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider -rs "$@" "$file"
+    else
+        step "$name" "$limit" "$PY" "$file"
+    fi
+}
+
 # ---- 3. GPU tests
-if "$PY" -c "import pytest" 2>/dev/null; then
-    step gpu_tests 110 "$PY" -m pytest -q -x -p no:cacheprovider tests/gpu/test_intranode_cuda.py
-    step ll_tests 100 "$PY" -m pytest -q -p no:cacheprovider -rs tests/gpu/test_ll_cuda.py
-else
-    step gpu_tests 110 "$PY" tests/gpu/test_intranode_cuda.py
-    step ll_tests 100 "$PY" tests/gpu/test_ll_cuda.py
-fi
+want intranode && gpu_test gpu_tests 110 tests/gpu/test_intranode_cuda.py -x
+want ll && gpu_test ll_tests 100 tests/gpu/test_ll_cuda.py
+want internode && gpu_test internode_tests 150 tests/gpu/test_internode_cuda.py
 
 # ---- 4. compute-sanitizer
 SAN="$(command -v compute-sanitizer 2>/dev/null || true)"
 [ -z "$SAN" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ] && SAN="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
 if [ -n "$SAN" ]; then
-    step memcheck 45 "$SAN" --tool memcheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
-    step racecheck 45 "$SAN" --tool racecheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
-    step ll_memcheck 40 "$SAN" --tool memcheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_ll_case.py
+    MEMCHECK=("$SAN" --tool memcheck --target-processes all --error-exitcode 1 "$PY")
+    want intranode && step memcheck 45 "${MEMCHECK[@]}" tests/gpu/sanitize_case.py
+    want intranode && step racecheck 45 "$SAN" --tool racecheck --target-processes all --error-exitcode 1 "$PY" tests/gpu/sanitize_case.py
+    want ll && step ll_memcheck 40 "${MEMCHECK[@]}" tests/gpu/sanitize_ll_case.py
+    want internode && step in_memcheck 60 "${MEMCHECK[@]}" tests/gpu/sanitize_internode_case.py
 else
     note "sanitizer    SKIPPED        compute-sanitizer not found"
 fi
 
 # ---- 5. benchmark
-step bench 35 "$PY" tests/gpu/bench_intranode.py --ranks 2 4 8 --tokens 2048 --iters 3 --json "$OUT_DIR/bench.json"
-step bench_ll 45 "$PY" tests/gpu/bench_ll.py --ranks 2 4 8 --tokens 128 --hidden 7168 --experts 64 --iters 10 \
+want intranode && step bench 35 "$PY" tests/gpu/bench_intranode.py --ranks 2 4 8 --tokens 2048 --iters 3 --json "$OUT_DIR/bench.json"
+want ll && step bench_ll 45 "$PY" tests/gpu/bench_ll.py --ranks 2 4 8 --tokens 128 --hidden 7168 --experts 64 --iters 10 \
     --json "$OUT_DIR/bench_ll.json"
+want internode && step bench_internode 60 "$PY" tests/gpu/bench_internode.py --layouts 2x2 2x4 4x2 --tokens 1024 \
+    --iters 3 --json "$OUT_DIR/bench_internode.json"
 
 note "total $(( $(date +%s) - START ))s: $([ $FAILED -eq 0 ] && echo 'ALL PASSED' || echo 'FAILED')"
 exit $FAILED

@@ -1,0 +1,208 @@
+"""Cases and per-rank workers for the internode (two-hop) CUDA engine's GPU tests: "virtual nodes" on
+one GPU (``DEEP_EP_RANKS_PER_NODE`` = P below the number of processes, every rank a process on the
+same device, RDMA hop over the peer-memory transport). Imported by ``test_internode_cuda.py``, the
+sanitizer script, the benchmark and the device check; nothing here runs without a GPU.
+
+Like ``intranode_cases.py``: every rank builds all ranks' inputs from one seed, runs each operation on
+a CUDA-engine Buffer and on a portable Buffer over the same gloo group, and compares every output and
+all 10 handle fields bit for bit. The combine's top-k weights are the dispatch's ``recv_topk_weights``
+(non-zero on at most one rank per slot), for which both engines' sums are exact (docs/semantics.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+
+from intranode_cases import Case, Checker, _bf16, _device, build_inputs
+
+NVL_BYTES = 48 << 20
+RDMA_BYTES = 48 << 20
+
+HANDLE_FIELDS = ("is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+                 "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum", "recv_gbl_channel_prefix_matrix",
+                 "recv_gbl_rank_prefix_sum", "recv_src_meta", "send_rdma_head", "send_nvl_head")
+
+# config = (num_sms, nvl send chunk, nvl ring slots); rdma = (rdma send chunk, rdma ring slots)
+CASES: List[Case] = [
+    Case("bf16, 2 channels, RDMA ring 16 / chunk 4 and NVL ring 32 (both wrap), worst tokens"),
+    Case("fp8 pair with column-major scales, alignment 4, bias pair", tokens=(40, 72), hidden=384, fp8=True,
+         alignment=4, bias="pair", wide=True),
+    Case("no top-k, hidden 136 (odd int4 count), bias one, 3 channels", tokens=(50, 31, 64), hidden=136,
+         with_topk=False, config=(6, 4, 16), bias="one", worst_extra=None),
+    Case("rank 0 has no tokens, last rank receives nothing", tokens=(0, 37, 64, 20), routing="skip_last",
+         num_topk=2, worst_extra=1),
+    Case("all -1", tokens=(16, 9), routing="all_minus_one", bias="pair", worst_extra=2),
+    Case("one expert per rank, NVL ring of 8 (forwarder window 8), top-3", tokens=(96, 57), num_topk=3,
+         experts_per_rank=1, config=(4, 6, 8), wide=True, bias="pair"),
+    Case("hidden 7168 bf16, 4 channels, rings of 64", tokens=(64, 40), hidden=7168, config=(8, 6, 64),
+         worst_extra=None),
+]
+
+# The compute-sanitizer case (sanitize_internode_case.py): one channel, rings of 4 that wrap.
+SANITIZER_CASE = Case("sanitizer: 1 channel, rings of 4", tokens=(8, 5, 0, 7), hidden=64, num_topk=2,
+                      experts_per_rank=2, config=(2, 2, 4), bias="pair", worst_extra=2)
+
+# (rdma send chunk, rdma ring slots) per case; (6, 64) otherwise. Looked up in the workers (spawned
+# processes), so entries must be made here, at import.
+RDMA_CONFIG = {CASES[0].name: (4, 16), SANITIZER_CASE.name: (2, 4)}
+
+
+def _config(case: Case):
+    import deep_ep
+    rdma_send, rdma_recv = RDMA_CONFIG.get(case.name, (6, 64))
+    return deep_ep.Config(case.config[0], case.config[1], case.config[2], rdma_send, rdma_recv)
+
+
+def num_rows(handle: tuple) -> int:
+    return handle[7].size(0) if len(handle) == 10 else handle[3].size(0)
+
+
+def _check_dispatch(chk: Checker, out_c, out_p) -> None:
+    for i, name in enumerate(("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert_list")):
+        chk.equal(name, out_c[i], out_p[i])
+    chk.true("handle is a 10-tuple", isinstance(out_c[4], tuple) and len(out_c[4]) == 10,
+             f"got {type(out_c[4]).__name__} of {len(out_c[4]) if isinstance(out_c[4], tuple) else '?'}")
+    for name, g, w in zip(HANDLE_FIELDS, out_c[4], out_p[4]):
+        chk.equal(f"handle.{name}", g, w)
+
+
+def _combine_inputs(case: Case, rows: int, tokens: int, seed: int, device: torch.device, weights):
+    gen = torch.Generator().manual_seed(seed)
+    y = _bf16((rows, case.hidden), gen, case.wide).to(device)
+    bias = None
+    if case.bias == "one":
+        bias = _bf16((tokens, case.hidden), gen, case.wide).to(device)
+    elif case.bias == "pair":
+        bias = (_bf16((tokens, case.hidden), gen, case.wide).to(device),
+                _bf16((tokens, case.hidden), gen, case.wide).to(device))
+    return y, weights, bias
+
+
+def run_case(bufs, rank: int, num_ranks: int, case: Case, seed: int, chk: Checker) -> None:
+    cuda_buf, port_buf = bufs
+    device = _device(rank)
+    num_experts = case.experts_per_rank * num_ranks
+    topk_idx, topk_weights, x = build_inputs(case, num_ranks, rank, seed, device)
+    config = _config(case)
+
+    # ---- layout (num_tokens_per_rdma_rank included)
+    lay_c = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
+    lay_p = port_buf.get_dispatch_layout(topk_idx, num_experts)
+    for i, name in enumerate(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
+                              "is_token_in_rank")):
+        chk.equal(f"layout.{name}", lay_c[i], lay_p[i])
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank = lay_p[:4]
+
+    # ---- dispatch
+    kwargs = dict(num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                  is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                  expert_alignment=case.alignment, config=config)
+    if case.with_topk:
+        kwargs.update(topk_idx=topk_idx, topk_weights=topk_weights)
+    out_c = cuda_buf.dispatch(x, **kwargs)
+    out_p = port_buf.dispatch(x, **kwargs)
+    _check_dispatch(chk, out_c, out_p)
+    handle_c, handle_p = out_c[4], out_p[4]
+
+    # ---- cached dispatch (each engine with its own handle)
+    cached_c = cuda_buf.dispatch(x, handle=handle_c, config=config)
+    cached_p = port_buf.dispatch(x, handle=handle_p, config=config)
+    chk.equal("cached recv_x", cached_c[0], cached_p[0])
+
+    # ---- combine (twice: the handle is reusable)
+    rows = num_rows(handle_p)
+    y, w, bias = _combine_inputs(case, rows, topk_idx.size(0), seed + 1, device, out_p[2])
+    comb_p = port_buf.combine(y, handle_p, topk_weights=w, bias=bias, config=config)
+    for attempt in range(2):
+        comb_c = cuda_buf.combine(y, handle_c, topk_weights=w, bias=bias, config=config)
+        chk.equal(f"combined_x (call {attempt + 1})", comb_c[0], comb_p[0])
+        chk.equal(f"combined_topk_weights (call {attempt + 1})", comb_c[1], comb_p[1])
+
+    # ---- num_worst_tokens: padded outputs (send_nvl_head has P * W rows), then cached and combine
+    if case.worst_extra is None or not case.with_topk:
+        return
+    # An upper bound of every rank's receive count that every rank computes alike.
+    worst = sum(case.tokens[s % len(case.tokens)] for s in range(num_ranks)) + case.worst_extra
+    chk.prefix += f" (num_worst_tokens={worst})"
+    out_c = cuda_buf.dispatch(x, **kwargs, num_worst_tokens=worst)
+    out_p = port_buf.dispatch(x, **kwargs, num_worst_tokens=worst)
+    _check_dispatch(chk, out_c, out_p)
+    cached_c = cuda_buf.dispatch(x, handle=out_c[4], config=config)
+    cached_p = port_buf.dispatch(x, handle=out_p[4], config=config)
+    chk.equal("cached recv_x", cached_c[0], cached_p[0])
+    gen = torch.Generator().manual_seed(seed + 2)
+    y_pad = torch.cat([y, _bf16((worst - rows, case.hidden), gen, True).to(device)])
+    comb_c = cuda_buf.combine(y_pad, out_c[4], topk_weights=out_p[2], bias=bias, config=config)
+    comb_p = port_buf.combine(y_pad, out_p[4], topk_weights=out_p[2], bias=bias, config=config)
+    chk.equal("combined_x", comb_c[0], comb_p[0])
+    chk.equal("combined_topk_weights", comb_c[1], comb_p[1])
+
+
+def run_graph_case(bufs, rank: int, num_ranks: int, seed: int, chk: Checker) -> None:
+    """Capture a num_worst_tokens internode dispatch (no CPU sync) in a CUDA graph, replay it with new
+    data in the same input tensors, compare with an eager dispatch of that data."""
+    cuda_buf, _ = bufs
+    case = Case("graph", tokens=(48, 33))
+    device = _device(rank)
+    topk_idx, topk_weights, x = build_inputs(case, num_ranks, rank, seed, device)
+    num_experts = case.experts_per_rank * num_ranks
+    lay = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
+    kwargs = dict(num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
+                  num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=topk_weights, config=_config(case),
+                  num_worst_tokens=max(case.tokens) * num_ranks)
+    cuda_buf.dispatch(x, **kwargs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cuda_buf.dispatch(x, **kwargs)
+    for attempt in range(2):
+        x.copy_(_bf16(tuple(x.shape), torch.Generator().manual_seed(seed + 100 * attempt)).to(device))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = cuda_buf.dispatch(x, **kwargs)
+        torch.cuda.synchronize()
+        chk.equal(f"graph replay {attempt + 1}: recv_x", captured[0], eager[0])
+        for name, g, w in zip(HANDLE_FIELDS, captured[4], eager[4]):
+            chk.equal(f"graph replay {attempt + 1}: handle.{name}", g, w)
+    del graph
+
+
+def make_buffers(group, nvl_bytes: int = NVL_BYTES, rdma_bytes: int = RDMA_BYTES):
+    """(CUDA-engine Buffer, portable Buffer); the first forced with DEEP_EP_ENGINE=cuda."""
+    import deep_ep
+    saved = os.environ.get("DEEP_EP_ENGINE")
+    try:
+        os.environ["DEEP_EP_ENGINE"] = "cuda"
+        cuda_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
+        os.environ["DEEP_EP_ENGINE"] = "portable"
+        port_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
+    finally:
+        if saved is None:
+            os.environ.pop("DEEP_EP_ENGINE", None)
+        else:
+            os.environ["DEEP_EP_ENGINE"] = saved
+    return cuda_buf, port_buf
+
+
+def internode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Case], extras: bool) -> List[str]:
+    torch.cuda.set_device(_device(rank))
+    bufs = make_buffers(group)
+    chk = Checker(rank)
+    chk.prefix = "buffer"
+    chk.true("engine", bufs[0].engine == "cuda", f"got {bufs[0].engine!r}: {bufs[0].engine_reason}")
+    chk.true("num_nodes", bufs[0].num_nodes >= 2, f"got {bufs[0].num_nodes} (set DEEP_EP_RANKS_PER_NODE)")
+    if chk.failures:
+        return chk.failures
+    for i, case in enumerate(cases):
+        chk.prefix = f"case {case.name!r} (seed {seed + 10 * i})"
+        run_case(bufs, rank, num_ranks, case, seed + 10 * i, chk)
+    if extras:
+        chk.prefix = "CUDA graph"
+        run_graph_case(bufs, rank, num_ranks, seed + 9, chk)
+    torch.cuda.synchronize()
+    for b in bufs:
+        b.destroy()
+    return chk.failures
