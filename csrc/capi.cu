@@ -382,6 +382,22 @@ int deep_ep_internode_launch(void* rt, const deep_ep_internode_call* call, int64
     });
 }
 
+int deep_ep_runtime_peer_ptr(void* rt, int peer, uint64_t* ptr) {
+    return guarded([&] {
+        deep_ep::Runtime* runtime = as_runtime(rt);
+        deep_ep::host_check(peer >= 0 && peer < runtime->num_ranks(), "deep_ep runtime: bad peer " + std::to_string(peer));
+        *ptr = reinterpret_cast<uint64_t>(runtime->peers().data[peer]);
+    });
+}
+
+int deep_ep_runtime_device_counters(void* rt, uint64_t* ptr) {
+    return guarded([&] { *ptr = reinterpret_cast<uint64_t>(as_runtime(rt)->device_counters()); });
+}
+
+int deep_ep_runtime_reset_recv_counters(void* rt, int num_local_experts) {
+    return guarded([&] { as_runtime(rt)->reset_recv_counters(num_local_experts); });
+}
+
 int deep_ep_runtime_host_counter(void* rt, int index, int* value) {
     return guarded([&] { *value = as_runtime(rt)->host_counter(index); });
 }

@@ -117,6 +117,12 @@ DEEP_EP_CORE_API int deep_ep_internode_layout_bytes(const struct deep_ep_interno
  * with deep_ep_runtime_wait_recv_counters, then read index kCounterRdmaRecvTokens (M). */
 DEEP_EP_CORE_API int deep_ep_internode_launch(void* rt, const struct deep_ep_internode_call* call,
                                               int64_t nvl_region_bytes, uint64_t stream);
+/* For the NVSHMEM internode path (libdeep_ep_nvshmem.so launches, this runtime maps the node's NVL
+ * regions): peer `peer`'s mapped data region, the device alias of the host counters, and the counter
+ * reset a non-cached notify needs before it runs. */
+DEEP_EP_CORE_API int deep_ep_runtime_peer_ptr(void* rt, int peer, uint64_t* ptr);
+DEEP_EP_CORE_API int deep_ep_runtime_device_counters(void* rt, uint64_t* ptr);
+DEEP_EP_CORE_API int deep_ep_runtime_reset_recv_counters(void* rt, int num_local_experts);
 /* One host-mapped counter as the CPU sees it now. */
 DEEP_EP_CORE_API int deep_ep_runtime_host_counter(void* rt, int index, int* value);
 /* Region offsets of the internode layout (InternodeLayout::RdmaRegion / NvlRegion order); returns the

@@ -97,6 +97,9 @@ _SIGNATURES: Dict[str, Any] = {
     "deep_ep_internode_layout_bytes": (_i32, [_vp, ctypes.POINTER(_i64), ctypes.POINTER(_i64)]),
     "deep_ep_internode_launch": (_i32, [_vp, _vp, _i64, _u64]),
     "deep_ep_runtime_host_counter": (_i32, [_vp, _i32, _pi32]),
+    "deep_ep_runtime_peer_ptr": (_i32, [_vp, _i32, ctypes.POINTER(_u64)]),
+    "deep_ep_runtime_device_counters": (_i32, [_vp, ctypes.POINTER(_u64)]),
+    "deep_ep_runtime_reset_recv_counters": (_i32, [_vp, _i32]),
     "deep_ep_host_internode_layout": (
         _i32, [_i32, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _i32, _i32, ctypes.POINTER(_i64), _i32,
                ctypes.POINTER(_i64), _i32]),

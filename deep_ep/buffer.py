@@ -199,8 +199,8 @@ class Buffer:
             return "portable", "forced by DEEP_EP_ENGINE=portable"
         if self.num_nodes > 1:
             from .engines import cuda_internode
-            ok, reason, _ = cuda_internode.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes,
-                                                 self.num_rdma_bytes)
+            ok, reason, transport, facts = cuda_internode.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes,
+                                                                self.num_rdma_bytes)
         else:
             from .engines import cuda as cuda_engine
             ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
@@ -209,8 +209,12 @@ class Buffer:
                 raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: {reason}")
             return "portable", f"the CUDA engine is not available: {reason}"
         if self.num_nodes > 1:
-            self._cuda = cuda_internode.CudaInternodeEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes,
-                                                            self.num_rdma_bytes)
+            # With low-latency mode too, the NVSHMEM heap holds both engines' buffers.
+            heap = self.num_rdma_bytes * (2 if self.low_latency_mode else 1)
+            self._cuda = cuda_internode.CudaInternodeEngine(
+                self._comm, self.num_ranks_per_node, num_nvl_bytes, self.num_rdma_bytes, transport,
+                num_qps_per_rank=self.num_qps_per_rank, allow_mnnvl=self.allow_mnnvl,
+                single_host=len({f["host"] for f in facts}) == 1, nvshmem_heap_bytes=heap)
         else:
             self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason

@@ -138,12 +138,21 @@ def _probe_worker(rank, num_ranks, group):
     from deep_ep.engines import cuda_internode
 
     comm = Communicator(group)
-    ok, reason, _ = cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
+    ok, reason, transport, _ = cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
     no_rdma = cuda_internode.probe(comm, 2, 1 << 20, 0)
     one_node = cuda_internode.probe(comm, num_ranks, 1 << 20, 1 << 20)
+    os.environ["DEEP_EP_INTERNODE_TRANSPORT"] = "bogus"
+    try:
+        cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
+        bad_env = "no error"
+    except ValueError as exc:
+        bad_env = str(exc)
+    finally:
+        os.environ.pop("DEEP_EP_INTERNODE_TRANSPORT")
     comm.close()
     buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, explicitly_destroy=True)
-    result = (ok, reason, no_rdma[:2], one_node[:2], buffer.num_nodes, buffer.engine, buffer.engine_reason)
+    result = (ok, reason, no_rdma[:2], one_node[:2], buffer.num_nodes, buffer.engine, buffer.engine_reason,
+              transport, bad_env)
     buffer.destroy()
     return result
 
@@ -152,7 +161,9 @@ def _probe_worker(rank, num_ranks, group):
 @needs_lib
 def test_internode_engine_unavailable_without_gpu():
     results = run_ranks(_probe_worker, 4, ranks_per_node=2, timeout_s=180)
-    for ok, reason, no_rdma, one_node, num_nodes, engine, engine_reason in results:
+    for ok, reason, no_rdma, one_node, num_nodes, engine, engine_reason, transport, bad_env in results:
+        assert transport == ""
+        assert "DEEP_EP_INTERNODE_TRANSPORT must be auto, peer or nvshmem" in bad_env, bad_env
         assert num_nodes == 2
         assert not ok and ("no CUDA device" in reason or "not built" in reason), reason
         assert no_rdma == (False, no_rdma[1]) and "num_rdma_bytes is 0" in no_rdma[1], no_rdma

@@ -137,9 +137,11 @@ class CudaEngine:
         self._open(comm, num_nvl_bytes, num_nvl_bytes, timeout_s)
 
     def _open(self, comm: Communicator, num_nvl_bytes: int, allocation_bytes: int,
-              timeout_s: Optional[float]) -> None:
+              timeout_s: Optional[float], members: Optional[Sequence[int]] = None) -> None:
         """Allocate ``allocation_bytes`` on this rank's GPU (the first ``num_nvl_bytes`` are the NVLink
-        buffer `nvl_buffer` shows) and map every rank's allocation here (collective)."""
+        buffer `nvl_buffer` shows) and map the allocations of ``members`` (default: every rank; this rank
+        must be one of them) here. Collective over the whole group."""
+        members = list(range(comm.size)) if members is None else list(members)
         lib = _core.load()
         if lib is None:
             raise _core.CoreError(_core.load_error() or "the compiled core is not available")
@@ -151,8 +153,9 @@ class CudaEngine:
         self.timeout_s = float(timeout_s if timeout_s is not None else comm.timeout_s)
         self._rt = ctypes.c_void_p()
         self._last_worst = 0
-        _core.check(lib.deep_ep_runtime_create(self.rank, self.num_ranks, self.device.index, allocation_bytes,
-                                               self.timeout_s, ctypes.byref(self._rt)), "runtime_create")
+        _core.check(lib.deep_ep_runtime_create(members.index(self.rank), len(members), self.device.index,
+                                               allocation_bytes, self.timeout_s, ctypes.byref(self._rt)),
+                    "runtime_create")
         try:
             handle = ctypes.create_string_buffer(_core.IPC_HANDLE_BYTES)
             _core.check(lib.deep_ep_runtime_ipc_handle(self._rt, handle, _core.IPC_HANDLE_BYTES), "ipc_handle")
@@ -161,10 +164,10 @@ class CudaEngine:
             self._data_ptr = ptr.value
             mine = (socket.gethostname(), os.getpid(), ptr.value, handle.raw)
             everyone = comm.all_gather_object(mine, op="CUDA engine IPC handle exchange")
+            everyone = [everyone[r] for r in members]
             handles = b"".join(h for _, _, _, h in everyone)
-            ptrs = (ctypes.c_uint64 * self.num_ranks)(*[p for _, _, p, _ in everyone])
-            same = (ctypes.c_int * self.num_ranks)(*[int(h == mine[0] and pid == mine[1])
-                                                      for h, pid, _, _ in everyone])
+            ptrs = (ctypes.c_uint64 * len(members))(*[p for _, _, p, _ in everyone])
+            same = (ctypes.c_int * len(members))(*[int(h == mine[0] and pid == mine[1]) for h, pid, _, _ in everyone])
             _core.check(lib.deep_ep_runtime_open_peers(self._rt, handles, ptrs, same), "open_peers")
             # Nobody launches a kernel that touches a peer before every peer has mapped everything.
             comm.barrier(op="CUDA engine set-up")

@@ -6,17 +6,19 @@ it; combine sums per node on the forwarder and once more across nodes on the sou
 (``docs/semantics.md``: "Handle, several nodes", "Normal combine"). Outputs and the 10-tuple handle
 equal the portable engine's field by field.
 
-Transport of the RDMA hop. This engine drives the **peer-memory** transport: every rank maps every
-other rank's allocation (CUDA IPC), so all ranks must share one host, at most 8 in all. That is what
-"virtual nodes" are (``DEEP_EP_RANKS_PER_NODE`` smaller than the ranks of the host, e.g. 2 x 2 or
-4 x 2 on one GPU or one NVLink box) and what the GPU tests use. The same kernels are compiled with
-the NVSHMEM transport into ``libdeep_ep_nvshmem.so`` (``deep_ep_nvshmem_internode_launch``) for real
-multi-node runs; this module does not drive that path yet, so a group that spans hosts keeps the
-portable engine (``Buffer.engine_reason`` says so).
+Transport of the RDMA hop (``DEEP_EP_INTERNODE_TRANSPORT`` = ``auto`` | ``peer`` | ``nvshmem``):
 
-Memory: one allocation per rank of ``num_nvl_bytes + num_rdma_bytes``; the NVL rings live in the first
-part (``Buffer.get_local_buffer_tensor`` shows it), the count exchange, barrier words and RDMA rings in
-the second.
+* ``peer``: every rank maps every other rank's allocation (CUDA IPC), so all ranks share one host, at
+  most 8 in all. That is what "virtual nodes" are (``DEEP_EP_RANKS_PER_NODE`` smaller than the ranks
+  of the host, e.g. 2 x 2 or 4 x 2 on one GPU or one NVLink box), and what the GPU tests use.
+* ``nvshmem``: the RDMA region is a symmetric NVSHMEM allocation (``libdeep_ep_nvshmem.so``, the
+  public device API: IBGDA, IBRC, UCX, libfabric/EFA, P2P); the NVL region is mapped with CUDA IPC
+  among the ranks of each node only. This is the path for real multi-node runs.
+* ``auto`` (default): ``peer`` when it is possible, else ``nvshmem``.
+
+Memory: ``num_nvl_bytes`` of NVL region (``Buffer.get_local_buffer_tensor`` shows it) and
+``num_rdma_bytes`` of RDMA region (count exchange, barrier words, RDMA rings) per rank; over peer
+memory both are one allocation.
 
 Differences a caller can observe are those of `deep_ep.engines.cuda.CudaEngine` (``num_worst_tokens``
 overflow raises at the next call), plus: with ``num_worst_tokens = W`` the forwarder's
@@ -27,46 +29,98 @@ being -1, as in the portable engine.
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _core
+from .. import _core, _nvshmem
 from .._comm import Communicator
 from ..config import Config, get_combine_config, get_dispatch_config
-from .cuda import CudaEngine, _ptr, _stream, probe_peers
+from .cuda import CudaEngine, _ptr, _reach, _stream, local_status
 
-__all__ = ["CudaInternodeEngine", "probe"]
+__all__ = ["CudaInternodeEngine", "probe", "requested_transport", "TRANSPORTS"]
 
 _I32 = torch.int32
 
 
+TRANSPORTS = ("peer", "nvshmem")
+
+
+def requested_transport() -> str:
+    """``DEEP_EP_INTERNODE_TRANSPORT``: auto (default), peer or nvshmem."""
+    value = os.environ.get("DEEP_EP_INTERNODE_TRANSPORT", "auto").strip().lower() or "auto"
+    if value not in ("auto",) + TRANSPORTS:
+        raise ValueError(f"DEEP_EP_INTERNODE_TRANSPORT must be auto, peer or nvshmem, got {value!r}")
+    return value
+
+
+def _local_facts(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
+    ok, reason, facts = local_status(num_nvl_bytes)
+    if ok:
+        nv = _core.load_nvshmem()
+        facts = dict(facts, nvshmem=nv is not None, nvshmem_reason="" if nv is not None else
+                     (_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available"))
+    return ok, reason, facts
+
+
 def probe(comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int,
-          num_rdma_bytes: int) -> Tuple[bool, str, List[dict]]:
-    """Collective: whether every rank can run the internode kernels over peer memory. Every rank gets
-    the same ``(ok, reason, facts)``; the early answers follow from values every rank shares."""
+          num_rdma_bytes: int) -> Tuple[bool, str, str, List[dict]]:
+    """Collective: whether every rank can run the internode kernels, and over which transport.
+
+    Returns ``(ok, reason, transport, facts of every rank)``, the same on every rank. The early answers
+    follow from values every rank shares (no collective is skipped by some ranks only).
+    """
     R, P = comm.size, num_ranks_per_node
     num_nodes = R // P
     if num_nodes < 2:
-        return False, "one node: the intranode engine applies", []
+        return False, "one node: the intranode engine applies", "", []
     lib = _core.load()
     if lib is None:
-        return False, _core.load_error() or "the compiled core is not available", []
-    max_ranks = _core.limits()["max_ranks"]
-    if R > max_ranks:
-        return False, (f"{R} ranks on {num_nodes} nodes: the internode kernels run over peer memory for at most "
-                       f"{max_ranks} ranks on one host (virtual nodes); the NVSHMEM transport for real multi-node "
-                       "runs is compiled (libdeep_ep_nvshmem.so) but not driven from Python yet"), []
+        return False, _core.load_error() or "the compiled core is not available", "", []
+    max_local = _core.limits()["max_ranks"]
+    if P > max_local:
+        return False, f"{P} ranks per node: the internode kernels handle at most {max_local}", "", []
     if num_rdma_bytes <= 0:
         return False, ("num_rdma_bytes is 0: the internode kernels need an RDMA buffer "
-                       "(Config.get_rdma_buffer_size_hint)"), []
-    ok, reason, facts = probe_peers(comm, num_nvl_bytes)
-    if not ok:
-        return False, reason, []
-    if len({f["host"] for f in facts}) != 1:
-        return False, "the ranks span several hosts: the peer-memory internode transport needs one host", []
-    return True, (f"{num_nodes} nodes x {P} ranks on one host: internode kernels over peer memory "
-                  "(virtual nodes)"), facts
+                       "(Config.get_rdma_buffer_size_hint(..., num_ranks_per_node=...))"), "", []
+    request = requested_transport()
+    statuses = comm.all_gather_object(_local_facts(num_nvl_bytes), op="CUDA internode engine probe")
+    for peer, (ok, reason, _) in enumerate(statuses):
+        if not ok:
+            return False, f"rank {peer}: {reason}", "", []
+    facts = [f for _, _, f in statuses]
+    node = comm.rank // P
+    members = list(range(node * P, node * P + P))
+    single_host = len({f["host"] for f in facts}) == 1
+    mine = (_reach(facts, comm.rank) if single_host and R <= max_local else (False, "not tried"),
+            _reach([facts[m] for m in members], comm.rank - node * P))
+    reach = comm.all_gather_object(mine, op="CUDA internode engine probe (peer access)")
+    if not single_host:
+        peer_reason = "the ranks span several hosts (peer memory needs one host)"
+    elif R > max_local:
+        peer_reason = f"{R} ranks: peer memory maps at most {max_local} ranks"
+    else:
+        bad = [(p, why) for p, ((ok, why), _) in enumerate(reach) if not ok]
+        peer_reason = f"rank {bad[0][0]}: {bad[0][1]}" if bad else ""
+    if request in ("auto", "peer") and not peer_reason:
+        why = "forced by DEEP_EP_INTERNODE_TRANSPORT=peer: " if request == "peer" else ""
+        return True, (f"{why}{num_nodes} nodes x {P} ranks on one host: internode kernels over peer memory "
+                      "(virtual nodes)"), "peer", facts
+    if request == "peer":
+        return False, f"DEEP_EP_INTERNODE_TRANSPORT=peer but peer memory is not usable: {peer_reason}", "", []
+    no_nv = [(p, f["nvshmem_reason"]) for p, f in enumerate(facts) if not f["nvshmem"]]
+    if no_nv:
+        return False, (f"peer memory is not usable ({peer_reason}) and NVSHMEM is not available: rank "
+                       f"{no_nv[0][0]}: {no_nv[0][1]}") if request == "auto" else \
+            f"DEEP_EP_INTERNODE_TRANSPORT=nvshmem but NVSHMEM is not available: rank {no_nv[0][0]}: {no_nv[0][1]}", \
+            "", []
+    bad_node = [(p, why) for p, (_, (ok, why)) in enumerate(reach) if not ok]
+    if bad_node:
+        return False, (f"rank {bad_node[0][0]} cannot map the NVL buffers of its node: {bad_node[0][1]}"), "", []
+    why = "forced by DEEP_EP_INTERNODE_TRANSPORT=nvshmem: " if request == "nvshmem" else ""
+    return True, (f"{why}{num_nodes} nodes x {P} ranks: internode kernels, RDMA hop over NVSHMEM, NVLink hop "
+                  "over CUDA IPC"), "nvshmem", facts
 
 
 class CudaInternodeEngine(CudaEngine):
@@ -83,17 +137,65 @@ class CudaInternodeEngine(CudaEngine):
     name = "cuda"
 
     def __init__(self, comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int, num_rdma_bytes: int,
-                 timeout_s: Optional[float] = None) -> None:
+                 transport: str = "peer", timeout_s: Optional[float] = None, num_qps_per_rank: int = 1,
+                 allow_mnnvl: bool = False, single_host: bool = True, nvshmem_heap_bytes: int = 0) -> None:
         if comm.size % num_ranks_per_node != 0 or comm.size // num_ranks_per_node < 2:
             raise ValueError(f"CudaInternodeEngine: {comm.size} ranks do not form >= 2 nodes of "
                              f"{num_ranks_per_node}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"CudaInternodeEngine: transport must be one of {TRANSPORTS}, got {transport!r}")
         self.num_ranks_per_node = num_ranks_per_node
         self.num_nodes = comm.size // num_ranks_per_node
+        self.transport = transport
         self.nvl_region_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
-        self._open(comm, num_nvl_bytes, num_nvl_bytes + num_rdma_bytes, timeout_s)
+        self._nv = None
+        self._nv_ptr = 0
+        node = comm.rank // num_ranks_per_node
+        if transport == "peer":
+            self._open(comm, num_nvl_bytes, num_nvl_bytes + num_rdma_bytes, timeout_s)
+        else:
+            self._open(comm, num_nvl_bytes, num_nvl_bytes, timeout_s,
+                       members=range(node * num_ranks_per_node, (node + 1) * num_ranks_per_node))
         _core.check_internode_call_size(self._lib)
         self._counter_forwarded = _core.limits()["num_host_counters"] - 1  # kCounterRdmaRecvTokens
+        if transport == "nvshmem":
+            try:
+                self._open_nvshmem(num_qps_per_rank, allow_mnnvl, single_host, max(nvshmem_heap_bytes, num_rdma_bytes))
+            except BaseException:
+                super().destroy(collective=False)
+                raise
+
+    def _open_nvshmem(self, num_qps_per_rank: int, allow_mnnvl: bool, single_host: bool, heap_bytes: int) -> None:
+        """NVSHMEM world over the group, the symmetric RDMA region, and the pointers every launch passes."""
+        nv = _core.load_nvshmem()
+        if nv is None:
+            raise _core.CoreError(_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available")
+        self._nv = nv
+        _nvshmem.apply_env_defaults(num_qps_per_rank, True, allow_mnnvl, single_host, heap_bytes)
+        _nvshmem.bootstrap(self.comm, nv, self.device.index)
+        ptr = ctypes.c_uint64(0)
+        _core.check_nvshmem(nv.deep_ep_nvshmem_alloc(self.num_rdma_bytes, ctypes.byref(ptr)),
+                            "nvshmem_align (internode RDMA buffer)")
+        self._nv_ptr = ptr.value
+        self._nvl_peers = []
+        for j in range(self.num_ranks_per_node):
+            peer = ctypes.c_uint64(0)
+            _core.check(self._lib.deep_ep_runtime_peer_ptr(self._rt, j, ctypes.byref(peer)), "runtime peer pointer")
+            self._nvl_peers.append(peer.value)
+        counters = ctypes.c_uint64(0)
+        _core.check(self._lib.deep_ep_runtime_device_counters(self._rt, ctypes.byref(counters)), "host counters")
+        self._device_counters = counters.value
+
+    def destroy(self, collective: bool = True) -> None:
+        """Free both regions (collective: waits for this GPU and every rank first; NVSHMEM's free and
+        finalize are collective too)."""
+        super().destroy(collective)
+        if self._nv is not None and self._nv_ptr:
+            ptr, self._nv_ptr = self._nv_ptr, 0
+            if collective:
+                _core.check_nvshmem(self._nv.deep_ep_nvshmem_free(ptr), "nvshmem_free (internode RDMA buffer)")
+                _core.check_nvshmem(self._nv.deep_ep_nvshmem_finalize(), "nvshmem_finalize")
 
     # ---------------------------------------------------------------------------------- helpers
     def _call(self, op: int, num_channels: int, config: Optional[Config], combine: bool) -> _core.InternodeCall:
@@ -111,8 +213,31 @@ class CudaInternodeEngine(CudaEngine):
         return c
 
     def _launch(self, call: _core.InternodeCall, what: str) -> None:
-        _core.check(self._lib.deep_ep_internode_launch(self._rt, ctypes.byref(call), self.nvl_region_bytes,
-                                                        _stream()), what)
+        if self.transport == "peer":
+            _core.check(self._lib.deep_ep_internode_launch(self._rt, ctypes.byref(call), self.nvl_region_bytes,
+                                                            _stream()), what)
+            return
+        # NVSHMEM: the same checks and set-up deep_ep_internode_launch does for peer memory.
+        rdma, nvl = self.layout_bytes(call)
+        op = "combine" if call.op == _core.INTERNODE_COMBINE else "dispatch"
+        if nvl > self.nvl_region_bytes:
+            raise RuntimeError(f"deep_ep: the internode {op} needs {nvl} bytes of NVLink buffer, but the Buffer has "
+                               f"num_nvl_bytes={self.nvl_region_bytes}; allocate more or use a config with fewer SMs "
+                               "/ smaller num_max_nvl_chunked_recv_tokens")
+        if rdma > self.num_rdma_bytes:
+            raise RuntimeError(f"deep_ep: the internode {op} needs {rdma} bytes of RDMA buffer, but the Buffer has "
+                               f"num_rdma_bytes={self.num_rdma_bytes}; allocate more (Config.get_rdma_buffer_size_hint)"
+                               " or use a config with fewer SMs / smaller num_max_rdma_chunked_recv_tokens")
+        call.rdma_local = self._nv_ptr
+        for j, p in enumerate(self._nvl_peers):
+            call.nvl_peers[j] = p
+        call.host_counters = self._device_counters
+        call.timeout_ns = int(self.timeout_s * 1e9)
+        if call.op == _core.INTERNODE_NOTIFY and call.num_worst_tokens == 0:
+            _core.check(self._lib.deep_ep_runtime_reset_recv_counters(self._rt, call.num_experts // self.num_ranks),
+                        "reset host counters")
+        _core.check_nvshmem(self._nv.deep_ep_nvshmem_internode_launch(ctypes.byref(call), _stream()),
+                            what + " (NVSHMEM)")
 
     def layout_bytes(self, call: _core.InternodeCall) -> Tuple[int, int]:
         """``(rdma_bytes, nvl_bytes)`` the call's layout needs."""

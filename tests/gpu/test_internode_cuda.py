@@ -3,12 +3,13 @@ CUDA device and the built core).
 
 Layouts 2 nodes x 2 ranks, 2 x 4 and 4 x 2: ``num_nodes * ranks_per_node`` processes share one GPU over
 a gloo group, ``DEEP_EP_RANKS_PER_NODE`` tells deep_ep the node layout, and the RDMA hop runs over the
-peer-memory transport (CUDA IPC). Every output and all 10 handle fields are compared bit for bit with
-the portable engine (``internode_cases.py``), plus a CUDA-graph captured ``num_worst_tokens`` dispatch
-on 2 x 2.
+peer-memory transport (CUDA IPC); 2 x 2 runs once more with the RDMA hop over NVSHMEM
+(``DEEP_EP_INTERNODE_TRANSPORT=nvshmem``: 4 PEs on one GPU, NVSHMEM's P2P transport, IBGDA off). Every
+output and all 10 handle fields are compared bit for bit with the portable engine
+(``internode_cases.py``), plus a CUDA-graph captured ``num_worst_tokens`` dispatch on 2 x 2.
 
 Runs under pytest, or as a script without pytest (the device check uses that when pytest is missing):
-``python tests/gpu/test_internode_cuda.py [NODESxRANKS ...]``, e.g. ``2x2 4x2``.
+``python tests/gpu/test_internode_cuda.py [NODESxRANKS[:TRANSPORT] ...]``, e.g. ``2x2 4x2 2x2:nvshmem``.
 """
 
 import os
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from dist_utils import make_seed, run_ranks  # noqa: E402
 from internode_cases import CASES, internode_worker  # noqa: E402
 
-LAYOUTS = [(2, 2), (2, 4), (4, 2)]  # (nodes, ranks per node)
+LAYOUTS = [(2, 2, "peer"), (2, 4, "peer"), (4, 2, "peer"), (2, 2, "nvshmem")]  # (nodes, ranks per node, transport)
 
 
 def _skip_reason():
@@ -36,13 +37,13 @@ def _skip_reason():
     return None
 
 
-def check_layout(num_nodes: int, ranks_per_node: int, extras: bool) -> None:
+def check_layout(num_nodes: int, ranks_per_node: int, transport: str, extras: bool) -> None:
     seed = make_seed()
     num_ranks = num_nodes * ranks_per_node
     failures = run_ranks(internode_worker, num_ranks, seed, CASES, extras, ranks_per_node=ranks_per_node,
-                         timeout_s=300, env={"DEEP_EP_TIMEOUT_S": "60"})
+                         timeout_s=300, env={"DEEP_EP_TIMEOUT_S": "60", "DEEP_EP_INTERNODE_TRANSPORT": transport})
     report = [line for per_rank in failures for line in per_rank]
-    assert not report, f"{len(report)} mismatches ({num_nodes}x{ranks_per_node}, seed {seed}):\n" + \
+    assert not report, f"{len(report)} mismatches ({num_nodes}x{ranks_per_node} over {transport}, seed {seed}):\n" + \
         "\n".join(report[:60])
 
 
@@ -54,9 +55,10 @@ except ImportError:  # script mode
 if pytest is not None:
     pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
-    @pytest.mark.parametrize("num_nodes, ranks_per_node", LAYOUTS, ids=[f"{n}x{p}" for n, p in LAYOUTS])
-    def test_internode_matches_portable(num_nodes, ranks_per_node):
-        check_layout(num_nodes, ranks_per_node, extras=(num_nodes, ranks_per_node) == (2, 2))
+    @pytest.mark.parametrize("num_nodes, ranks_per_node, transport", LAYOUTS,
+                             ids=[f"{n}x{p}-{t}" for n, p, t in LAYOUTS])
+    def test_internode_matches_portable(num_nodes, ranks_per_node, transport):
+        check_layout(num_nodes, ranks_per_node, transport, extras=(num_nodes, ranks_per_node, transport) == (2, 2, "peer"))
 
 
 if __name__ == "__main__":
@@ -64,13 +66,17 @@ if __name__ == "__main__":
     if reason is not None:
         print(f"SKIP: {reason}")
         sys.exit(0)
-    layouts = [tuple(int(v) for v in a.split("x")) for a in sys.argv[1:]] or LAYOUTS
+    layouts = []
+    for arg in sys.argv[1:]:
+        shape, _, transport = arg.partition(":")
+        n, p = (int(v) for v in shape.split("x"))
+        layouts.append((n, p, transport or "peer"))
     failed = 0
-    for n, p in layouts:
+    for n, p, t in layouts or LAYOUTS:
         try:
-            check_layout(n, p, extras=(n, p) == (2, 2))
-            print(f"PASS internode {n}x{p}")
+            check_layout(n, p, t, extras=(n, p, t) == (2, 2, "peer"))
+            print(f"PASS internode {n}x{p} over {t}")
         except AssertionError as exc:
             failed += 1
-            print(f"FAIL internode {n}x{p}:\n{exc}")
+            print(f"FAIL internode {n}x{p} over {t}:\n{exc}")
     sys.exit(1 if failed else 0)
