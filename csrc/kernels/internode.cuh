@@ -84,6 +84,42 @@ __device__ __forceinline__ int* rdma_int(const Args<Tr>& a, int64_t offset) {
     return reinterpret_cast<int*>(a.tr.local(offset));
 }
 
+// The NVL ring between forwarder (local rank i) and this rank on one channel carries the rows of the
+// sources (a, i), a ascending, each in token order. RingRows maps a ring index to (source node, row
+// of recv_x); one warp walks it with increasing indices.
+struct RingRows {
+    const int* recv_gbl_channel_prefix_matrix;
+    const int* recv_gbl_rank_prefix_sum;
+    int num_channels, channel, forwarder, num_ranks_per_node;
+    int node, begin;  // ring index `begin` starts the rows of source node `node`
+    RecvSegment seg;
+
+    __device__ __forceinline__ RingRows(const deep_ep_internode_call& c, int channel_, int forwarder_)
+        : recv_gbl_channel_prefix_matrix(c.recv_gbl_channel_prefix_matrix),
+          recv_gbl_rank_prefix_sum(c.recv_gbl_rank_prefix_sum), num_channels(c.num_channels), channel(channel_),
+          forwarder(forwarder_), num_ranks_per_node(c.num_ranks_per_node), node(0), begin(0) {
+        seg = segment(0);
+    }
+    __device__ __forceinline__ RecvSegment segment(int n) const {
+        return internode_recv_segment(recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum, num_channels,
+                                      n * num_ranks_per_node + forwarder, channel);
+    }
+    // Rows the ring carries in all (the sum over the source nodes).
+    __device__ __forceinline__ int total(int num_nodes) const {
+        int sum = 0;
+        for (int n = 0; n < num_nodes; ++n) sum += segment(n).count;
+        return sum;
+    }
+    // Row of ring index `idx` (>= every index asked before, < total); sets `node`.
+    __device__ __forceinline__ int64_t row(int idx) {
+        while (idx >= begin + seg.count) {
+            begin += seg.count;
+            seg = segment(++node);
+        }
+        return static_cast<int64_t>(seg.row_begin) + (idx - begin);
+    }
+};
+
 // Bounded wait until *ptr (this rank's memory) >= target; returns the value seen.
 __device__ __forceinline__ int wait_at_least(const int* ptr, int target, uint64_t timeout_ns, const char* kernel,
                                              WaitRole role, int rank, int channel, int peer) {
@@ -492,13 +528,8 @@ __device__ void dispatch_receiver(const Args<Tr>& a, int channel) {
     if (i >= P) return;
     const int* tail_ptr = reinterpret_cast<const int*>(nvl(a, me_local, l.nvl_tail(channel, i)));
     int* remote_head = reinterpret_cast<int*>(nvl(a, i, l.nvl_head(channel, me_local)));
-    int total = 0;
-    for (int an = 0; an < NN; ++an)
-        total += internode_recv_segment(c.recv_gbl_channel_prefix_matrix, c.recv_gbl_rank_prefix_sum, C, an * P + i,
-                                        channel).count;
-    // This warp's cursor over the sources (a, i): ring index `cur_begin` starts source node `cur_node`.
-    int cur_node = 0, cur_begin = 0;
-    RecvSegment cur = internode_recv_segment(c.recv_gbl_channel_prefix_matrix, c.recv_gbl_rank_prefix_sum, C, i, channel);
+    RingRows rows(c, channel, i);
+    const int total = rows.total(NN);
     int consumed = 0;
     while (consumed < total) {
         if (wit == 0 && lane == 0)
@@ -507,15 +538,9 @@ __device__ void dispatch_receiver(const Args<Tr>& a, int channel) {
         team_sync(i + 1, team_warps);
         const int tail = s_tail[i];
         for (int idx = consumed + wit; idx < tail; idx += team_warps) {
-            while (idx >= cur_begin + cur.count) {
-                cur_begin += cur.count;
-                ++cur_node;
-                cur = internode_recv_segment(c.recv_gbl_channel_prefix_matrix, c.recv_gbl_rank_prefix_sum, C,
-                                             cur_node * P + i, channel);
-            }
-            const int64_t row = static_cast<int64_t>(cur.row_begin) + (idx - cur_begin);
+            const int64_t row = rows.row(idx);
             // Rows past the output (num_worst_tokens overflow, flagged by notify) are dropped.
-            if (row < c.num_recv_rows) unpack_dispatch(a, nvl(a, me_local, l.nvl_recv(channel, i, idx)), row, cur_node, lane);
+            if (row < c.num_recv_rows) unpack_dispatch(a, nvl(a, me_local, l.nvl_recv(channel, i, idx)), row, rows.node, lane);
         }
         team_sync(i + 1, team_warps);
         if (wit == 0 && lane == 0) ptx::st_release_sys_global(remote_head, tail);
@@ -578,12 +603,8 @@ __device__ void combine_nvl_sender(const Args<Tr>& a, int channel) {
     const int* head = reinterpret_cast<const int*>(nvl(a, me_local, l.nvl_head(channel, i)));
     int* remote_tail = reinterpret_cast<int*>(nvl(a, i, l.nvl_tail(channel, me_local)));
     const int64_t row_int4 = l.row_bytes / 16;
-    int total = 0;
-    for (int an = 0; an < NN; ++an)
-        total += internode_recv_segment(c.recv_gbl_channel_prefix_matrix, c.recv_gbl_rank_prefix_sum, C, an * P + i,
-                                        channel).count;
-    int cur_node = 0, cur_begin = 0;
-    RecvSegment cur = internode_recv_segment(c.recv_gbl_channel_prefix_matrix, c.recv_gbl_rank_prefix_sum, C, i, channel);
+    RingRows rows(c, channel, i);
+    const int total = rows.total(NN);
     int sent = 0;
     while (sent < total) {
         if (wit == 0 && lane == 0) {
@@ -600,13 +621,7 @@ __device__ void combine_nvl_sender(const Args<Tr>& a, int channel) {
         const int chunk = s_chunk[i];
         for (int k = wit; k < chunk; k += team_warps) {
             const int idx = sent + k;
-            while (idx >= cur_begin + cur.count) {
-                cur_begin += cur.count;
-                ++cur_node;
-                cur = internode_recv_segment(c.recv_gbl_channel_prefix_matrix, c.recv_gbl_rank_prefix_sum, C,
-                                             cur_node * P + i, channel);
-            }
-            const int64_t row = static_cast<int64_t>(cur.row_begin) + (idx - cur_begin);
+            const int64_t row = rows.row(idx);
             char* msg = nvl(a, i, l.nvl_recv(channel, me_local, idx));
             warp_copy_nc_to_global<2>(reinterpret_cast<int4*>(msg), static_cast<const int4*>(c.x) + row * row_int4,
                                       row_int4, lane);

@@ -16,14 +16,12 @@ from typing import List
 
 import torch
 
+import intranode_cases
+from intranode_cases import HANDLE_FIELDS_MULTI_NODE as HANDLE_FIELDS  # noqa: F401 (re-exported)
 from intranode_cases import Case, Checker, _bf16, _device, build_inputs
 
 NVL_BYTES = 48 << 20
 RDMA_BYTES = 48 << 20
-
-HANDLE_FIELDS = ("is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
-                 "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum", "recv_gbl_channel_prefix_matrix",
-                 "recv_gbl_rank_prefix_sum", "recv_src_meta", "send_rdma_head", "send_nvl_head")
 
 # config = (num_sms, nvl send chunk, nvl ring slots); rdma = (rdma send chunk, rdma ring slots)
 CASES: List[Case] = [
@@ -141,50 +139,9 @@ def run_case(bufs, rank: int, num_ranks: int, case: Case, seed: int, chk: Checke
     chk.equal("combined_topk_weights", comb_c[1], comb_p[1])
 
 
-def run_graph_case(bufs, rank: int, num_ranks: int, seed: int, chk: Checker) -> None:
-    """Capture a num_worst_tokens internode dispatch (no CPU sync) in a CUDA graph, replay it with new
-    data in the same input tensors, compare with an eager dispatch of that data."""
-    cuda_buf, _ = bufs
-    case = Case("graph", tokens=(48, 33))
-    device = _device(rank)
-    topk_idx, topk_weights, x = build_inputs(case, num_ranks, rank, seed, device)
-    num_experts = case.experts_per_rank * num_ranks
-    lay = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
-    kwargs = dict(num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
-                  num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=topk_weights, config=_config(case),
-                  num_worst_tokens=max(case.tokens) * num_ranks)
-    cuda_buf.dispatch(x, **kwargs)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = cuda_buf.dispatch(x, **kwargs)
-    for attempt in range(2):
-        x.copy_(_bf16(tuple(x.shape), torch.Generator().manual_seed(seed + 100 * attempt)).to(device))
-        graph.replay()
-        torch.cuda.synchronize()
-        eager = cuda_buf.dispatch(x, **kwargs)
-        torch.cuda.synchronize()
-        chk.equal(f"graph replay {attempt + 1}: recv_x", captured[0], eager[0])
-        for name, g, w in zip(HANDLE_FIELDS, captured[4], eager[4]):
-            chk.equal(f"graph replay {attempt + 1}: handle.{name}", g, w)
-    del graph
-
-
 def make_buffers(group, nvl_bytes: int = NVL_BYTES, rdma_bytes: int = RDMA_BYTES):
-    """(CUDA-engine Buffer, portable Buffer); the first forced with DEEP_EP_ENGINE=cuda."""
-    import deep_ep
-    saved = os.environ.get("DEEP_EP_ENGINE")
-    try:
-        os.environ["DEEP_EP_ENGINE"] = "cuda"
-        cuda_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
-        os.environ["DEEP_EP_ENGINE"] = "portable"
-        port_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes, explicitly_destroy=True)
-    finally:
-        if saved is None:
-            os.environ.pop("DEEP_EP_ENGINE", None)
-        else:
-            os.environ["DEEP_EP_ENGINE"] = saved
-    return cuda_buf, port_buf
+    """(CUDA-engine Buffer, portable Buffer) with both regions."""
+    return intranode_cases.make_buffers(group, nvl_bytes, num_rdma_bytes=rdma_bytes)
 
 
 def internode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Case], extras: bool) -> List[str]:
@@ -204,7 +161,7 @@ def internode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Ca
         run_case(bufs, rank, num_ranks, case, seed + 10 * i, chk)
     if extras:
         chk.prefix = "CUDA graph"
-        run_graph_case(bufs, rank, num_ranks, seed + 9, chk)
+        intranode_cases.run_graph_case(bufs, rank, num_ranks, seed + 9, chk, config=_config(Case("graph")))
     torch.cuda.synchronize()
     for b in bufs:
         b.destroy()

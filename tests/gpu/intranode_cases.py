@@ -155,6 +155,10 @@ class Checker:
 
 HANDLE_FIELDS = ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "recv_src_idx",
                  "is_token_in_rank", "send_head")
+HANDLE_FIELDS_MULTI_NODE = ("is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+                            "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+                            "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+                            "send_rdma_head", "send_nvl_head")
 
 
 def _combine_inputs(case: Case, rows: int, tokens: int, seed: int, device: torch.device):
@@ -261,19 +265,20 @@ def run_async_case(bufs, rank: int, num_ranks: int, seed: int, chk: Checker) -> 
     chk.equal("async combined_x", comb_c[0], comb_p[0])
 
 
-def run_graph_case(bufs, rank: int, num_ranks: int, seed: int, chk: Checker) -> None:
+def run_graph_case(bufs, rank: int, num_ranks: int, seed: int, chk: Checker, config=None) -> None:
     """Capture a num_worst_tokens dispatch (no CPU sync) in a CUDA graph on every rank, replay it with
-    new data in the same input tensors, and compare with an eager dispatch of that data."""
+    new data in the same input tensors, and compare with an eager dispatch of that data (one node or
+    several: every field of either handle)."""
     import deep_ep
     cuda_buf, _ = bufs
     case = Case("graph", tokens=(48, 33))
     device = _device(rank)
     topk_idx, topk_weights, x = build_inputs(case, num_ranks, rank, seed, device)
     num_experts = case.experts_per_rank * num_ranks
-    config = deep_ep.Config(*case.config, 6, 128)
+    config = config if config is not None else deep_ep.Config(*case.config, 6, 128)
     lay = cuda_buf.get_dispatch_layout(topk_idx, num_experts)
-    kwargs = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
-                  topk_idx=topk_idx, topk_weights=topk_weights, config=config,
+    kwargs = dict(num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
+                  num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=topk_weights, config=config,
                   num_worst_tokens=max(case.tokens) * num_ranks)  # the same on every rank
     cuda_buf.dispatch(x, **kwargs)  # warm-up outside the capture (first-use host work)
     torch.cuda.synchronize()
@@ -288,20 +293,22 @@ def run_graph_case(bufs, rank: int, num_ranks: int, seed: int, chk: Checker) -> 
         torch.cuda.synchronize()
         chk.equal(f"graph replay {attempt + 1}: recv_x", captured[0], eager[0])
         chk.equal(f"graph replay {attempt + 1}: recv_topk_idx", captured[1], eager[1])
-        for name, g, w in zip(HANDLE_FIELDS, captured[4], eager[4]):
+        names = HANDLE_FIELDS if len(eager[4]) == 6 else HANDLE_FIELDS_MULTI_NODE
+        for name, g, w in zip(names, captured[4], eager[4]):
             chk.equal(f"graph replay {attempt + 1}: handle.{name}", g, w)
     del graph
 
 
-def make_buffers(group, nvl_bytes: int = NVL_BYTES):
-    """(CUDA-engine Buffer, portable Buffer) on this rank; the first is forced with DEEP_EP_ENGINE=cuda."""
+def make_buffers(group, nvl_bytes: int = NVL_BYTES, **buffer_kwargs):
+    """(CUDA-engine Buffer, portable Buffer) on this rank; the first is forced with DEEP_EP_ENGINE=cuda.
+    ``buffer_kwargs`` go to both (e.g. ``num_rdma_bytes``)."""
     import deep_ep
     saved = os.environ.get("DEEP_EP_ENGINE")
     try:
         os.environ["DEEP_EP_ENGINE"] = "cuda"
-        cuda_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True)
+        cuda_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True, **buffer_kwargs)
         os.environ["DEEP_EP_ENGINE"] = "portable"
-        port_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True)
+        port_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True, **buffer_kwargs)
     finally:
         if saved is None:
             os.environ.pop("DEEP_EP_ENGINE", None)
