@@ -64,6 +64,7 @@ struct Args {
 
 // ------------------------------------------------------------------------------------------ helpers
 
+// Whole warps call it; ptx::bar_sync converges the warp first (a lane may come from a spin-wait).
 __device__ __forceinline__ void team_sync(int id, int num_warps) {
     if (num_warps == 1)
         __syncwarp();
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1) notify_kernel(Args<Tr> a
     constexpr int kWarps = kNumNotifyThreads / 32;
     __shared__ int s_max_recv;
 
-    // ---- 1. per-channel counts (into the outputs; turned into prefixes after meta_out is built)
+    // ---- 1. per-channel counts, then inclusive prefixes over the channels (both in the outputs)
     int* gbl = c.gbl_channel_prefix_matrix;   // [R, C]
     int* node_ch = c.rdma_channel_prefix_matrix;  // [NN, C]
     for (int i = tid; i < (R + NN) * C; i += blockDim.x) {
@@ -203,33 +204,36 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1) notify_kernel(Args<Tr> a
     }
     if (tid == 0) s_max_recv = 0;
     __syncthreads();
-
-    // ---- 2. meta_out[d]: gbl counts towards d, counts needing d's node, my totals per rank, my
-    // counts for d's experts
-    for (int i = tid; i < R * W; i += blockDim.x) {
-        const int d = i / W, w = i % W;
-        int v = 0;
-        if (w < l.meta_rdma()) {
-            v = gbl[d * C + w];
-        } else if (w < l.meta_per_rank()) {
-            v = node_ch[(d / P) * C + (w - l.meta_rdma())];
-        } else if (w < l.meta_expert()) {
-            const int dd = w - l.meta_per_rank();
-            for (int ch = 0; ch < C; ++ch) v += gbl[dd * C + ch];
-        } else if (w < l.meta_expert() + E_loc) {
-            v = c.num_tokens_per_expert[d * E_loc + (w - l.meta_expert())];
-        }
-        rdma_int(a, l.meta_out(d))[w] = v;
-    }
-    __syncthreads();
     for (int row = tid; row < R + NN; row += blockDim.x) {
         int* p = row < R ? gbl + row * C : node_ch + (row - R) * C;
         int running = 0;
         for (int ch = 0; ch < C; ++ch) p[ch] = running += p[ch];
     }
 
-    // ---- 3. exchange
+    // ---- 2. barrier 1: every rank finished its previous operation. Nothing is written into the RDMA
+    // region before it: the previous operation's layout may differ (other E_loc / channels), and a
+    // peer's last, late head update of that operation may land anywhere in its counter area until the
+    // peer arrives here.
     barrier_all(a, "internode notify (barrier 1)");
+
+    // ---- 3. meta_out[d]: gbl counts towards d, counts needing d's node, my totals per rank, my counts
+    // for d's experts; then every row into its destination's meta_in; zero own counters
+    auto count_of = [&](const int* prefix_row, int ch) { return prefix_row[ch] - (ch > 0 ? prefix_row[ch - 1] : 0); };
+    for (int i = tid; i < R * W; i += blockDim.x) {
+        const int d = i / W, w = i % W;
+        int v = 0;
+        if (w < l.meta_rdma()) {
+            v = count_of(gbl + d * C, w);
+        } else if (w < l.meta_per_rank()) {
+            v = count_of(node_ch + (d / P) * C, w - l.meta_rdma());
+        } else if (w < l.meta_expert()) {
+            v = gbl[(w - l.meta_per_rank()) * C + C - 1];
+        } else if (w < l.meta_expert() + E_loc) {
+            v = c.num_tokens_per_expert[d * E_loc + (w - l.meta_expert())];
+        }
+        rdma_int(a, l.meta_out(d))[w] = v;
+    }
+    __syncthreads();
     for (int d = warp; d < R; d += kWarps)
         a.tr.put_warp(d, l.meta_in(rank), a.tr.local(l.meta_out(d)), static_cast<int64_t>(W) * 4, lane);
     zero_own_counters(a);
@@ -425,6 +429,7 @@ __device__ void dispatch_forwarder(const Args<Tr>& a, int channel) {
                 if (lane == 0 && seen_tail <= processed)
                     seen_tail = wait_at_least(rdma_int(a, l.rdma_tail(channel, an)), processed + 1, c.timeout_ns,
                                               "internode dispatch", WaitRole::kForwarderTokens, c.rank, channel, src_pe);
+                __syncwarp();  // orders lane 0's acquire of the tail before the other lanes' reads of the slots
                 const int avail = __shfl_sync(0xffffffffu, min(min(seen_tail - processed, window), seg.count - processed), 0);
                 int bits = 0;
                 if (lane < avail)
@@ -622,6 +627,7 @@ __device__ void combine_nvl_sender(const Args<Tr>& a, int channel) {
         for (int k = wit; k < chunk; k += team_warps) {
             const int idx = sent + k;
             const int64_t row = rows.row(idx);
+            if (row >= c.num_recv_rows) continue;  // only after an overflowed num_worst_tokens dispatch
             char* msg = nvl(a, i, l.nvl_recv(channel, me_local, idx));
             warp_copy_nc_to_global<2>(reinterpret_cast<int4*>(msg), static_cast<const int4*>(c.x) + row * row_int4,
                                       row_int4, lane);
@@ -673,7 +679,8 @@ __device__ void combine_forwarder(const Args<Tr>& a, int channel) {
             if (warp < count) {
                 const int k = sent + warp;
                 const int64_t m = static_cast<int64_t>(seg.row_begin) + k;
-                const int slot = lane < P ? c.send_nvl_head[m * P + lane] : -1;
+                // (m < rows unless an overflowed num_worst_tokens dispatch, which the host reports first)
+                const int slot = lane < P && m < c.send_nvl_head_rows ? c.send_nvl_head[m * P + lane] : -1;
                 if (slot >= 0)
                     wait_at_least(reinterpret_cast<const int*>(nvl(a, me_local, l.nvl_tail(channel, lane))), slot + 1,
                                   c.timeout_ns, "internode combine", WaitRole::kForwarderTokens, c.rank, channel,

@@ -80,8 +80,11 @@ __device__ __forceinline__ uint64_t globaltimer_ns() {
 }
 
 // Named barrier over `num_threads` threads (a multiple of 32) of this block. Id 0 is
-// __syncthreads(); the kernels use ids 1..kMaxNvlRanks, one per peer team.
+// __syncthreads(); the kernels use ids 1..kMaxNvlRanks, one per peer team. Called by whole warps;
+// bar.sync is `.aligned` (every thread of the warp must execute the same instance), so the warp is
+// converged first: one lane may arrive from a spin-wait the others skipped.
 __device__ __forceinline__ void bar_sync(int id, int num_threads) {
+    __syncwarp();
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
