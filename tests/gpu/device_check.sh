@@ -14,8 +14,9 @@
 #                    tests/gpu/sanitize_ll_case.py (if found)
 #   5. benchmark     tests/gpu/bench_intranode.py: dispatch/combine GB/s with 2, 4, 8 ranks + copy GB/s;
 #                    tests/gpu/bench_ll.py: low-latency dispatch/combine and hook send/recv in us, 2, 4, 8 ranks
-#   internode        tests/gpu/test_internode_cuda.py (virtual nodes 2x2, 2x4, 4x2 on this GPU vs the
-#                    portable engine, CUDA graph on 2x2), memcheck on tests/gpu/sanitize_internode_case.py,
+#   internode        tests/gpu/test_internode_cuda.py (virtual nodes 2x2, 2x4, 4x2, 4x1, 2x3 over peer
+#                    memory and 2x2 over NVSHMEM on this GPU vs the portable engine, CUDA graph on 2x2),
+#                    memcheck on tests/gpu/sanitize_internode_case.py,
 #                    tests/gpu/bench_internode.py (dispatch/combine recv and RDMA GB/s per layout)
 #
 # DEVICE_CHECK_ONLY=intranode,ll,internode (default: all three) picks the groups of steps 3-5, so that
@@ -118,7 +119,7 @@ gpu_test() {  # gpu_test NAME LIMIT FILE [pytest args]: pytest when installed, e
 # ---- 3. GPU tests
 want intranode && gpu_test gpu_tests 110 tests/gpu/test_intranode_cuda.py -x
 want ll && gpu_test ll_tests 100 tests/gpu/test_ll_cuda.py
-want internode && gpu_test internode_tests 150 tests/gpu/test_internode_cuda.py
+want internode && gpu_test internode_tests 240 tests/gpu/test_internode_cuda.py
 
 # ---- 4. compute-sanitizer
 SAN="$(command -v compute-sanitizer 2>/dev/null || true)"

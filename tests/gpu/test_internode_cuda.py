@@ -1,7 +1,7 @@
 """GPU tests of the internode (two-hop) CUDA kernels with virtual nodes on one GPU (skipped without a
 CUDA device and the built core).
 
-Layouts 2 nodes x 2 ranks, 2 x 4 and 4 x 2: ``num_nodes * ranks_per_node`` processes share one GPU over
+Layouts 2 nodes x 2 ranks, 2 x 4, 4 x 2, 4 x 1 and 2 x 3: ``num_nodes * ranks_per_node`` processes share one GPU over
 a gloo group, ``DEEP_EP_RANKS_PER_NODE`` tells deep_ep the node layout, and the RDMA hop runs over the
 peer-memory transport (CUDA IPC); 2 x 2 runs once more with the RDMA hop over NVSHMEM
 (``DEEP_EP_INTERNODE_TRANSPORT=nvshmem``: 4 PEs on one GPU, NVSHMEM's P2P transport, IBGDA off). Every
@@ -25,7 +25,9 @@ import torch  # noqa: E402
 from dist_utils import make_seed, run_ranks  # noqa: E402
 from internode_cases import CASES, internode_worker  # noqa: E402
 
-LAYOUTS = [(2, 2, "peer"), (2, 4, "peer"), (4, 2, "peer"), (2, 2, "nvshmem")]  # (nodes, ranks per node, transport)
+# (nodes, ranks per node, transport): the issue's three layouts, one rank per node, an odd node size
+# (3 ranks: a team of 5 warps and an idle warp), and 2 x 2 with the RDMA hop over NVSHMEM.
+LAYOUTS = [(2, 2, "peer"), (2, 4, "peer"), (4, 2, "peer"), (4, 1, "peer"), (2, 3, "peer"), (2, 2, "nvshmem")]
 
 
 def _skip_reason():
