@@ -170,3 +170,40 @@ def test_internode_engine_unavailable_without_gpu():
         assert one_node[0] is False and "one node" in one_node[1]
         assert engine == "portable" and "CUDA engine is not available" in engine_reason, engine_reason
     assert len({r[1] for r in results}) == 1, "every rank must report the same reason"
+
+
+def _header_struct_fields():
+    """(name, kind) of every field of deep_ep_internode_call in csrc/deep_ep_internode.h, in order."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "csrc" / "deep_ep_internode.h").read_text()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    body = re.search(r"typedef struct deep_ep_internode_call \{(.*?)\} deep_ep_internode_call;", text, re.S).group(1)
+    fields = []
+    for decl in body.split(";"):
+        decl = " ".join(decl.split())
+        if not decl:
+            continue
+        m = re.match(r"((?:const )?[\w]+)\s*(\*?)\s*(.*)", decl)
+        base, star, names = m.group(1), m.group(2), m.group(3)
+        for name in names.split(","):
+            name = name.strip()
+            pointer = bool(star) or name.startswith("*")
+            name = name.lstrip("*").strip()
+            array = "[" in name
+            name = name.split("[")[0].strip()
+            kind = "ptr" if pointer else base.replace("const ", "")
+            fields.append((name, kind + ("[]" if array else "")))
+    return fields
+
+
+def test_call_struct_field_order_matches_the_header():
+    """The size check cannot see two same-sized fields swapped; this compares names, order and kinds."""
+    kinds = {ctypes.c_int32: "int", ctypes.c_int64: "int64_t", ctypes.c_uint64: "uint64_t", ctypes.c_void_p: "ptr"}
+    mirror = []
+    for name, ctype in _core.InternodeCall._fields_:
+        if issubclass(ctype, ctypes.Array):
+            mirror.append((name, kinds[ctype._type_] + "[]"))
+        else:
+            mirror.append((name, kinds[ctype]))
+    assert mirror == _header_struct_fields()
