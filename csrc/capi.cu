@@ -94,7 +94,8 @@ const char* deep_ep_core_last_error(void) { return g_last_error.c_str(); }
 
 int deep_ep_core_limits(int* limits, int num_limits) {
     const int values[] = {deep_ep::kMaxNvlRanks, deep_ep::kMaxChannels, deep_ep::kMaxTopK,
-                          deep_ep::kMaxLocalExperts, deep_ep::kNumIntranodeThreads, deep_ep::kNumHostCounters};
+                          deep_ep::kMaxLocalExperts, deep_ep::kNumIntranodeThreads, deep_ep::kNumHostCounters,
+                          deep_ep::kMaxInternodeNodes};
     const int n = static_cast<int>(sizeof(values) / sizeof(values[0]));
     for (int i = 0; i < num_limits && i < n; ++i) limits[i] = values[i];
     return 0;
@@ -376,6 +377,7 @@ int deep_ep_internode_launch(void* rt, const deep_ep_internode_call* call, int64
         c.rdma_local = c.rdma_peers[c.rank];
         c.host_counters = runtime->device_counters();
         c.timeout_ns = runtime->timeout_ns();
+        c.device = runtime->device();
         if (c.op == DEEP_EP_INTERNODE_NOTIFY && c.num_worst_tokens == 0)
             runtime->reset_recv_counters(c.num_experts / c.num_ranks);
         deep_ep::internode::launch_peer(c, as_stream(stream));

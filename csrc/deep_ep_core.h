@@ -29,8 +29,8 @@ DEEP_EP_CORE_API int deep_ep_core_abi_version(void);
 DEEP_EP_CORE_API int deep_ep_core_is_sm90(void);       /* 0 when built with DISABLE_SM90_FEATURES */
 DEEP_EP_CORE_API int deep_ep_core_has_nvshmem(void);   /* 0: intranode-only build */
 DEEP_EP_CORE_API const char* deep_ep_core_last_error(void);
-/* limits[0..5] = max ranks per NVLink domain, max channels, max top-k, max local experts,
- * threads per dispatch/combine block, number of host counters. */
+/* limits[0..6] = max ranks per NVLink domain, max channels, max top-k, max local experts,
+ * threads per dispatch/combine block, number of host counters, max nodes of the internode kernels. */
 DEEP_EP_CORE_API int deep_ep_core_limits(int* limits, int num_limits);
 DEEP_EP_CORE_API int deep_ep_core_device_count(int* count);
 DEEP_EP_CORE_API int deep_ep_core_device_pci_bus_id(int device, char* bus_id, int length);

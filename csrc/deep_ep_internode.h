@@ -44,6 +44,11 @@ typedef struct deep_ep_internode_call {
     int num_recv_rows;                           /* N */
     int fill_trailing_rows;                      /* zero rows past the received count (worst tokens, cached) */
     int cached;
+    int device;                                  /* the CUDA device of the stream (set current for the launch) */
+    int nvshmem_p2p_group;                       /* NVSHMEM: 0 = load/store to every PE nvshmem_ptr reaches;
+                                                  * G > 0 = only to PEs of the same group of G ranks (the node),
+                                                  * others through NVSHMEM puts: a test knob that runs the
+                                                  * network code path on one GPU */
     uint64_t timeout_ns;
     int* host_counters;                          /* device alias of the host-mapped counters */
 

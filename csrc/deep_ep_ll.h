@@ -119,6 +119,8 @@ DEEP_EP_LL_API int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t
  * deep_ep_internode_call (csrc/deep_ep_internode.h) whose rdma_local, nvl_peers, host_counters and
  * timeout_ns the caller filled. */
 DEEP_EP_LL_API int deep_ep_nvshmem_internode_launch(const void* call, uint64_t stream);
+/* sizeof(deep_ep_internode_call) as this library was built (checked against the core's and Python's). */
+DEEP_EP_LL_API int deep_ep_nvshmem_internode_call_bytes(void);
 
 #ifdef __cplusplus
 }

@@ -130,6 +130,7 @@ _NVSHMEM_SIGNATURES: Dict[str, Any] = {
     "deep_ep_nvshmem_info": (_i32, [_pi32, _pi32, _pi32]),
     "deep_ep_nvshmem_ll_send": (_i32, [_vp, _u64]),
     "deep_ep_nvshmem_internode_launch": (_i32, [_vp, _u64]),
+    "deep_ep_nvshmem_internode_call_bytes": (_i32, []),
 }
 
 
@@ -153,7 +154,8 @@ class InternodeCall(ctypes.Structure):
         "op", "rank", "num_ranks", "num_ranks_per_node", "num_channels", "num_rdma_slots", "num_nvl_slots",
         "num_max_rdma_send", "num_max_nvl_send", "num_tokens", "num_experts", "num_topk", "num_scales")] + [
         ("row_bytes", ctypes.c_int64)] + [(name, ctypes.c_int32) for name in (
-            "expert_alignment", "num_worst_tokens", "num_recv_rows", "fill_trailing_rows", "cached")] + [
+            "expert_alignment", "num_worst_tokens", "num_recv_rows", "fill_trailing_rows", "cached", "device",
+            "nvshmem_p2p_group")] + [
         ("timeout_ns", ctypes.c_uint64), ("host_counters", ctypes.c_void_p), ("rdma_local", ctypes.c_void_p),
         ("rdma_peers", ctypes.c_void_p * INTERNODE_MAX_PEERS), ("nvl_peers", ctypes.c_void_p * INTERNODE_MAX_PEERS),
         ("x", ctypes.c_void_p), ("x_scales", ctypes.c_void_p), ("scale_token_stride", ctypes.c_int64),
@@ -169,13 +171,14 @@ class InternodeCall(ctypes.Structure):
 INTERNODE_NOTIFY, INTERNODE_DISPATCH, INTERNODE_COMBINE = 0, 1, 2
 
 
-def check_internode_call_size(lib: ctypes.CDLL) -> None:
+def check_internode_call_size(lib: ctypes.CDLL, nvshmem: bool = False) -> None:
     """The ctypes mirror must have the C struct's size (a field added on one side only would shift every
-    later field)."""
-    size = lib.deep_ep_internode_call_bytes()
+    later field). ``nvshmem``: check libdeep_ep_nvshmem.so's copy instead of the core's."""
+    size = lib.deep_ep_nvshmem_internode_call_bytes() if nvshmem else lib.deep_ep_internode_call_bytes()
     if size != ctypes.sizeof(InternodeCall):
-        raise CoreError(f"deep_ep_internode_call is {size} bytes in the library but {ctypes.sizeof(InternodeCall)} in "
-                        "deep_ep._core.InternodeCall: rebuild the core (python build_core.py)")
+        name = "libdeep_ep_nvshmem.so" if nvshmem else "the core"
+        raise CoreError(f"deep_ep_internode_call is {size} bytes in {name} but {ctypes.sizeof(InternodeCall)} in "
+                        "deep_ep._core.InternodeCall: rebuild the libraries (python build_core.py)")
 
 
 LL_DISPATCH, LL_COMBINE = 1, 2
@@ -249,9 +252,10 @@ def limits() -> Dict[str, int]:
     lib = load()
     if lib is None:
         raise CoreError(load_error() or "core not loaded")
-    values = (ctypes.c_int * 6)()
-    lib.deep_ep_core_limits(values, 6)
-    keys = ("max_ranks", "max_channels", "max_topk", "max_local_experts", "threads_per_block", "num_host_counters")
+    keys = ("max_ranks", "max_channels", "max_topk", "max_local_experts", "threads_per_block", "num_host_counters",
+            "max_internode_nodes")
+    values = (ctypes.c_int * len(keys))()
+    lib.deep_ep_core_limits(values, len(keys))
     return dict(zip(keys, list(values)))
 
 

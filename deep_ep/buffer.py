@@ -214,6 +214,8 @@ class Buffer:
             self._cuda = cuda_internode.CudaInternodeEngine(
                 self._comm, self.num_ranks_per_node, num_nvl_bytes, self.num_rdma_bytes, transport,
                 num_qps_per_rank=self.num_qps_per_rank, allow_mnnvl=self.allow_mnnvl,
+                # NVSHMEM's settings are per process: with low-latency mode too, honour its NVLink flag.
+                allow_nvlink=self.allow_nvlink_for_low_latency_mode if self.low_latency_mode else True,
                 single_host=len({f["host"] for f in facts}) == 1, nvshmem_heap_bytes=heap)
         else:
             self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
@@ -606,8 +608,8 @@ class Buffer:
             chk.fail("x", "and the other tensor arguments must all be on one device")
         config = config if config is not None else self.get_dispatch_config(R)
 
-        with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank], previous_event,
-                     async_finish) as launch:
+        with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert],
+                     previous_event, async_finish) as launch:
             engine = self._engine_for(data)
             recv_x, recv_topk_idx, recv_topk_weights, counts, handle = engine.dispatch(
                 data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,

@@ -45,6 +45,7 @@ def _layout(group) -> int:
 
 def worker(ctx, args) -> dict:
     os.environ.setdefault("DEEP_EP_TIMEOUT_S", "60")
+    os.environ["LOCAL_RANK"] = str(ctx.local_rank)  # the GPU tests' cases pick their device from it
     per_node = _layout(ctx.group)
     multi_node = per_node < ctx.num_ranks
     if ctx.device.type == "cpu":

@@ -9,8 +9,10 @@ import os
 import pytest
 import torch
 
-from dist_utils import run_ranks
+import reference as ref
+from dist_utils import make_seed, run_ranks
 from deep_ep import _core
+from deep_ep.engines import cuda_internode
 
 LIB = _core.load()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"compiled core not built: {_core.load_error()}")
@@ -141,14 +143,18 @@ def _probe_worker(rank, num_ranks, group):
     ok, reason, transport, _ = cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
     no_rdma = cuda_internode.probe(comm, 2, 1 << 20, 0)
     one_node = cuda_internode.probe(comm, num_ranks, 1 << 20, 1 << 20)
-    os.environ["DEEP_EP_INTERNODE_TRANSPORT"] = "bogus"
-    try:
-        cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
-        bad_env = "no error"
-    except ValueError as exc:
-        bad_env = str(exc)
-    finally:
-        os.environ.pop("DEEP_EP_INTERNODE_TRANSPORT")
+    outcomes = []
+    # a bad value on one rank only, then values that differ between ranks: every rank raises alike
+    for value in ("bogus" if rank == 1 else "auto", "peer" if rank == 0 else "nvshmem"):
+        os.environ["DEEP_EP_INTERNODE_TRANSPORT"] = value
+        try:
+            cuda_internode.probe(comm, 2, 1 << 20, 1 << 20)
+            outcomes.append("no error")
+        except ValueError as exc:
+            outcomes.append(str(exc))
+        finally:
+            os.environ.pop("DEEP_EP_INTERNODE_TRANSPORT")
+    bad_env = outcomes
     comm.close()
     buffer = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, explicitly_destroy=True)
     result = (ok, reason, no_rdma[:2], one_node[:2], buffer.num_nodes, buffer.engine, buffer.engine_reason,
@@ -163,13 +169,15 @@ def test_internode_engine_unavailable_without_gpu():
     results = run_ranks(_probe_worker, 4, ranks_per_node=2, timeout_s=180)
     for ok, reason, no_rdma, one_node, num_nodes, engine, engine_reason, transport, bad_env in results:
         assert transport == ""
-        assert "DEEP_EP_INTERNODE_TRANSPORT must be auto, peer or nvshmem" in bad_env, bad_env
+        assert "rank 1: DEEP_EP_INTERNODE_TRANSPORT must be auto, peer or nvshmem" in bad_env[0], bad_env
+        assert "must be the same on every rank" in bad_env[1], bad_env
         assert num_nodes == 2
         assert not ok and ("no CUDA device" in reason or "not built" in reason), reason
         assert no_rdma == (False, no_rdma[1]) and "num_rdma_bytes is 0" in no_rdma[1], no_rdma
         assert one_node[0] is False and "one node" in one_node[1]
         assert engine == "portable" and "CUDA engine is not available" in engine_reason, engine_reason
     assert len({r[1] for r in results}) == 1, "every rank must report the same reason"
+    assert len({tuple(r[-1]) for r in results}) == 1, "every rank must raise the same error"
 
 
 def _header_struct_fields():
@@ -207,3 +215,30 @@ def test_call_struct_field_order_matches_the_header():
         else:
             mirror.append((name, kinds[ctype]))
     assert mirror == _header_struct_fields()
+
+
+@needs_lib
+def test_python_limits_match_the_core():
+    lim = _core.limits()
+    assert lim["max_ranks"] == cuda_internode.MAX_RANKS_PER_NODE
+    assert lim["max_internode_nodes"] == cuda_internode.MAX_NODES
+
+
+@pytest.mark.parametrize("num_ranks, per_node, num_topk", [(16, 8, 8), (24, 8, 6), (12, 3, 4), (32, 2, 9)])
+def test_torch_dispatch_layout_matches_reference(num_ranks, per_node, num_topk):
+    """The sync-free layout used beyond 8 ranks (the layout kernel's limit) against the reference,
+    with -1 slots and an expert picked twice by one token."""
+    gen = torch.Generator().manual_seed(make_seed())
+    experts_per_rank = 3
+    num_experts = experts_per_rank * num_ranks
+    num_tokens = 77
+    idx = torch.randint(0, num_experts, (num_tokens, num_topk), generator=gen)
+    idx[torch.rand(num_tokens, num_topk, generator=gen) < 0.25] = -1
+    idx[5, :2] = idx[5, 0] if idx[5, 0] >= 0 else 7  # a duplicate expert
+    idx[9] = -1                                       # a token that goes nowhere
+    got = cuda_internode.torch_dispatch_layout(idx, num_experts, num_ranks, per_node)
+    want = ref.layout(idx, num_experts, ref.Topology(num_ranks, per_node))
+    for name, g in zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
+                        "is_token_in_rank"), got):
+        w = want[name]
+        assert g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w), name

@@ -24,9 +24,14 @@ struct NvshmemTransport {
     char* base;  // symmetric address of the LL buffer
     int rank;
     int num_ranks;
+    // 0: load/store to every PE nvshmem_ptr reaches. G > 0: only to PEs in this PE's group of G
+    // consecutive ranks (its node); the others go through NVSHMEM puts and atomics even when they are
+    // P2P-reachable, which runs the network code path on one GPU (tests).
+    int p2p_group;
 
     __device__ __forceinline__ char* local(int64_t offset) const { return base + offset; }
     __device__ __forceinline__ char* peer_ptr(int pe, int64_t offset) const {
+        if (p2p_group > 0 && pe / p2p_group != rank / p2p_group) return nullptr;
         return static_cast<char*>(nvshmem_ptr(base + offset, pe));
     }
 

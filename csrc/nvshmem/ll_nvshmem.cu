@@ -154,6 +154,8 @@ int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t stream) {
 // The internode (two-hop) kernels with the RDMA hop over NVSHMEM. The caller fills
 // call->rdma_local (this PE's symmetric internode region, the same offset on every PE), nvl_peers
 // (the node's NVL regions, CUDA IPC through libdeep_ep_core.so), host_counters and timeout_ns.
+int deep_ep_nvshmem_internode_call_bytes(void) { return static_cast<int>(sizeof(deep_ep_internode_call)); }
+
 int deep_ep_nvshmem_internode_launch(const void* raw_call, uint64_t stream) {
     return guarded([&] {
         const auto* call = static_cast<const deep_ep_internode_call*>(raw_call);
@@ -169,7 +171,18 @@ int deep_ep_nvshmem_internode_launch(const void* raw_call, uint64_t stream) {
         tr.base = static_cast<char*>(call->rdma_local);
         tr.rank = call->rank;
         tr.num_ranks = call->num_ranks;
-        deep_ep::internode::launch(*call, tr, reinterpret_cast<cudaStream_t>(stream));
+        tr.p2p_group = call->nvshmem_p2p_group;
+        // This library's static CUDA runtime keeps its own current device per thread.
+        int previous = -1;
+        DEEP_EP_CUDA_CHECK(cudaGetDevice(&previous));
+        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(call->device));
+        try {
+            deep_ep::internode::launch(*call, tr, reinterpret_cast<cudaStream_t>(stream));
+        } catch (...) {
+            if (previous != call->device) cudaSetDevice(previous);
+            throw;
+        }
+        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(previous));
     });
 }
 

@@ -213,8 +213,22 @@ class CudaEngine:
         if self._rt is None:
             raise RuntimeError("deep_ep CUDA engine: the buffer was destroyed")
 
+    def _note_worst_notify(self, num_worst_tokens: int) -> None:
+        """After a num_worst_tokens notify: remember it, and (outside CUDA-graph capture) an event, so that
+        the next call waits for the notify before reading its overflow flag. Every rank's notify sees
+        the same counts, so every rank then raises alike; without the wait a rank whose notify had not
+        run yet would go on into a collective its peers left."""
+        self._last_worst = num_worst_tokens
+        if not torch.cuda.is_current_stream_capturing():
+            self._worst_event = torch.cuda.Event()
+            self._worst_event.record()
+
     def _check_worst_overflow(self) -> None:
         """Raise for an earlier num_worst_tokens overflow (the kernels flagged it; see the module doc)."""
+        event = getattr(self, "_worst_event", None)
+        if event is not None and not torch.cuda.is_current_stream_capturing():
+            event.synchronize()
+            self._worst_event = None
         value = ctypes.c_int(0)
         _core.check(self._lib.deep_ep_runtime_take_worst_overflow(self._rt, ctypes.byref(value)), "take_worst_overflow")
         if value.value > 0:
@@ -278,7 +292,7 @@ class CudaEngine:
             slots, row_bytes, num_topk, num_scales, expert_alignment, num_worst_tokens), "intranode notify_dispatch")
 
         if num_worst_tokens > 0:
-            self._last_worst = num_worst_tokens
+            self._note_worst_notify(num_worst_tokens)
             num_rows, count_list = num_worst_tokens, []
         else:
             values = (ctypes.c_int * (1 + num_local_experts))()

@@ -45,6 +45,10 @@ _I32 = torch.int32
 
 
 TRANSPORTS = ("peer", "nvshmem")
+# The core's limits (kMaxNvlRanks, kMaxInternodeNodes; a CPU test checks they agree), known without it,
+# so that every rank answers the early questions alike.
+MAX_RANKS_PER_NODE = 8
+MAX_NODES = 16
 
 
 def requested_transport() -> str:
@@ -75,21 +79,31 @@ def probe(comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int,
     num_nodes = R // P
     if num_nodes < 2:
         return False, "one node: the intranode engine applies", "", []
-    lib = _core.load()
-    if lib is None:
-        return False, _core.load_error() or "the compiled core is not available", "", []
-    max_local = _core.limits()["max_ranks"]
-    if P > max_local:
-        return False, f"{P} ranks per node: the internode kernels handle at most {max_local}", "", []
+    if P > MAX_RANKS_PER_NODE:
+        return False, f"{P} ranks per node: the internode kernels handle at most {MAX_RANKS_PER_NODE}", "", []
+    if num_nodes > MAX_NODES:
+        return False, f"{num_nodes} nodes: the internode kernels handle at most {MAX_NODES}", "", []
     if num_rdma_bytes <= 0:
         return False, ("num_rdma_bytes is 0: the internode kernels need an RDMA buffer "
                        "(Config.get_rdma_buffer_size_hint(..., num_ranks_per_node=...))"), "", []
-    request = requested_transport()
-    statuses = comm.all_gather_object(_local_facts(num_nvl_bytes), op="CUDA internode engine probe")
-    for peer, (ok, reason, _) in enumerate(statuses):
+    try:
+        request, request_error = requested_transport(), ""
+    except ValueError as exc:  # raised below on every rank, after the gather
+        request, request_error = "auto", str(exc)
+    ok, reason, facts = _local_facts(num_nvl_bytes)
+    statuses = comm.all_gather_object((ok, reason, facts, request, request_error), op="CUDA internode engine probe")
+    errors = [(p, e) for p, (_, _, _, _, e) in enumerate(statuses) if e]
+    if errors:
+        raise ValueError(f"deep_ep.Buffer: rank {errors[0][0]}: {errors[0][1]}")
+    requests = [r for _, _, _, r, _ in statuses]
+    if len(set(requests)) > 1:
+        raise ValueError(f"deep_ep.Buffer: DEEP_EP_INTERNODE_TRANSPORT must be the same on every rank, got "
+                         f"{requests} by rank")
+    for peer, (ok, reason, _, _, _) in enumerate(statuses):
         if not ok:
             return False, f"rank {peer}: {reason}", "", []
-    facts = [f for _, _, f in statuses]
+    max_local = MAX_RANKS_PER_NODE
+    facts = [f for _, _, f, _, _ in statuses]
     node = comm.rank // P
     members = list(range(node * P, node * P + P))
     single_host = len({f["host"] for f in facts}) == 1
@@ -123,6 +137,27 @@ def probe(comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int,
                   "over CUDA IPC"), "nvshmem", facts
 
 
+def torch_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int):
+    """`get_dispatch_layout` in torch ops that need no CPU sync (CUDA-graph safe): the layout kernel of the
+    core handles at most 8 ranks, so groups beyond that use this. Same outputs as the kernel (and as
+    docs/semantics.md): ``(num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
+    is_token_in_rank)``."""
+    num_tokens = topk_idx.size(0)
+    valid = topk_idx >= 0
+    experts_per_rank = num_experts // num_ranks
+    # -1 goes to an extra column / bin that is cut off (no boolean indexing: that would sync).
+    dst = torch.where(valid, topk_idx // experts_per_rank, torch.full_like(topk_idx, num_ranks))
+    in_rank = torch.zeros((num_tokens, num_ranks + 1), dtype=torch.bool, device=topk_idx.device)
+    in_rank.scatter_(1, dst, True)
+    is_token_in_rank = in_rank[:, :num_ranks].contiguous()
+    per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
+    per_expert.scatter_add_(0, torch.where(valid, topk_idx, torch.full_like(topk_idx, num_experts)).view(-1),
+                            torch.ones(topk_idx.numel(), dtype=torch.int32, device=topk_idx.device))
+    num_nodes = num_ranks // num_ranks_per_node
+    per_node = is_token_in_rank.view(num_tokens, num_nodes, num_ranks_per_node).any(-1).sum(0, dtype=_I32)
+    return is_token_in_rank.sum(0, dtype=_I32), per_node, per_expert[:num_experts], is_token_in_rank
+
+
 class CudaInternodeEngine(CudaEngine):
     """Normal-mode dispatch/combine across nodes with the compiled two-hop kernels.
 
@@ -138,7 +173,8 @@ class CudaInternodeEngine(CudaEngine):
 
     def __init__(self, comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int, num_rdma_bytes: int,
                  transport: str = "peer", timeout_s: Optional[float] = None, num_qps_per_rank: int = 1,
-                 allow_mnnvl: bool = False, single_host: bool = True, nvshmem_heap_bytes: int = 0) -> None:
+                 allow_nvlink: bool = True, allow_mnnvl: bool = False, single_host: bool = True,
+                 nvshmem_heap_bytes: int = 0) -> None:
         if comm.size % num_ranks_per_node != 0 or comm.size // num_ranks_per_node < 2:
             raise ValueError(f"CudaInternodeEngine: {comm.size} ranks do not form >= 2 nodes of "
                              f"{num_ranks_per_node}")
@@ -151,6 +187,9 @@ class CudaInternodeEngine(CudaEngine):
         self.num_rdma_bytes = num_rdma_bytes
         self._nv = None
         self._nv_ptr = 0
+        # Test knob: the RDMA hop between nodes never takes NVSHMEM's load/store shortcut, so the network
+        # code path (staged puts, quiet, atomic signals) runs even on one GPU.
+        self._p2p_group = num_ranks_per_node if os.environ.get("DEEP_EP_INTERNODE_FORCE_NETWORK", "0") == "1" else 0
         node = comm.rank // num_ranks_per_node
         if transport == "peer":
             self._open(comm, num_nvl_bytes, num_nvl_bytes + num_rdma_bytes, timeout_s)
@@ -161,18 +200,21 @@ class CudaInternodeEngine(CudaEngine):
         self._counter_forwarded = _core.limits()["num_host_counters"] - 1  # kCounterRdmaRecvTokens
         if transport == "nvshmem":
             try:
-                self._open_nvshmem(num_qps_per_rank, allow_mnnvl, single_host, max(nvshmem_heap_bytes, num_rdma_bytes))
+                self._open_nvshmem(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host,
+                                   max(nvshmem_heap_bytes, num_rdma_bytes))
             except BaseException:
                 super().destroy(collective=False)
                 raise
 
-    def _open_nvshmem(self, num_qps_per_rank: int, allow_mnnvl: bool, single_host: bool, heap_bytes: int) -> None:
+    def _open_nvshmem(self, num_qps_per_rank: int, allow_nvlink: bool, allow_mnnvl: bool, single_host: bool,
+                      heap_bytes: int) -> None:
         """NVSHMEM world over the group, the symmetric RDMA region, and the pointers every launch passes."""
         nv = _core.load_nvshmem()
         if nv is None:
             raise _core.CoreError(_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available")
+        _core.check_internode_call_size(nv, nvshmem=True)
         self._nv = nv
-        _nvshmem.apply_env_defaults(num_qps_per_rank, True, allow_mnnvl, single_host, heap_bytes)
+        _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, heap_bytes)
         _nvshmem.bootstrap(self.comm, nv, self.device.index)
         ptr = ctypes.c_uint64(0)
         _core.check_nvshmem(nv.deep_ep_nvshmem_alloc(self.num_rdma_bytes, ctypes.byref(ptr)),
@@ -210,6 +252,8 @@ class CudaInternodeEngine(CudaEngine):
         c.num_max_rdma_send = config.num_max_rdma_chunked_send_tokens
         c.num_max_nvl_send = config.num_max_nvl_chunked_send_tokens
         c.expert_alignment = 1
+        c.device = self.device.index
+        c.nvshmem_p2p_group = self._p2p_group
         return c
 
     def _launch(self, call: _core.InternodeCall, what: str) -> None:
@@ -248,6 +292,9 @@ class CudaInternodeEngine(CudaEngine):
 
     # ------------------------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        if self.num_ranks > MAX_RANKS_PER_NODE:  # beyond the layout kernel's 8 ranks
+            self._enter(topk_idx)
+            return torch_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
         per_rank, _, per_expert, in_rank = super().get_dispatch_layout(topk_idx, num_experts)
         num_tokens = in_rank.size(0)
         per_node = in_rank.view(num_tokens, self.num_nodes, self.num_ranks_per_node).any(-1).sum(0, dtype=_I32)
@@ -302,7 +349,7 @@ class CudaInternodeEngine(CudaEngine):
         self._launch(c, "internode notify")
 
         if num_worst_tokens > 0:
-            self._last_worst = num_worst_tokens
+            self._note_worst_notify(num_worst_tokens)
             num_rows, nvl_rows, count_list = num_worst_tokens, P * num_worst_tokens, []
         else:
             values = (ctypes.c_int * (1 + num_local_experts))()

@@ -57,7 +57,8 @@ CASES: List[Case] = [
 
 
 def _device(rank: int) -> torch.device:
-    return torch.device("cuda", rank % torch.cuda.device_count())
+    """This rank's GPU: LOCAL_RANK (set by multi-node launchers) or the rank, modulo the devices."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
 
 def _routing(case: Case, num_tokens: int, num_ranks: int, gen: torch.Generator) -> torch.Tensor:

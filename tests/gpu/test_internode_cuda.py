@@ -9,7 +9,7 @@ output and all 10 handle fields are compared bit for bit with the portable engin
 (``internode_cases.py``), plus a CUDA-graph captured ``num_worst_tokens`` dispatch on 2 x 2.
 
 Runs under pytest, or as a script without pytest (the device check uses that when pytest is missing):
-``python tests/gpu/test_internode_cuda.py [NODESxRANKS[:TRANSPORT] ...]``, e.g. ``2x2 4x2 2x2:nvshmem``.
+``python tests/gpu/test_internode_cuda.py [NODESxRANKS[:TRANSPORT] ...]``, e.g. ``2x2 4x2 2x2:nvshmem-net``.
 """
 
 import os
@@ -26,24 +26,37 @@ from dist_utils import make_seed, run_ranks  # noqa: E402
 from internode_cases import CASES, internode_worker  # noqa: E402
 
 # (nodes, ranks per node, transport): the issue's three layouts, one rank per node, an odd node size
-# (3 ranks: a team of 5 warps and an idle warp), and 2 x 2 with the RDMA hop over NVSHMEM.
-LAYOUTS = [(2, 2, "peer"), (2, 4, "peer"), (4, 2, "peer"), (4, 1, "peer"), (2, 3, "peer"), (2, 2, "nvshmem")]
+# (3 ranks: a team of 5 warps and an idle warp), and 2 x 2 with the RDMA hop over NVSHMEM, once with
+# NVSHMEM's load/store shortcut between the virtual nodes and once ("nvshmem-net") without it
+# (DEEP_EP_INTERNODE_FORCE_NETWORK=1: staged puts, quiet and atomic signals, the real multi-node path).
+LAYOUTS = [(2, 2, "peer"), (2, 4, "peer"), (4, 2, "peer"), (4, 1, "peer"), (2, 3, "peer"), (2, 2, "nvshmem"),
+           (2, 2, "nvshmem-net")]
+# NVSHMEM on one GPU without a NIC (as tests/gpu/test_ll_cuda.py): forced, whatever the image exports.
+NVSHMEM_TEST_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_DISABLE_NVLS": "1",
+                    "NVSHMEM_DISABLE_NCCL": "1", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
 
 
-def _skip_reason():
+def _skip_reason(transport: str = "peer"):
     if not torch.cuda.is_available():
         return "no CUDA device"
     from deep_ep import _core
     if _core.load() is None:
         return _core.load_error()
+    if transport.startswith("nvshmem") and _core.load_nvshmem() is None:
+        return _core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available"
     return None
 
 
 def check_layout(num_nodes: int, ranks_per_node: int, transport: str, extras: bool) -> None:
     seed = make_seed()
     num_ranks = num_nodes * ranks_per_node
+    env = {"DEEP_EP_TIMEOUT_S": "60", "DEEP_EP_INTERNODE_TRANSPORT": transport.split("-")[0]}
+    if transport.startswith("nvshmem"):
+        env.update(NVSHMEM_TEST_ENV)
+    if transport == "nvshmem-net":
+        env["DEEP_EP_INTERNODE_FORCE_NETWORK"] = "1"
     failures = run_ranks(internode_worker, num_ranks, seed, CASES, extras, ranks_per_node=ranks_per_node,
-                         timeout_s=300, env={"DEEP_EP_TIMEOUT_S": "60", "DEEP_EP_INTERNODE_TRANSPORT": transport})
+                         timeout_s=300, env=env)
     report = [line for per_rank in failures for line in per_rank]
     assert not report, f"{len(report)} mismatches ({num_nodes}x{ranks_per_node} over {transport}, seed {seed}):\n" + \
         "\n".join(report[:60])
@@ -60,6 +73,9 @@ if pytest is not None:
     @pytest.mark.parametrize("num_nodes, ranks_per_node, transport", LAYOUTS,
                              ids=[f"{n}x{p}-{t}" for n, p, t in LAYOUTS])
     def test_internode_matches_portable(num_nodes, ranks_per_node, transport):
+        reason = _skip_reason(transport)
+        if reason is not None:
+            pytest.skip(reason)
         check_layout(num_nodes, ranks_per_node, transport, extras=(num_nodes, ranks_per_node, transport) == (2, 2, "peer"))
 
 
@@ -75,6 +91,9 @@ if __name__ == "__main__":
         layouts.append((n, p, transport or "peer"))
     failed = 0
     for n, p, t in layouts or LAYOUTS:
+        if _skip_reason(t) is not None:
+            print(f"SKIP internode {n}x{p} over {t}: {_skip_reason(t)}")
+            continue
         try:
             check_layout(n, p, t, extras=(n, p, t) == (2, 2, "peer"))
             print(f"PASS internode {n}x{p} over {t}")
