@@ -526,7 +526,7 @@ __device__ void dispatch_receiver(const Args<Tr>& a, int channel) {
     __shared__ volatile int s_tail[kMaxInternodeLocalRanks];
     const deep_ep_internode_call& c = a.c;
     const InternodeLayout& l = a.l;
-    const int P = c.num_ranks_per_node, NN = l.num_nodes, C = l.num_channels, me_local = my_local(a);
+    const int P = c.num_ranks_per_node, NN = l.num_nodes, me_local = my_local(a);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int team_warps = kNumInternodeWarps / P;
     const int i = warp / team_warps, wit = warp % team_warps;
@@ -600,7 +600,7 @@ __device__ void combine_nvl_sender(const Args<Tr>& a, int channel) {
     __shared__ volatile int s_chunk[kMaxInternodeLocalRanks];
     const deep_ep_internode_call& c = a.c;
     const InternodeLayout& l = a.l;
-    const int P = c.num_ranks_per_node, NN = l.num_nodes, C = l.num_channels, me_local = my_local(a);
+    const int P = c.num_ranks_per_node, NN = l.num_nodes, me_local = my_local(a);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int team_warps = kNumInternodeWarps / P;
     const int i = warp / team_warps, wit = warp % team_warps;

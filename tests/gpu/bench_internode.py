@@ -24,7 +24,7 @@ for _p in (_HERE, os.path.dirname(_HERE), os.path.dirname(os.path.dirname(_HERE)
 
 import torch  # noqa: E402
 
-from bench_intranode import _timed, copy_bandwidth  # noqa: E402
+from bench_intranode import copy_bandwidth, run_ops  # noqa: E402
 from dist_utils import run_ranks  # noqa: E402
 
 
@@ -33,31 +33,13 @@ def bench_worker(rank, num_ranks, group, args):
     torch.cuda.set_device(rank % torch.cuda.device_count())
     os.environ["DEEP_EP_ENGINE"] = "cuda"
     config = deep_ep.Config(args.num_sms, args.nvl_chunk, args.nvl_ring, args.rdma_chunk, args.rdma_ring)
-    hidden, tokens = args.hidden, args.tokens
     per_node = int(os.environ["DEEP_EP_RANKS_PER_NODE"])
-    nvl = config.get_nvl_buffer_size_hint(hidden * 2, num_ranks, num_ranks_per_node=per_node)
-    rdma = config.get_rdma_buffer_size_hint(hidden * 2, num_ranks, num_ranks_per_node=per_node)
+    nvl = config.get_nvl_buffer_size_hint(args.hidden * 2, num_ranks, num_ranks_per_node=per_node)
+    rdma = config.get_rdma_buffer_size_hint(args.hidden * 2, num_ranks, num_ranks_per_node=per_node)
     buffer = deep_ep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, explicitly_destroy=True)
     assert buffer.engine == "cuda" and buffer.num_nodes > 1, buffer.engine_reason
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
-    scores = torch.rand(tokens, args.experts, device="cuda", generator=gen)
-    topk_idx = scores.topk(args.topk, dim=1).indices.to(torch.int64)
-    topk_weights = torch.rand(tokens, args.topk, device="cuda", generator=gen)
-    lay = buffer.get_dispatch_layout(topk_idx, args.experts)
-    kwargs = dict(num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
-                  num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=topk_weights, config=config)
-    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, **kwargs)
-    y = recv_x.clone()
-    comm = buffer._comm
-    results = {}
-    results["dispatch_s"] = _timed(lambda: buffer.dispatch(x, **kwargs), args.iters, comm)
-    results["cached_dispatch_s"] = _timed(lambda: buffer.dispatch(x, handle=handle, config=config), args.iters, comm)
-    results["combine_s"] = _timed(lambda: buffer.combine(y, handle, topk_weights=recv_w, config=config), args.iters,
-                                  comm)
-    row_bytes = hidden * 2
-    results["recv_bytes"] = recv_x.size(0) * row_bytes
-    results["rdma_bytes"] = int(handle[4][-1]) * row_bytes
+    results, handle = run_ops(buffer, rank, args, config)
+    results["rdma_bytes"] = int(handle[4][-1]) * args.hidden * 2  # rows this rank forwarded
     buffer.destroy()
     return results
 

@@ -57,18 +57,25 @@ def bench_worker(rank, num_ranks, group, args):
     torch.cuda.set_device(rank % torch.cuda.device_count())
     os.environ["DEEP_EP_ENGINE"] = "cuda"
     config = deep_ep.Config(args.num_sms, 6, args.ring, 6, 128)
-    hidden, tokens = args.hidden, args.tokens
-    need = max(config.get_nvl_buffer_size_hint(hidden * 2, num_ranks), 1 << 20)
+    need = max(config.get_nvl_buffer_size_hint(args.hidden * 2, num_ranks), 1 << 20)
     buffer = deep_ep.Buffer(group, num_nvl_bytes=(need + 127) // 128 * 128, explicitly_destroy=True)
     assert buffer.engine == "cuda", buffer.engine_reason
+    results, _ = run_ops(buffer, rank, args, config)
+    buffer.destroy()
+    return results
+
+
+def run_ops(buffer, rank: int, args, config):
+    """Inputs from a seed, one checked-free warm dispatch, then timed dispatch, cached dispatch and
+    combine on `buffer` (shared with bench_internode.py). Returns (timings and received bytes, handle)."""
     gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
-    scores = torch.rand(tokens, args.experts, device="cuda", generator=gen)
+    x = torch.randn(args.tokens, args.hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    scores = torch.rand(args.tokens, args.experts, device="cuda", generator=gen)
     topk_idx = scores.topk(args.topk, dim=1).indices.to(torch.int64)
-    topk_weights = torch.rand(tokens, args.topk, device="cuda", generator=gen)
+    topk_weights = torch.rand(args.tokens, args.topk, device="cuda", generator=gen)
     lay = buffer.get_dispatch_layout(topk_idx, args.experts)
-    kwargs = dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
-                  topk_idx=topk_idx, topk_weights=topk_weights, config=config)
+    kwargs = dict(num_tokens_per_rank=lay[0], num_tokens_per_rdma_rank=lay[1], is_token_in_rank=lay[3],
+                  num_tokens_per_expert=lay[2], topk_idx=topk_idx, topk_weights=topk_weights, config=config)
     recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, **kwargs)
     y = recv_x.clone()
     comm = buffer._comm
@@ -78,8 +85,7 @@ def bench_worker(rank, num_ranks, group, args):
     results["combine_s"] = _timed(lambda: buffer.combine(y, handle, topk_weights=recv_w, config=config), args.iters,
                                   comm)
     results["recv_bytes"] = recv_x.numel() * recv_x.element_size()
-    buffer.destroy()
-    return results
+    return results, handle
 
 
 def main() -> int:

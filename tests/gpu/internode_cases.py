@@ -18,7 +18,7 @@ import torch
 
 import intranode_cases
 from intranode_cases import HANDLE_FIELDS_MULTI_NODE as HANDLE_FIELDS  # noqa: F401 (re-exported)
-from intranode_cases import Case, Checker, _bf16, _device, build_inputs
+from intranode_cases import Case, Checker, _bf16, _combine_inputs, _device, build_inputs
 
 NVL_BYTES = 48 << 20
 RDMA_BYTES = 48 << 20
@@ -65,18 +65,6 @@ def _check_dispatch(chk: Checker, out_c, out_p) -> None:
              f"got {type(out_c[4]).__name__} of {len(out_c[4]) if isinstance(out_c[4], tuple) else '?'}")
     for name, g, w in zip(HANDLE_FIELDS, out_c[4], out_p[4]):
         chk.equal(f"handle.{name}", g, w)
-
-
-def _combine_inputs(case: Case, rows: int, tokens: int, seed: int, device: torch.device, weights):
-    gen = torch.Generator().manual_seed(seed)
-    y = _bf16((rows, case.hidden), gen, case.wide).to(device)
-    bias = None
-    if case.bias == "one":
-        bias = _bf16((tokens, case.hidden), gen, case.wide).to(device)
-    elif case.bias == "pair":
-        bias = (_bf16((tokens, case.hidden), gen, case.wide).to(device),
-                _bf16((tokens, case.hidden), gen, case.wide).to(device))
-    return y, weights, bias
 
 
 def run_case(bufs, rank: int, num_ranks: int, case: Case, seed: int, chk: Checker) -> None:

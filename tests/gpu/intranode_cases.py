@@ -162,10 +162,13 @@ HANDLE_FIELDS_MULTI_NODE = ("is_token_in_rank", "rdma_channel_prefix_matrix", "g
                             "send_rdma_head", "send_nvl_head")
 
 
-def _combine_inputs(case: Case, rows: int, tokens: int, seed: int, device: torch.device):
+def _combine_inputs(case: Case, rows: int, tokens: int, seed: int, device: torch.device, weights=None):
+    """Combine inputs: rows, top-k weights (random, or ``weights`` when given) and the case's biases."""
     gen = torch.Generator().manual_seed(seed)
     y = _bf16((rows, case.hidden), gen, case.wide).to(device)
     w = torch.rand(rows, case.num_topk, generator=gen).to(device) if case.with_topk else None
+    if weights is not None:
+        w = weights
     bias = None
     if case.bias == "one":
         bias = _bf16((tokens, case.hidden), gen, case.wide).to(device)

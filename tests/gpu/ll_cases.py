@@ -24,6 +24,10 @@ import torch
 
 from intranode_cases import Checker, _device
 
+# NVSHMEM on one GPU without a NIC: forced in the ranks, whatever the machine image exports.
+NVSHMEM_TEST_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_DISABLE_NVLS": "1",
+                    "NVSHMEM_DISABLE_NCCL": "1", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
+
 
 @dataclass(frozen=True)
 class LLCase:

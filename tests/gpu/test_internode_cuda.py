@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from dist_utils import make_seed, run_ranks  # noqa: E402
 from internode_cases import CASES, internode_worker  # noqa: E402
+from ll_cases import NVSHMEM_TEST_ENV  # noqa: E402
 
 # (nodes, ranks per node, transport): the three layouts, one rank per node, an odd node size
 # (3 ranks: a team of 5 warps and an idle warp), and 2 x 2 with the RDMA hop over NVSHMEM, once with
@@ -31,9 +32,6 @@ from internode_cases import CASES, internode_worker  # noqa: E402
 # (DEEP_EP_INTERNODE_FORCE_NETWORK=1: staged puts, quiet and atomic signals, the real multi-node path).
 LAYOUTS = [(2, 2, "peer"), (2, 4, "peer"), (4, 2, "peer"), (4, 1, "peer"), (2, 3, "peer"), (2, 2, "nvshmem"),
            (2, 2, "nvshmem-net")]
-# NVSHMEM on one GPU without a NIC (as tests/gpu/test_ll_cuda.py): forced, whatever the image exports.
-NVSHMEM_TEST_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_DISABLE_NVLS": "1",
-                    "NVSHMEM_DISABLE_NCCL": "1", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
 
 
 def _skip_reason(transport: str = "peer"):

@@ -25,12 +25,10 @@ for _p in (_HERE, os.path.dirname(_HERE), os.path.dirname(os.path.dirname(_HERE)
 import torch  # noqa: E402
 
 from dist_utils import make_seed, run_ranks  # noqa: E402
-from ll_cases import LL_CASES, buffer_worker, ll_worker  # noqa: E402
+from ll_cases import LL_CASES, NVSHMEM_TEST_ENV, buffer_worker, ll_worker  # noqa: E402
 
 # Several PEs on one GPU: NVSHMEM's P2P transport only (TESTING-ON-THESE-MACHINES.md §1.3); the rest of
 # NVSHMEM's environment comes from deep_ep._nvshmem.apply_env_defaults (single_host=True).
-NVSHMEM_TEST_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_DISABLE_NVLS": "1",
-                    "NVSHMEM_DISABLE_NCCL": "1", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
 
 
 def _skip_reason(transport: str = "peer"):
