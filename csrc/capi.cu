@@ -24,7 +24,10 @@ thread_local std::string g_last_error;
 
 template <typename F>
 int guarded(F&& body) {
-    return deep_ep::capi_guarded(g_last_error, "deep_ep core", std::forward<F>(body));
+    return deep_ep::capi_guarded(g_last_error, "deep_ep core", [&] {
+        deep_ep::clear_stale_cuda_error();  // an error this entry point reports is its own
+        std::forward<F>(body)();
+    });
 }
 
 deep_ep::Runtime* as_runtime(void* rt) {
@@ -99,6 +102,23 @@ int deep_ep_core_limits(int* limits, int num_limits) {
     const int n = static_cast<int>(sizeof(values) / sizeof(values[0]));
     for (int i = 0; i < num_limits && i < n; ++i) limits[i] = values[i];
     return 0;
+}
+
+int deep_ep_core_host_replay_launch_check(const int* script, int n) {
+    static thread_local const int* t_script = nullptr;
+    static thread_local int t_left = 0;
+    t_script = script;
+    t_left = n;
+    deep_ep::PendingErrorSource& source = deep_ep::pending_error_source();
+    const deep_ep::PendingErrorSource real = source;
+    source = [] {
+        if (t_left <= 0) return cudaSuccess;
+        --t_left;
+        return static_cast<cudaError_t>(*t_script++);
+    };
+    const int rc = guarded([] { DEEP_EP_CHECK_LAUNCH(replayed_kernel); });
+    source = real;
+    return rc;
 }
 
 int deep_ep_core_device_count(int* count) {
@@ -513,9 +533,33 @@ void deep_ep_ll_host_logfmt10_round(const uint16_t* x, int n, uint16_t* out) {
 int deep_ep_ll_host_pack_signal(int epoch, int count) { return deep_ep::ll::pack_signal(epoch, count); }
 int deep_ep_ll_host_next_epoch(int epoch) { return deep_ep::ll::next_epoch(epoch); }
 
+// Host replays of the kernels' per-call workspace bookkeeping (low_latency.cuh), for the CPU tests.
+int deep_ep_ll_host_begin_slot(int32_t* workspace, const deep_ep_ll_call* call) {
+    return guarded([&] {
+        deep_ep::host_check(workspace != nullptr && call != nullptr, "deep_ep_ll_host_begin_slot: null argument");
+        const deep_ep::ll::Workspace ws(call->num_max_tokens, call->num_experts, call->num_ranks);
+        deep_ep::ll::begin_slot_call(workspace, ws, call->slot, 0, 1);
+    });
+}
+
+int deep_ep_ll_host_publish_counts(int32_t* workspace, const deep_ep_ll_call* call, int local_expert) {
+    return guarded([&] {
+        deep_ep::host_check(workspace != nullptr && call != nullptr, "deep_ep_ll_host_publish_counts: null argument");
+        const deep_ep::ll::Workspace ws(call->num_max_tokens, call->num_experts, call->num_ranks);
+        workspace[ws.ready(call->slot) + local_expert] = deep_ep::ll::ready_value(workspace[call->slot]);
+    });
+}
+
+int deep_ep_ll_host_counts_published(const int32_t* workspace, const deep_ep_ll_call* call, int local_expert) {
+    const deep_ep::ll::Workspace ws(call->num_max_tokens, call->num_experts, call->num_ranks);
+    return deep_ep::ll::counts_published(workspace[ws.ready(call->slot) + local_expert], workspace[call->slot]) ? 1 : 0;
+}
+
 int deep_ep_ll_prepare(const deep_ep_ll_call* call, uint64_t stream) {
     return guarded([&] {
         deep_ep::host_check(call != nullptr, "deep_ep_ll_prepare: null call");
+        deep_ep::ll::check_call(*call);  // argument errors before any CUDA call
+        deep_ep::DeviceGuard guard(call->device);
         deep_ep::ll::prepare(*call, as_stream(stream));
     });
 }
@@ -527,6 +571,11 @@ int deep_ep_ll_peer_send(void* rt, const deep_ep_ll_call* call, uint64_t stream)
         deep_ep::host_check(runtime->num_ranks() == call->num_ranks && runtime->rank() == call->rank,
                             "deep_ep_ll_peer_send: the runtime's ranks do not match the call");
         deep_ep::host_check(call->buffer == runtime->data(), "deep_ep_ll_peer_send: call->buffer is not the runtime's buffer");
+        deep_ep::ll::check_call(*call);
+        deep_ep::host_check(call->device == runtime->device(), "deep_ep_ll_peer_send: the call's device " +
+                                                                   std::to_string(call->device) + " is not the runtime's " +
+                                                                   std::to_string(runtime->device()));
+        deep_ep::DeviceGuard guard(runtime->device());
         const deep_ep::PeerBuffers& peers = runtime->peers();
         deep_ep::transport::PeerTransport tr{};
         for (int r = 0; r < runtime->num_ranks(); ++r) tr.base[r] = static_cast<char*>(peers.data[r]);
@@ -539,6 +588,8 @@ int deep_ep_ll_peer_send(void* rt, const deep_ep_ll_call* call, uint64_t stream)
 int deep_ep_ll_receive(const deep_ep_ll_call* call, uint64_t stream) {
     return guarded([&] {
         deep_ep::host_check(call != nullptr, "deep_ep_ll_receive: null call");
+        deep_ep::ll::check_call(*call);  // argument errors before any CUDA call
+        deep_ep::DeviceGuard guard(call->device);
         deep_ep::ll::receive(*call, as_stream(stream));
     });
 }

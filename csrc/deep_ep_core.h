@@ -146,6 +146,11 @@ DEEP_EP_CORE_API int64_t deep_ep_host_intranode_layout(int num_ranks, int num_ch
                                                        int num_local_experts, int64_t row_bytes, int num_topk,
                                                        int num_scales, int is_combine, int64_t* offsets,
                                                        int num_offsets);
+/* The launch check as every entry point runs it (clear the pending error on entry, launch, check),
+ * replayed with `script[0..n)` standing in for successive cudaGetLastError results (cudaError_t
+ * values; cudaSuccess after the script) and no real launch: returns 0, or -1 with the message in
+ * deep_ep_core_last_error. For the CPU tests of the error reporting. */
+DEEP_EP_CORE_API int deep_ep_core_host_replay_launch_check(const int* script, int n);
 
 #ifdef __cplusplus
 }

@@ -34,8 +34,10 @@ extern "C" {
  *   [E, E + T_max*K)           position of pair (t, k) in its expert's block (valid pairs only)
  *   [E + T_max*K, + E*T_max)   token of each (expert, position) (dispatch send list)
  *   [.., + E_loc*R)            received counts of the dispatch receiver (published by part 0)
- * and, before the two slots, DEEP_EP_LL_WS_HEADER words: epoch[2], ready[2] flags per local expert
- * follow the slots (E_loc words per slot). deep_ep_ll_workspace_words gives the total. */
+ *   [.., + E_loc)              "counts published" word per local expert: cleared by every call's prepare,
+ *                              set by part 0 of the dispatch receive (low_latency.cuh, begin_slot_call)
+ * and, before the two slots, DEEP_EP_LL_WS_HEADER words: epoch[2]. deep_ep_ll_workspace_words gives the
+ * total. */
 #define DEEP_EP_LL_WS_HEADER 32
 
 typedef struct deep_ep_ll_call {
@@ -45,6 +47,7 @@ typedef struct deep_ep_ll_call {
     int32_t num_tokens, num_max_tokens, hidden, num_experts, num_topk;
     int32_t use_fp8, round_scale, use_ue8m0, use_logfmt, zero_copy, shrink;
     int32_t num_sms;        /* SMs of the device (sizes the grids) */
+    int32_t device;         /* CUDA device of the buffer and the stream: every entry point makes it current */
     uint64_t timeout_ns;
     /* LL buffer: local base (symmetric for NVSHMEM) and the layout offsets of both slots */
     void* buffer;
@@ -79,6 +82,14 @@ DEEP_EP_LL_API int64_t deep_ep_ll_workspace_words(int num_max_tokens, int num_ex
  * send offset 0, 1, recv offset 0, 1, total bytes, dispatch message bytes, combine message bytes.
  * Returns 0, or -1 on bad arguments. */
 DEEP_EP_LL_API int deep_ep_ll_layout(int num_max_tokens, int hidden, int num_experts, int64_t* out, int num_out);
+/* Host replays of the kernels' per-call workspace bookkeeping (the same functions), for CPU tests, on a
+ * host copy of the workspace: begin_slot = what the prepare kernel does to the slot's words (epoch bump,
+ * ready words cleared); publish_counts = what part 0 of the dispatch receive stores once the counts of
+ * `local_expert` are written; counts_published = 1 when the receive's other blocks would stop waiting. */
+DEEP_EP_LL_API int deep_ep_ll_host_begin_slot(int32_t* workspace, const deep_ep_ll_call* call);
+DEEP_EP_LL_API int deep_ep_ll_host_publish_counts(int32_t* workspace, const deep_ep_ll_call* call, int local_expert);
+DEEP_EP_LL_API int deep_ep_ll_host_counts_published(const int32_t* workspace, const deep_ep_ll_call* call,
+                                                    int local_expert);
 /* Signal word of (epoch, count) and the epoch after `epoch` (host copies of the device math). */
 DEEP_EP_LL_API int deep_ep_ll_host_pack_signal(int epoch, int count);
 DEEP_EP_LL_API int deep_ep_ll_host_next_epoch(int epoch);

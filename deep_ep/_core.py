@@ -100,6 +100,7 @@ _SIGNATURES: Dict[str, Any] = {
     "deep_ep_runtime_peer_ptr": (_i32, [_vp, _i32, ctypes.POINTER(_u64)]),
     "deep_ep_runtime_device_counters": (_i32, [_vp, ctypes.POINTER(_u64)]),
     "deep_ep_runtime_reset_recv_counters": (_i32, [_vp, _i32]),
+    "deep_ep_core_host_replay_launch_check": (_i32, [_vp, _i32]),
     "deep_ep_host_internode_layout": (
         _i32, [_i32, _i32, _i32, _i32, _i32, _i32, _i64, _i32, _i32, _i32, ctypes.POINTER(_i64), _i32,
                ctypes.POINTER(_i64), _i32]),
@@ -111,6 +112,9 @@ _SIGNATURES: Dict[str, Any] = {
     "deep_ep_ll_host_logfmt10_round": (None, [_vp, _i32, _vp]),
     "deep_ep_ll_host_pack_signal": (_i32, [_i32, _i32]),
     "deep_ep_ll_host_next_epoch": (_i32, [_i32]),
+    "deep_ep_ll_host_begin_slot": (_i32, [_vp, _vp]),
+    "deep_ep_ll_host_publish_counts": (_i32, [_vp, _vp, _i32]),
+    "deep_ep_ll_host_counts_published": (_i32, [_vp, _vp, _i32]),
     "deep_ep_ll_prepare": (_i32, [_vp, _u64]),
     "deep_ep_ll_peer_send": (_i32, [_vp, _vp, _u64]),
     "deep_ep_ll_receive": (_i32, [_vp, _u64]),
@@ -138,7 +142,7 @@ class LLCall(ctypes.Structure):
     """Mirror of ``deep_ep_ll_call`` (csrc/deep_ep_ll.h); its size is checked against the library's."""
     _fields_ = [(name, ctypes.c_int32) for name in (
         "kind", "rank", "num_ranks", "slot", "num_tokens", "num_max_tokens", "hidden", "num_experts", "num_topk",
-        "use_fp8", "round_scale", "use_ue8m0", "use_logfmt", "zero_copy", "shrink", "num_sms")] + [
+        "use_fp8", "round_scale", "use_ue8m0", "use_logfmt", "zero_copy", "shrink", "num_sms", "device")] + [
         ("timeout_ns", ctypes.c_uint64), ("buffer", ctypes.c_void_p),
         ("signaling_offset", ctypes.c_int64 * 2), ("send_offset", ctypes.c_int64 * 2),
         ("recv_offset", ctypes.c_int64 * 2), ("dispatch_msg_bytes", ctypes.c_int64),

@@ -189,7 +189,11 @@ class LowLatencyLayout:
     """DeepEP V1's low-latency RDMA buffer layout: ``[sig0][sig1][send0][send1][recv0][recv1]``.
 
     All sizes in bytes. The combine send area of slot ``i`` starts at ``send_offset(i)`` and holds
-    ``[E_local, num_ranks * T, combine_msg]``.
+    ``[E_local, num_ranks * T, combine_msg]``. Every region is rounded up to 128 bytes (DeepEP's sizes
+    are not: ``E * T`` combine messages of ``260 * hidden / 128`` bytes need not be a multiple of 16,
+    which would misalign the next region for the kernels' 16-byte accesses); the two layouts agree
+    whenever DeepEP's regions are multiples of 128, as in every common shape. The compiled kernels use
+    the same layout (``csrc/kernels/low_latency.cuh``, compared by ``tests/test_core_host_ll.py``).
     """
 
     num_max_dispatch_tokens_per_rank: int
@@ -215,12 +219,12 @@ class LowLatencyLayout:
     @property
     def send_bytes(self) -> int:
         t, e = self.num_max_dispatch_tokens_per_rank, self.num_experts
-        return max(t * self.dispatch_msg_bytes, e * t * self.combine_msg_bytes)
+        return _align(max(t * self.dispatch_msg_bytes, e * t * self.combine_msg_bytes))
 
     @property
     def recv_bytes(self) -> int:
         t, e = self.num_max_dispatch_tokens_per_rank, self.num_experts
-        return max(e * t * self.dispatch_msg_bytes, e * t * self.combine_msg_bytes)
+        return _align(max(e * t * self.dispatch_msg_bytes, e * t * self.combine_msg_bytes))
 
     @property
     def total_bytes(self) -> int:

@@ -158,8 +158,10 @@ def _ll_hint(num_tokens, hidden, num_experts):
     num_scales = hidden // 128
     dispatch_msg = 16 + max(hidden * 2, hidden + num_scales * 4)
     combine_msg = num_scales * 4 + hidden * 2
-    send = max(num_tokens * dispatch_msg, num_experts * num_tokens * combine_msg)
-    recv = max(num_experts * num_tokens * dispatch_msg, num_experts * num_tokens * combine_msg)
+    # DeepEP's region sizes, each rounded up to 128 bytes (deep_ep keeps every region 128-byte aligned;
+    # DeepEP's value whenever its regions are already multiples of 128, as in the examples below)
+    send = _round_up(max(num_tokens * dispatch_msg, num_experts * num_tokens * combine_msg), 128)
+    recv = _round_up(max(num_experts * num_tokens * dispatch_msg, num_experts * num_tokens * combine_msg), 128)
     signaling = _round_up(num_experts * 4, 128)
     total = 2 * signaling + 2 * send + 2 * recv
     return (total + 128) // 128 * 128  # next multiple of 128 strictly above

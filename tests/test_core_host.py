@@ -120,6 +120,35 @@ def test_core_calls_fail_cleanly_without_gpu():
         _core.check(rc, "runtime_create")
 
 
+# cudaError_t values (driver_types.h; stable across CUDA 12 and 13)
+_CUDA_ERROR_INVALID_VALUE = 1
+_CUDA_ERROR_MEMORY_ALLOCATION = 2
+_CUDA_ERROR_INVALID_CONFIGURATION = 9
+
+
+def _replay_launch_check(*script: int):
+    values = (ctypes.c_int * max(1, len(script)))(*script)
+    return LIB.deep_ep_core_host_replay_launch_check(values, len(script)), _core.last_error()
+
+
+@needs_lib
+def test_launch_check_ignores_errors_left_by_earlier_calls():
+    """An entry point's launch check reports its own launch's error, never one left pending on the thread
+    by earlier work (a teardown, an ignored call): the replay runs the entry points' wrapper and the check
+    with a scripted cudaGetLastError (first value: pending at entry; second: after the launch)."""
+    rc, err = _replay_launch_check(_CUDA_ERROR_INVALID_VALUE, 0)
+    assert rc == 0, f"a stale error was reported as the launch's: {err}"
+    rc, err = _replay_launch_check(_CUDA_ERROR_MEMORY_ALLOCATION, _CUDA_ERROR_INVALID_CONFIGURATION)
+    assert rc == -1 and "cudaErrorInvalidConfiguration" in err and "cudaErrorMemoryAllocation" not in err, err
+
+
+@needs_lib
+def test_launch_check_names_the_kernel():
+    rc, err = _replay_launch_check(0, _CUDA_ERROR_INVALID_CONFIGURATION)
+    assert rc == -1 and "launch of replayed_kernel failed with cudaErrorInvalidConfiguration" in err, err
+    assert _replay_launch_check()[0] == 0
+
+
 @needs_lib
 def test_runtime_argument_errors_name_the_value():
     rt = ctypes.c_void_p()

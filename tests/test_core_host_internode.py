@@ -180,13 +180,13 @@ def test_internode_engine_unavailable_without_gpu():
     assert len({tuple(r[-1]) for r in results}) == 1, "every rank must raise the same error"
 
 
-def _header_struct_fields():
-    """(name, kind) of every field of deep_ep_internode_call in csrc/deep_ep_internode.h, in order."""
+def _header_struct_fields(header: str = "deep_ep_internode.h", struct: str = "deep_ep_internode_call"):
+    """(name, kind) of every field of `struct` in csrc/`header`, in order."""
     import re
     from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "csrc" / "deep_ep_internode.h").read_text()
+    text = (Path(__file__).resolve().parents[1] / "csrc" / header).read_text()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    body = re.search(r"typedef struct deep_ep_internode_call \{(.*?)\} deep_ep_internode_call;", text, re.S).group(1)
+    body = re.search(r"typedef struct " + struct + r" \{(.*?)\} " + struct + ";", text, re.S).group(1)
     fields = []
     for decl in body.split(";"):
         decl = " ".join(decl.split())

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from dist_utils import make_seed, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -69,6 +69,63 @@ def test_ll_layout_matches_python(t_max, hidden, experts):
     assert lay.send_bytes >= experts * t_max * lay.combine_msg_bytes
 
 
+def _regions(lay: LowLatencyLayout):
+    """(name, begin, size) of the six regions, in buffer order."""
+    out = []
+    for slot in (0, 1):
+        out.append((f"signal{slot}", lay.signaling_offset(slot), lay.signaling_bytes))
+    for slot in (0, 1):
+        out.append((f"send{slot}", lay.send_offset(slot), lay.send_bytes))
+    for slot in (0, 1):
+        out.append((f"recv{slot}", lay.recv_offset(slot), lay.recv_bytes))
+    return out
+
+
+def _check_layout(t_max: int, hidden: int, experts: int, ranks: int) -> None:
+    """Every offset the kernels address with 16-byte accesses is 16-byte aligned (regions 128), the
+    regions do not overlap and hold what the kernels put there; C++ and Python agree."""
+    lay = LowLatencyLayout(t_max, hidden, experts)
+    out = (ctypes.c_int64 * 9)()
+    assert LIB.deep_ep_ll_layout(t_max, hidden, experts, out, 9) == 0, _core.last_error()
+    assert list(out) == [lay.signaling_offset(0), lay.signaling_offset(1), lay.send_offset(0), lay.send_offset(1),
+                         lay.recv_offset(0), lay.recv_offset(1), lay.total_bytes, lay.dispatch_msg_bytes,
+                         lay.combine_msg_bytes]
+    shape = f"(T_max={t_max}, hidden={hidden}, experts={experts}, ranks={ranks})"
+    regions = _regions(lay)
+    end = 0
+    for name, begin, size in regions:
+        assert begin % 128 == 0 and size % 128 == 0, f"{shape}: {name} at {begin} (+{size}) is not 128-byte aligned"
+        assert begin >= end, f"{shape}: {name} overlaps the region before it"
+        end = begin + size
+    assert end == lay.total_bytes
+    num_local = experts // ranks
+    # what the kernels put in each region, by rank: send = the cast tokens (T_max dispatch messages) or the
+    # zero-copy view [E_loc][R*T_max][combine message]; recv = [E_loc][R][T_max] dispatch messages or
+    # [E][T_max] combine rows 2H apart; signals = E_loc * R (dispatch) or E (combine) int32 words
+    assert lay.send_bytes >= max(t_max * lay.dispatch_msg_bytes, num_local * ranks * t_max * lay.combine_msg_bytes)
+    assert lay.recv_bytes >= num_local * ranks * t_max * max(lay.dispatch_msg_bytes, 2 * hidden)
+    assert lay.signaling_bytes >= 4 * experts
+    # every 16-byte access lands on a 16-byte boundary: dispatch messages, combine receive rows (2H apart)
+    assert lay.dispatch_msg_bytes % 16 == 0 and (2 * hidden) % 16 == 0
+
+
+@needs_lib
+def test_ll_layout_issue_example_is_aligned():
+    """hidden 640, 3 tokens, 6 experts: DeepEP's sizes put send_offset(1) at 8 mod 16."""
+    _check_layout(3, 640, 6, 2)
+    assert LowLatencyLayout(3, 640, 6).send_offset(1) % 128 == 0
+
+
+@needs_lib
+def test_ll_layout_randomized_alignment_and_no_overlap():
+    import random
+    rng = random.Random(make_seed())
+    for _ in range(400):
+        ranks = rng.choice([1, 2, 3, 4, 6, 8, 16, 32])
+        experts = ranks * rng.randint(1, 12)
+        _check_layout(rng.randint(1, 1024), 128 * rng.randint(1, 64), experts, ranks)
+
+
 @needs_lib
 def test_ll_layout_rejects_bad_arguments():
     out = (ctypes.c_int64 * 9)()
@@ -78,11 +135,11 @@ def test_ll_layout_rejects_bad_arguments():
 
 @needs_lib
 def test_ll_call_struct_and_workspace():
-    assert LIB.deep_ep_ll_call_bytes() == ctypes.sizeof(_core.LLCall) == 256
+    assert LIB.deep_ep_ll_call_bytes() == ctypes.sizeof(_core.LLCall) == 264
     small = LIB.deep_ep_ll_workspace_words(8, 16, 2)
     big = LIB.deep_ep_ll_workspace_words(1024, 1024, 8)
     assert small > 32 and big > small
-    # per slot: counts E + positions T*16 + lists E*T + received counts E + ready flags E/R, 32-word rounded
+    # per slot: counts E + positions T*16 + lists E*T + received counts E + ready words E/R, 32-word rounded
     t, e, r = 128, 256, 8
     per_slot = e + t * 16 + e * t + e + e // r
     assert LIB.deep_ep_ll_workspace_words(t, e, r) == 32 + 2 * ((per_slot + 31) // 32 * 32)
@@ -297,6 +354,7 @@ def _valid_call():
     ("use_ue8m0", 1, "use_ue8m0 needs round_scale"),
     ("workspace", None, "null buffer/workspace/mask/flags"),
     ("dispatch_msg_bytes", 32, "message sizes do not match the layout"),
+    ("device", -1, "bad device -1"),
 ])
 def test_ll_call_checks_name_the_value(field, value, message):
     """Every launcher checks the call before launching (these fail without a GPU, before any CUDA call)."""
@@ -305,6 +363,32 @@ def test_ll_call_checks_name_the_value(field, value, message):
     for fn in (LIB.deep_ep_ll_prepare, LIB.deep_ep_ll_receive):
         assert fn(ctypes.byref(c), 0) == -1
         assert message in _core.last_error(), _core.last_error()
+
+
+@needs_lib
+@pytest.mark.parametrize("entry", ["deep_ep_ll_prepare", "deep_ep_ll_receive"])
+def test_ll_entry_points_make_the_call_device_current(entry):
+    """Every LL entry point makes `call.device` current before launching, as the intranode ones do (the
+    core links the CUDA runtime statically: its current device is not torch's). Here, without a GPU,
+    that first CUDA call is what fails."""
+    c = _valid_call()
+    c.device = 0
+    assert getattr(LIB, entry)(ctypes.byref(c), 0) == -1
+    assert "cudaSetDevice" in _core.last_error(), _core.last_error()
+
+
+def test_ll_call_struct_field_order_matches_the_header():
+    """The size check cannot see two same-sized fields swapped; this compares names, order and kinds."""
+    from test_core_host_internode import _header_struct_fields
+    kinds = {ctypes.c_int32: "int32_t", ctypes.c_int64: "int64_t", ctypes.c_uint64: "uint64_t", ctypes.c_void_p: "ptr"}
+    mirror = []
+    for name, ctype in _core.LLCall._fields_:
+        if issubclass(ctype, ctypes.Array):
+            mirror.append((name, kinds[ctype._type_] + "[]"))
+        else:
+            mirror.append((name, kinds[ctype]))
+    assert mirror == _header_struct_fields("deep_ep_ll.h", "deep_ep_ll_call")
+    assert ("device", "int32_t") in mirror
 
 
 @needs_lib

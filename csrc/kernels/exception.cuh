@@ -30,6 +30,30 @@ inline void host_check(bool condition, const std::string& message) {
     if (!condition) throw Error(message);
 }
 
+// ---- launch checks. A CUDA runtime error that is not sticky stays pending on the host thread until
+// cudaGetLastError reads it, so the check after a launch would report an error left by earlier work on
+// the thread (a teardown, an ignored call) as the launch's. Every C entry point therefore takes the
+// pending error first (clear_stale_cuda_error, in the entry points' `guarded` wrappers), and the check
+// after a launch names the kernel. Both read the error through `pending_error_source()`, which is
+// cudaGetLastError except in the host replay entry point the CPU tests drive with a scripted sequence
+// (deep_ep_core_host_replay_launch_check).
+using PendingErrorSource = cudaError_t (*)();
+inline PendingErrorSource& pending_error_source() {
+    static thread_local PendingErrorSource source = &cudaGetLastError;
+    return source;
+}
+
+// Reads (and so clears) the error pending on this thread, if any. A sticky error cannot be cleared: the
+// next launch then fails with it, which is its real cause.
+inline void clear_stale_cuda_error() { (void)pending_error_source()(); }
+
+inline void check_launch(const char* kernel, const char* file, int line) {
+    const cudaError_t err = pending_error_source()();
+    if (err != cudaSuccess)
+        throw Error(std::string("launch of ") + kernel + " failed with " + cuda_error_text(err) + " (" + file + ":" +
+                    std::to_string(line) + ")");
+}
+
 }  // namespace deep_ep
 
 // A statement-like check of a CUDA runtime call (a macro only to capture the call text and line).
@@ -39,5 +63,5 @@ inline void host_check(bool condition, const std::string& message) {
         if (deep_ep_err_ != cudaSuccess) ::deep_ep::throw_cuda_error(deep_ep_err_, #call, __FILE__, __LINE__); \
     } while (0)
 
-// After every kernel launch: reports a bad launch configuration at the launch site.
-#define DEEP_EP_CHECK_LAUNCH(kernel_name) DEEP_EP_CUDA_CHECK(cudaGetLastError())
+// After every kernel launch: reports the launch's error (a bad configuration, ...) naming the kernel.
+#define DEEP_EP_CHECK_LAUNCH(kernel_name) ::deep_ep::check_launch(#kernel_name, __FILE__, __LINE__)

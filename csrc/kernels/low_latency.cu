@@ -61,7 +61,7 @@ __device__ __forceinline__ void cast_token(const deep_ep_ll_call& c, int t) {
 // Grid: [cast blocks: one per token (dispatch only)] [list blocks: one warp per global expert].
 __global__ void __launch_bounds__(kThreads) prepare_kernel(const __grid_constant__ deep_ep_ll_call c, int num_cast_blocks) {
     const Workspace ws(c.num_max_tokens, c.num_experts, c.num_ranks);
-    if (blockIdx.x == 0 && threadIdx.x == 0) c.workspace[c.slot] = next_epoch(c.workspace[c.slot]);
+    if (blockIdx.x == 0) begin_slot_call(c.workspace, ws, c.slot, threadIdx.x, kThreads);
     if (static_cast<int>(blockIdx.x) < num_cast_blocks) {
         cast_token(c, blockIdx.x);
         return;
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(const __grid
     } else {
         if (threadIdx.x == 0) {
             SpinWait wait(c.timeout_ns);
-            while (ptx::ld_acquire_sys_global(ready) != epoch) {
+            while (!counts_published(ptx::ld_acquire_sys_global(ready), epoch)) {
                 if (wait.expired()) {
                     printf("deep_ep timeout in low_latency_dispatch (receive: block %d waiting for part 0 of local expert %d), "
                            "rank %d\n", static_cast<int>(blockIdx.x), j, c.rank);
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(const __grid
             __syncthreads();  // counts[] written by every thread above
             if (threadIdx.x == 0) {
                 __threadfence();
-                ptx::st_release_sys_global(ready, epoch);
+                ptx::st_release_sys_global(ready, ready_value(epoch));
             }
         }
     }

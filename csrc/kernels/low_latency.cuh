@@ -75,19 +75,24 @@ struct Workspace {
 // DeepEP V1's LL buffer layout [sig0][sig1][send0][send1][recv0][recv1] (bytes), identical to
 // deep_ep.config.LowLatencyLayout (tests/test_core_host_ll.py compares them).
 struct LowLatencyLayout {
+    static constexpr int64_t kRegionAlign = 128;
     int64_t signaling_bytes, send_bytes, recv_bytes, dispatch_msg_bytes, combine_msg_bytes;
 
     __host__ __device__ LowLatencyLayout(int64_t num_max_tokens, int64_t hidden, int64_t num_experts) {
         const int64_t num_scales = hidden / kGroup;
         dispatch_msg_bytes = 16 + (2 * hidden > hidden + 4 * num_scales ? 2 * hidden : hidden + 4 * num_scales);
         combine_msg_bytes = 4 * num_scales + 2 * hidden;
-        signaling_bytes = (num_experts * 4 + 127) / 128 * 128;
+        signaling_bytes = align_region(num_experts * 4);
         const int64_t combine = num_experts * num_max_tokens * combine_msg_bytes;
         const int64_t dispatch_send = num_max_tokens * dispatch_msg_bytes;
         const int64_t dispatch_recv = num_experts * num_max_tokens * dispatch_msg_bytes;
-        send_bytes = dispatch_send > combine ? dispatch_send : combine;
-        recv_bytes = dispatch_recv > combine ? dispatch_recv : combine;
+        // Every region is rounded up to 128 bytes, so that every offset is 128-byte aligned whatever
+        // (T_max, hidden, E) are (a combine message is 260 * hidden / 128 bytes: E * T_max of them need
+        // not be a multiple of 16, and the kernels' 16-byte accesses would fault).
+        send_bytes = align_region(dispatch_send > combine ? dispatch_send : combine);
+        recv_bytes = align_region(dispatch_recv > combine ? dispatch_recv : combine);
     }
+    __host__ __device__ static int64_t align_region(int64_t bytes) { return (bytes + kRegionAlign - 1) / kRegionAlign * kRegionAlign; }
     __host__ __device__ int64_t signaling_offset(int slot) const { return slot * signaling_bytes; }
     __host__ __device__ int64_t send_offset(int slot) const { return 2 * signaling_bytes + slot * send_bytes; }
     __host__ __device__ int64_t recv_offset(int slot) const { return 2 * signaling_bytes + 2 * send_bytes + slot * recv_bytes; }
@@ -96,6 +101,25 @@ struct LowLatencyLayout {
 
 // The epoch of slot s lives in workspace word s.
 __host__ __device__ __forceinline__ int next_epoch(int epoch) { return epoch % kEpochMax + 1; }
+
+// ---- per-call bookkeeping of a slot's workspace words. The kernels run these functions, and so do the
+// host replay entry points of capi.cu (deep_ep_ll_host_begin_slot, ...) that the CPU tests drive.
+//
+// The dispatch receive splits a local expert over `parts` blocks: part 0 waits for the sources' signals,
+// writes the counts to the workspace and then publishes them in the expert's "ready" word; parts > 0 wait
+// for that word. The word must never hold the value they wait for before part 0 of THIS call stored it,
+// so it does not persist across calls: the prepare kernel of every call clears the slot's ready words
+// (stream order puts it after the previous receive on the slot and before this call's receive). An
+// epoch alone is not enough: clean_low_latency_buffer resets the epochs, epochs wrap, and a workspace
+// reused for another shape puts the ready words on bytes that held counts or token lists.
+__host__ __device__ __forceinline__ void begin_slot_call(int* workspace, const Workspace& ws, int slot, int thread,
+                                                         int num_threads) {
+    if (thread == 0) workspace[slot] = next_epoch(workspace[slot]);
+    for (int64_t j = thread; j < ws.local_experts; j += num_threads) workspace[ws.ready(slot) + j] = 0;
+}
+// The value part 0 publishes, and the test of parts > 0 (the epoch is never 0, a cleared word never matches).
+__host__ __device__ __forceinline__ int ready_value(int epoch) { return epoch; }
+__host__ __device__ __forceinline__ bool counts_published(int observed, int epoch) { return observed == ready_value(epoch); }
 __host__ __device__ __forceinline__ int pack_signal(int epoch, int count) {
     return (epoch << kCountBits) | (count + 1);
 }
@@ -273,6 +297,7 @@ inline void check_call(const deep_ep_ll_call& c) {
     if (c.num_ranks < 1 || c.num_ranks > kMaxRanks) fail("num_ranks must be in [1, 1024], got " + std::to_string(c.num_ranks));
     if (c.rank < 0 || c.rank >= c.num_ranks) fail("bad rank " + std::to_string(c.rank));
     if (c.slot != 0 && c.slot != 1) fail("bad slot");
+    if (c.device < 0) fail("bad device " + std::to_string(c.device));
     if (c.num_experts < c.num_ranks || c.num_experts % c.num_ranks != 0)
         fail("num_experts must be a positive multiple of the number of ranks, got " + std::to_string(c.num_experts));
     if (c.num_max_tokens < 1 || c.num_max_tokens > kMaxTokens)

@@ -31,7 +31,10 @@ int g_users = 0;  // Buffers sharing this process's NVSHMEM world (init once, fi
 
 template <typename F>
 int guarded(F&& body) {
-    return deep_ep::capi_guarded(g_last_error, "deep_ep nvshmem", std::forward<F>(body));
+    return deep_ep::capi_guarded(g_last_error, "deep_ep nvshmem", [&] {
+        deep_ep::clear_stale_cuda_error();  // an error this entry point reports is its own
+        std::forward<F>(body)();
+    });
 }
 
 void require_init(const char* what) {
@@ -147,7 +150,18 @@ int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t stream) {
         tr.base = static_cast<char*>(call->buffer);
         tr.rank = call->rank;
         tr.num_ranks = call->num_ranks;
-        deep_ep::ll::launch_send(*call, tr, reinterpret_cast<cudaStream_t>(stream));
+        deep_ep::ll::check_call(*call);  // argument errors before any CUDA call
+        // This library's static CUDA runtime keeps its own current device per thread.
+        int previous = -1;
+        DEEP_EP_CUDA_CHECK(cudaGetDevice(&previous));
+        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(call->device));
+        try {
+            deep_ep::ll::launch_send(*call, tr, reinterpret_cast<cudaStream_t>(stream));
+        } catch (...) {
+            if (previous != call->device) cudaSetDevice(previous);
+            throw;
+        }
+        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(previous));
     });
 }
 

@@ -11,7 +11,11 @@ and the same outputs (docs/semantics.md). Differences a caller can observe:
 
 * Nothing synchronises with the CPU: every call can be captured in a CUDA graph. A graph bakes in the
   buffer slot of the captured call, so capture calls in pairs (dispatch + combine) as DeepEP users do;
-  replays stay correct because signal words carry a per-slot epoch kept on the device.
+  replays stay correct because signal words carry a per-slot epoch kept on the device. Exceptions: the
+  first call, and a call whose (num_max_dispatch_tokens_per_rank, hidden, num_experts) changes the buffer
+  layout, zero both signalling areas on every rank (two barriers, a host synchronisation; not while
+  capturing), as `clean_low_latency_buffer` does: old words at the moved offsets could otherwise decode
+  as the epoch the new call waits for.
 * A rank whose ``topk_idx`` puts more than ``num_max_dispatch_tokens_per_rank`` pairs on one expert
   cannot raise at once (that needs a sync): the extra pairs are dropped, and the next LL call raises
   `RuntimeError` on that rank and on the expert's rank (the count travels in the signal word).
@@ -169,6 +173,7 @@ class CudaLowLatency(DoubleBufferSlots):
         self._init_slots()
         self._workspace: Optional[torch.Tensor] = None
         self._workspace_key: Optional[Tuple[int, int]] = None
+        self._signal_layout: Optional[Tuple[int, ...]] = None  # offsets of the last call's layout
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._flags = torch.zeros(4, dtype=torch.int32).pin_memory()
         if transport == "peer":
@@ -256,9 +261,9 @@ class CudaLowLatency(DoubleBufferSlots):
             if words <= 0:
                 raise ValueError(f"deep_ep CUDA LL engine: bad shape (T_max={t_max}, num_experts={num_experts})")
             if self._workspace is not None and self._workspace.numel() >= words:
-                ws = self._workspace  # the header (epochs) stays; the rest is rewritten every call
+                ws = self._workspace  # the header (epochs) stays; prepare clears or rewrites the rest per call
             else:
-                if torch.cuda.is_current_stream_capturing():
+                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                     raise RuntimeError("deep_ep CUDA LL engine: the first call with a new (num_max_dispatch_tokens_per_rank, "
                                        "num_experts) allocates its workspace; make one such call before capturing")
                 ws = torch.zeros(words, dtype=torch.int32, device=self.device)
@@ -266,6 +271,35 @@ class CudaLowLatency(DoubleBufferSlots):
                     ws[:_WS_HEADER].copy_(self._workspace[:_WS_HEADER])
             self._workspace, self._workspace_key = ws, key
         return self._workspace
+
+    def _reset_signals(self, lay: List[int], what: str) -> None:
+        """Zero both signalling areas of layout `lay` on every rank (collective; synchronises the host).
+
+        Order: this GPU's work done, then a barrier (no rank's kernels still write into this buffer: a
+        combine signal of an expert this rank routed nothing to is never waited for), zero, then a
+        barrier again (every rank zeroed before any rank signals into the new areas).
+        """
+        if self._buffer.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        self.comm.barrier(op=f"{what} (before zeroing the signals)")
+        self._buffer[lay[0]:lay[2]].zero_()  # both signalling areas (they are adjacent)
+        if self._buffer.is_cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        self.comm.barrier(op=f"{what} (signals zeroed)")
+        self._signal_layout = tuple(lay[:6])
+
+    def _use_layout(self, lay: List[int]) -> None:
+        """Before a call: when its layout differs from the previous call's (or this is the first call),
+        zero both signalling areas on every rank. The areas move with num_experts, and words of the old
+        layout (an older epoch of the other slot, payload bytes) could decode as the epoch the new call's
+        receive waits for. Every rank sees the same sequence of shapes, so all take this path together."""
+        if self._signal_layout == tuple(lay[:6]):
+            return
+        if self._buffer.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("deep_ep CUDA LL engine: the first call with a new (num_max_dispatch_tokens_per_rank, "
+                               "hidden, num_experts) resets the buffer's signals (a host synchronisation); make one "
+                               "such call before capturing")
+        self._reset_signals(lay, "low-latency layout change")
 
     def _check_flags(self) -> None:
         overflow = int(self._flags[0])
@@ -281,10 +315,11 @@ class CudaLowLatency(DoubleBufferSlots):
               num_topk: int) -> _core.LLCall:
         lay = self._layout(t_max, hidden, num_experts)
         ws = self._ensure_workspace(t_max, num_experts)
+        self._use_layout(lay)
         c = _core.LLCall()
         c.kind, c.rank, c.num_ranks, c.slot = kind, self.rank, self.num_ranks, slot
         c.num_tokens, c.num_max_tokens, c.hidden, c.num_experts, c.num_topk = num_tokens, t_max, hidden, num_experts, num_topk
-        c.shrink, c.num_sms = int(self.enable_shrink), self.num_sms
+        c.shrink, c.num_sms, c.device = int(self.enable_shrink), self.num_sms, self.device.index or 0
         c.timeout_ns = int(self.timeout_s * 1e9)
         c.buffer = self._ptr
         c.signaling_offset[0], c.signaling_offset[1] = lay[0], lay[1]
@@ -438,11 +473,9 @@ class CudaLowLatency(DoubleBufferSlots):
     def clean_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Zero the signalling area of both slots and the epochs, then synchronise the ranks (collective)."""
         lay = self._layout(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._buffer[lay[0]:lay[2]].zero_()  # both signalling areas (they are adjacent)
         if self._workspace is not None:
             self._workspace[:_WS_HEADER].zero_()
-        torch.cuda.current_stream(self.device).synchronize()
-        self.comm.barrier(op="clean_low_latency_buffer (barrier)")
+        self._reset_signals(lay, "clean_low_latency_buffer")
 
     # ------------------------------------------------------------------------------ shrink mode
     def update_mask(self, rank_to_mask: int, mask: bool) -> None:
