@@ -42,7 +42,8 @@ class _Launch:
     """DeepEP's stream rules for one call.
 
     On CUDA the work runs on the comm stream after ``previous_event`` (or the current stream); with
-    ``async_finish`` the caller gets an event and every tensor is ``record_stream``-ed, otherwise the
+    ``async_finish`` the caller gets an event and every tensor is ``record_stream``-ed (``inputs`` must
+    hold every tensor the call reads, handle fields included: the caller may free them at once), otherwise the
     current stream waits for the comm stream. On CPU the work is finished when the call returns; the
     event is then an already-complete `EventHandle`.
     """
@@ -579,7 +580,7 @@ class Buffer:
                 chk.fail("handle", "cached dispatch (with `handle`) takes no `topk_idx`/`topk_weights`; they travel "
                                    "only in the first dispatch")
             self._check_handle(chk, handle, num_tokens)
-            with _Launch(self, [data, scales], previous_event, async_finish) as launch:
+            with _Launch(self, [data, scales, *_flatten_tensors(handle)], previous_event, async_finish) as launch:
                 engine = self._engine_for(data)
                 recv = engine.cached_dispatch(data, scales, handle, **self._config_kw(engine, config))
             recv_x = recv
@@ -608,8 +609,8 @@ class Buffer:
             chk.fail("x", "and the other tensor arguments must all be on one device")
         config = config if config is not None else self.get_dispatch_config(R)
 
-        with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert],
-                     previous_event, async_finish) as launch:
+        with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+                            num_tokens_per_rank, num_tokens_per_rdma_rank], previous_event, async_finish) as launch:
             engine = self._engine_for(data)
             recv_x, recv_topk_idx, recv_topk_weights, counts, handle = engine.dispatch(
                 data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,
@@ -664,7 +665,8 @@ class Buffer:
             chk.fail("bias", f"must be None, a tensor or a pair of tensors, got {type(bias).__name__}", TypeError)
         for b in biases:
             chk.tensor("bias", b, dtypes=(x.dtype,), shape=(num_tokens, x.size(1)))
-        with _Launch(self, [x, topk_weights, *biases], previous_event, async_finish) as launch:
+        with _Launch(self, [x, topk_weights, *biases, *_flatten_tensors(handle)], previous_event,
+                     async_finish) as launch:
             engine = self._engine_for(x)
             combined_x, combined_w = engine.combine(x, handle, topk_weights, biases, **self._config_kw(engine, config))
         return combined_x, combined_w, launch.finish([combined_x, combined_w])
@@ -760,7 +762,8 @@ class Buffer:
             chk.fail("return_recv_hook", "cannot be combined with `async_finish=True`")
         if all_same_device([x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
-        with _Launch(self, [x, topk_idx], None, async_finish, on_comm_stream=async_finish) as launch:
+        with _Launch(self, [x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats], None,
+                     async_finish, on_comm_stream=async_finish) as launch:
             recv_x, recv_count, handle, hook = self._ll_engine(x).dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
                 dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, return_recv_hook)
@@ -834,7 +837,8 @@ class Buffer:
                        shape=(R,))
         if all_same_device([x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
-        with _Launch(self, [x, topk_idx, topk_weights], None, async_finish, on_comm_stream=async_finish) as launch:
+        with _Launch(self, [x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats, *_flatten_tensors(handle)],
+                     None, async_finish, on_comm_stream=async_finish) as launch:
             combined_x, hook = self._ll_engine(topk_idx).combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
                                                          return_recv_hook, out, combine_wait_recv_cost_stats)
         event = launch.finish([combined_x])
