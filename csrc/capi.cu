@@ -551,6 +551,7 @@ int deep_ep_ll_host_publish_counts(int32_t* workspace, const deep_ep_ll_call* ca
 }
 
 int deep_ep_ll_host_counts_published(const int32_t* workspace, const deep_ep_ll_call* call, int local_expert) {
+    if (workspace == nullptr || call == nullptr) return -1;
     const deep_ep::ll::Workspace ws(call->num_max_tokens, call->num_experts, call->num_ranks);
     return deep_ep::ll::counts_published(workspace[ws.ready(call->slot) + local_expert], workspace[call->slot]) ? 1 : 0;
 }

@@ -85,7 +85,8 @@ DEEP_EP_LL_API int deep_ep_ll_layout(int num_max_tokens, int hidden, int num_exp
 /* Host replays of the kernels' per-call workspace bookkeeping (the same functions), for CPU tests, on a
  * host copy of the workspace: begin_slot = what the prepare kernel does to the slot's words (epoch bump,
  * ready words cleared); publish_counts = what part 0 of the dispatch receive stores once the counts of
- * `local_expert` are written; counts_published = 1 when the receive's other blocks would stop waiting. */
+ * `local_expert` are written; counts_published = 1 when the receive's other blocks would stop waiting (0 when
+ * they would wait, -1 on a null argument). */
 DEEP_EP_LL_API int deep_ep_ll_host_begin_slot(int32_t* workspace, const deep_ep_ll_call* call);
 DEEP_EP_LL_API int deep_ep_ll_host_publish_counts(int32_t* workspace, const deep_ep_ll_call* call, int local_expert);
 DEEP_EP_LL_API int deep_ep_ll_host_counts_published(const int32_t* workspace, const deep_ep_ll_call* call,

@@ -29,6 +29,22 @@ thread_local std::string g_last_error;
 bool g_initialised = false;
 int g_users = 0;  // Buffers sharing this process's NVSHMEM world (init once, finalize with the last)
 
+// This library's static CUDA runtime keeps its own current device per thread: run `body` with `device`
+// current, then restore the previous one.
+template <typename F>
+void on_device(int device, F&& body) {
+    int previous = -1;
+    DEEP_EP_CUDA_CHECK(cudaGetDevice(&previous));
+    if (previous != device) DEEP_EP_CUDA_CHECK(cudaSetDevice(device));
+    try {
+        body();
+    } catch (...) {
+        if (previous != device) cudaSetDevice(previous);
+        throw;
+    }
+    if (previous != device) DEEP_EP_CUDA_CHECK(cudaSetDevice(previous));
+}
+
 template <typename F>
 int guarded(F&& body) {
     return deep_ep::capi_guarded(g_last_error, "deep_ep nvshmem", [&] {
@@ -151,17 +167,7 @@ int deep_ep_nvshmem_ll_send(const deep_ep_ll_call* call, uint64_t stream) {
         tr.rank = call->rank;
         tr.num_ranks = call->num_ranks;
         deep_ep::ll::check_call(*call);  // argument errors before any CUDA call
-        // This library's static CUDA runtime keeps its own current device per thread.
-        int previous = -1;
-        DEEP_EP_CUDA_CHECK(cudaGetDevice(&previous));
-        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(call->device));
-        try {
-            deep_ep::ll::launch_send(*call, tr, reinterpret_cast<cudaStream_t>(stream));
-        } catch (...) {
-            if (previous != call->device) cudaSetDevice(previous);
-            throw;
-        }
-        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(previous));
+        on_device(call->device, [&] { deep_ep::ll::launch_send(*call, tr, reinterpret_cast<cudaStream_t>(stream)); });
     });
 }
 
@@ -186,17 +192,7 @@ int deep_ep_nvshmem_internode_launch(const void* raw_call, uint64_t stream) {
         tr.rank = call->rank;
         tr.num_ranks = call->num_ranks;
         tr.p2p_group = call->nvshmem_p2p_group;
-        // This library's static CUDA runtime keeps its own current device per thread.
-        int previous = -1;
-        DEEP_EP_CUDA_CHECK(cudaGetDevice(&previous));
-        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(call->device));
-        try {
-            deep_ep::internode::launch(*call, tr, reinterpret_cast<cudaStream_t>(stream));
-        } catch (...) {
-            if (previous != call->device) cudaSetDevice(previous);
-            throw;
-        }
-        if (previous != call->device) DEEP_EP_CUDA_CHECK(cudaSetDevice(previous));
+        on_device(call->device, [&] { deep_ep::internode::launch(*call, tr, reinterpret_cast<cudaStream_t>(stream)); });
     });
 }
 
