@@ -275,16 +275,17 @@ class CudaLowLatency(DoubleBufferSlots):
     def _reset_signals(self, lay: List[int], what: str) -> None:
         """Zero both signalling areas of layout `lay` on every rank (collective; synchronises the host).
 
-        Order: this GPU's work done, then a barrier (no rank's kernels still write into this buffer: a
-        combine signal of an expert this rank routed nothing to is never waited for), zero, then a
-        barrier again (every rank zeroed before any rank signals into the new areas).
+        Order: this GPU's work done (every stream: earlier calls may have run on the comm stream), then a
+        barrier (no rank's kernels still write into this buffer: a combine signal of an expert this rank
+        routed nothing to is never waited for), zero, then a barrier again (every rank zeroed before any
+        rank signals into the new areas). A receive hook of an earlier call must have been called before.
         """
         if self._buffer.is_cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.synchronize(self.device)
         self.comm.barrier(op=f"{what} (before zeroing the signals)")
         self._buffer[lay[0]:lay[2]].zero_()  # both signalling areas (they are adjacent)
         if self._buffer.is_cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.synchronize(self.device)
         self.comm.barrier(op=f"{what} (signals zeroed)")
         self._signal_layout = tuple(lay[:6])
 
