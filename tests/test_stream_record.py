@@ -29,11 +29,12 @@ def _record_worker(rank: int, num_ranks: int, group, seed: int):
     buffer_mod._Launch = RecordingLaunch
     problems = []
 
-    def check(what, tensors):
+    def check(what, **arguments):
         got = recorded.pop()
-        for i, t in enumerate(buffer_mod._flatten_tensors(tensors)):
-            if not any(t is r for r in got):
-                problems.append(f"{what}: tensor argument {i} {tuple(t.shape)} {t.dtype} is not recorded")
+        for name, value in arguments.items():
+            for i, t in enumerate(buffer_mod._flatten_tensors([value])):
+                if not any(t is r for r in got):
+                    problems.append(f"{what}: `{name}` (tensor {i}: {tuple(t.shape)} {t.dtype}) is not recorded")
 
     gen = torch.Generator().manual_seed(seed + rank)
     num_experts, num_tokens, hidden, t_max = 4 * num_ranks, 12, 256, 16
@@ -48,11 +49,12 @@ def _record_worker(rank: int, num_ranks: int, group, seed: int):
         x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
         num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
         async_finish=True)
-    check("dispatch", [x, topk_idx, topk_weights, per_rank, in_rank, per_expert])
+    check("dispatch", x=x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
+          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     buf.dispatch(x, handle=handle, async_finish=True)
-    check("cached dispatch", [x, handle])
+    check("cached dispatch", x=x, handle=handle)
     buf.combine(recv_x, handle, topk_weights=recv_w, async_finish=True)
-    check("combine", [recv_x, recv_w, handle])
+    check("combine", x=recv_x, topk_weights=recv_w, handle=handle)
 
     cumulative = torch.zeros(num_experts // num_ranks, dtype=torch.int32)
     wait_stats = torch.zeros(num_ranks, dtype=torch.int64)
@@ -60,13 +62,14 @@ def _record_worker(rank: int, num_ranks: int, group, seed: int):
     recv, _, ll_handle, _, _ = buf.low_latency_dispatch(
         x, ll_idx, t_max, num_experts, cumulative_local_expert_recv_stats=cumulative,
         dispatch_wait_recv_cost_stats=wait_stats, use_fp8=False, async_finish=True)
-    check("low_latency_dispatch", [x, ll_idx, cumulative, wait_stats])
+    check("low_latency_dispatch", x=x, topk_idx=ll_idx, cumulative_local_expert_recv_stats=cumulative,
+          dispatch_wait_recv_cost_stats=wait_stats)
     out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
     combine_stats = torch.zeros(num_ranks, dtype=torch.int64)
     buf.low_latency_combine(recv, ll_idx, topk_weights, ll_handle, async_finish=True, out=out,
                             combine_wait_recv_cost_stats=combine_stats)
-    check("low_latency_combine", [recv, ll_idx, topk_weights, ll_handle, out, combine_stats])
-    buf.destroy() if getattr(buf, "explicitly_destroy", False) else None
+    check("low_latency_combine", x=recv, topk_idx=ll_idx, topk_weights=topk_weights, handle=ll_handle, out=out,
+          combine_wait_recv_cost_stats=combine_stats)
     return problems
 
 
