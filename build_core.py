@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -290,7 +291,7 @@ def _link_nvshmem(nvcc: Path, gencode: List[str], objects: List[Path], nvshmem_d
 
 def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = None,
                disable_sm90: Optional[bool] = None, jobs: Optional[int] = None, allow_spills: bool = False,
-               verbose: bool = True, build_dir: Optional[os.PathLike] = None) -> BuildResult:
+               verbose: bool = True, build_dir: Optional[os.PathLike] = None, bindings: bool = True) -> BuildResult:
     """Compile ``csrc/**/*.cu`` and link ``libdeep_ep_core.so`` into ``output_dir`` (default ``deep_ep/``).
 
     Args:
@@ -302,6 +303,7 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         allow_spills: only warn when a kernel spills registers (default: fail).
         verbose: print the commands, ptxas' report and a summary.
         build_dir: where object files go (default a temporary directory).
+        bindings: also build the pybind11 modules (`build_bindings`) into ``output_dir``.
 
     Returns:
         `BuildResult` with the library path, the time taken and ptxas' per-kernel resources.
@@ -412,6 +414,9 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         "nvshmem_dir": str(nvshmem_dir) if nvshmem_dir is not None else None, "seconds": round(result.seconds, 1),
         "kernels": [asdict(k) for k in kernels if k.entry],
     }
+    if bindings:
+        modules = build_bindings(output_dir, verbose=verbose)
+        info["binding_modules"] = sorted(p.name for p in modules.values())
     (output_dir / BUILD_INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
     if spilling:
         names = ", ".join(k.demangled or k.name for k in spilling)
@@ -525,7 +530,11 @@ def build_bindings(output_dir: Optional[os.PathLike] = None, build_dir: Optional
         raise BuildError("no C++ compiler for the pybind11 binding (set CXX or install g++)")
     output_dir = Path(output_dir) if output_dir is not None else ROOT / "deep_ep"
     output_dir.mkdir(parents=True, exist_ok=True)
-    build_dir = Path(build_dir) if build_dir is not None else ROOT / "build" / "binding"
+    if build_dir is None:  # ninja's state, per output directory
+        default = output_dir.resolve() == (ROOT / "deep_ep").resolve()
+        tag = "" if default else "-" + hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:12]
+        build_dir = ROOT / "build" / f"binding{tag}"
+    build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     gen = write_struct_fields_header(build_dir)
     modules = list(modules) if modules is not None else list(BINDING_MODULES)
@@ -577,8 +586,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--allow-spills", action="store_true", help="warn instead of failing on register spills")
     parser.add_argument("--build-dir", default=None, help="keep object files here")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--bindings-only", action="store_true",
+                        help="only (re)build the pybind11 modules (g++, no nvcc needed)")
     args = parser.parse_args(argv)
     try:
+        if args.bindings_only:
+            build_bindings(args.output_dir, verbose=not args.quiet)
+            return 0
         build_core(args.output_dir, args.arch, args.disable_sm90, args.jobs, args.allow_spills, not args.quiet,
                    args.build_dir)
     except BuildError as exc:

@@ -329,7 +329,7 @@ class Buffer:
         """True when the compiled core was built with SM90 features (FP8, TMA). False without a core."""
         from . import _core
         lib = _core.load()
-        return bool(lib is not None and lib.deep_ep_core_is_sm90())
+        return bool(lib is not None and lib.is_sm90())
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
