@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["build_core", "build_bindings", "should_build_core", "find_nvcc", "find_nvshmem", "parse_ptxas_report",
+__all__ = ["build_core", "build_bindings", "build_requirements", "nvshmem_for_build", "should_build_core", "find_nvcc", "find_nvshmem", "parse_ptxas_report",
            "c_struct_fields", "BuildError", "LIBRARY_NAME", "BINDING_MODULES"]
 
 ROOT = Path(__file__).resolve().parent
@@ -129,6 +129,72 @@ def find_nvshmem(cuda_major: Optional[int] = None) -> Tuple[Optional[Path], str]
         except Exception:  # metadata is best effort
             pass
     return path, note
+
+
+def nvshmem_disabled(env: Optional[Dict[str, str]] = None) -> bool:
+    """``DEEP_EP_DISABLE_NVSHMEM`` set to anything but 0: build the core without libdeep_ep_nvshmem.so."""
+    env = os.environ if env is None else env
+    return env.get("DEEP_EP_DISABLE_NVSHMEM", "0").strip() not in ("", "0")
+
+
+def nvshmem_for_build(cuda_major: int) -> Tuple[Optional[Path], str]:
+    """NVSHMEM for the NVSHMEM library: ``(dir, note)``, or ``(None, note)`` when ``DEEP_EP_DISABLE_NVSHMEM``
+    is set.
+
+    Raises:
+        BuildError: NVSHMEM is not found (or is incomplete) and not disabled. A build with nvcc never
+            silently drops ``libdeep_ep_nvshmem.so`` (what an isolated ``pip wheel .`` did when its
+            build environment could not see the installed wheel); the message says how to get it.
+    """
+    if nvshmem_disabled():
+        return None, "DEEP_EP_DISABLE_NVSHMEM set: libdeep_ep_nvshmem.so not built"
+    nvshmem_dir, note = find_nvshmem(cuda_major)
+    if nvshmem_dir is not None and not (nvshmem_dir / "lib" / "libnvshmem_device.a").is_file():
+        nvshmem_dir, note = None, f"{note}: no lib/libnvshmem_device.a"
+    if nvshmem_dir is not None and not list((nvshmem_dir / "lib").glob("libnvshmem_host.so*")):
+        nvshmem_dir, note = None, f"{note}: no lib/libnvshmem_host.so*"
+    if nvshmem_dir is None:
+        raise BuildError(
+            f"NVSHMEM not found ({note}), so libdeep_ep_nvshmem.so (low-latency and multi-node modes over NVSHMEM) "
+            f"cannot be built. Install it into the environment that builds deep_ep: `pip install "
+            f"nvidia-nvshmem-cu{cuda_major}` (an isolated `pip install .`/`pip wheel .` gets it from pyproject.toml's "
+            f"build requirements), or set NVSHMEM_DIR to an NVSHMEM install; or set DEEP_EP_DISABLE_NVSHMEM=1 to build "
+            f"without it (peer-memory transports only).")
+    return nvshmem_dir, note
+
+
+def build_requirements(env: Optional[Dict[str, str]] = None) -> List[str]:
+    """Extra build requirements of a wheel (PEP 517 ``get_requires_for_build_wheel``): pybind11 and ninja
+    always (pyproject.toml lists them too), and ``nvidia-nvshmem-cu<major>`` when the CUDA core will be
+    built with NVSHMEM from a wheel (nvcc found, no ``NVSHMEM_DIR``, NVSHMEM not disabled)."""
+    env = os.environ if env is None else env
+    reqs = ["pybind11>=2.12", "ninja"]
+    try:
+        build, _ = should_build_core(env)
+    except BuildError:
+        return reqs  # setup.py reports the bad value
+    if build and not env.get("NVSHMEM_DIR") and not nvshmem_disabled(env):
+        nvcc = find_nvcc()
+        try:
+            major = nvcc_version(nvcc)[0] if nvcc is not None else None
+        except (OSError, subprocess.SubprocessError, BuildError):
+            major = None
+        if major is not None:
+            reqs.append(env.get("DEEP_EP_NVSHMEM_REQUIREMENT") or _nvshmem_requirement(f"nvidia-nvshmem-cu{major}"))
+    return reqs
+
+
+def _nvshmem_requirement(name: str) -> str:
+    """``name==<version>`` when the interpreter's own site-packages (invisible inside pip's isolated build
+    environment, but on disk) has that wheel, e.g. the one torch pins: the device code is then linked
+    with the same NVSHMEM that is loaded at run time. Else ``name`` (the newest)."""
+    import sysconfig
+    from importlib import metadata
+    paths = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    for dist in metadata.distributions(path=paths):
+        if (dist.metadata["Name"] or "").lower().replace("_", "-") == name:
+            return f"{name}=={dist.version}"
+    return name
 
 
 def should_build_core(env: Optional[Dict[str, str]] = None) -> Tuple[bool, str]:
@@ -324,13 +390,7 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         jobs = int(os.environ.get("DEEP_EP_BUILD_JOBS") or os.cpu_count() or 1)
     output_dir = Path(output_dir) if output_dir is not None else ROOT / "deep_ep"
     output_dir.mkdir(parents=True, exist_ok=True)
-    nvshmem_dir, nvshmem_note = find_nvshmem(major)
-    if os.environ.get("DEEP_EP_DISABLE_NVSHMEM", "0").strip() not in ("", "0"):
-        nvshmem_dir, nvshmem_note = None, f"DEEP_EP_DISABLE_NVSHMEM set ({nvshmem_note})"
-    if nvshmem_dir is not None and not (nvshmem_dir / "lib" / "libnvshmem_device.a").is_file():
-        nvshmem_dir, nvshmem_note = None, f"{nvshmem_note}: no lib/libnvshmem_device.a"
-    if nvshmem_dir is not None and not list((nvshmem_dir / "lib").glob("libnvshmem_host.so*")):
-        nvshmem_dir, nvshmem_note = None, f"{nvshmem_note}: no lib/libnvshmem_host.so*"
+    nvshmem_dir, nvshmem_note = nvshmem_for_build(major)
 
     sources = sorted(p for p in CSRC.rglob("*.cu") if NVSHMEM_SOURCES not in p.parents)
     nv_sources = sorted(NVSHMEM_SOURCES.glob("*.cu")) if nvshmem_dir is not None else []
@@ -528,7 +588,8 @@ def build_bindings(output_dir: Optional[os.PathLike] = None, build_dir: Optional
     cxx = find_cxx()
     if cxx is None:
         raise BuildError("no C++ compiler for the pybind11 binding (set CXX or install g++)")
-    output_dir = Path(output_dir) if output_dir is not None else ROOT / "deep_ep"
+    # absolute: ninja runs in build_dir (setup.py passes a relative build_lib)
+    output_dir = (Path(output_dir) if output_dir is not None else ROOT / "deep_ep").resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     if build_dir is None:  # ninja's state, per output directory
         default = output_dir.resolve() == (ROOT / "deep_ep").resolve()
@@ -573,7 +634,74 @@ def build_bindings(output_dir: Optional[os.PathLike] = None, build_dir: Optional
             os.replace(tmp, out)
             log(f"[build_core] compiled {out.name} (no ninja: full rebuild)")
     log(f"[build_core] binding step took {time.monotonic() - start:.1f} s")
+    report = output_dir / BUILD_INFO_NAME
+    if report.is_file():  # the build report lists the modules next to the libraries (package_outputs)
+        try:
+            info = json.loads(report.read_text())
+            names = sorted(set(info.get("binding_modules", [])) | {o.name for o in outputs.values()})
+            if info.get("binding_modules") != names:
+                info["binding_modules"] = names
+                report.write_text(json.dumps(info, indent=1) + "\n")
+        except ValueError:
+            pass
     return outputs
+
+
+def package_outputs(output_dir: os.PathLike, info: Optional[Dict] = None) -> List[Path]:
+    """The files a build put into ``output_dir`` that a wheel must carry, from its build report
+    (``_core_build.json``): the core, the NVSHMEM library when it was linked, the pybind11 modules and
+    the report itself."""
+    output_dir = Path(output_dir)
+    if info is None:
+        report = output_dir / BUILD_INFO_NAME
+        info = json.loads(report.read_text()) if report.is_file() else {}
+    files = [output_dir / LIBRARY_NAME, output_dir / BUILD_INFO_NAME]
+    if info.get("nvshmem_linked"):
+        files.append(output_dir / (info.get("nvshmem_library") or NVSHMEM_LIBRARY_NAME))
+    files += [output_dir / name for name in info.get("binding_modules", [])]
+    return files
+
+
+# ------------------------------------------------------------------------------ PEP 517 backend
+# pyproject.toml names this module as the build backend (backend-path "."): setuptools' backend, plus the
+# build requirements that depend on the machine (`build_requirements`: NVSHMEM's wheel when nvcc is
+# found), so that an isolated `pip install .` / `pip wheel .` builds both libraries.
+
+def _setuptools_backend():
+    from setuptools import build_meta
+    return build_meta
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_wheel(config_settings) + build_requirements()
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_editable(config_settings) + build_requirements()
+
+
+def get_requires_for_build_sdist(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_sdist(config_settings)
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    return _setuptools_backend().prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    return _setuptools_backend().prepare_metadata_for_build_editable(metadata_directory, config_settings)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    return _setuptools_backend().build_wheel(wheel_directory, config_settings, metadata_directory)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    return _setuptools_backend().build_editable(wheel_directory, config_settings, metadata_directory)
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    return _setuptools_backend().build_sdist(sdist_directory, config_settings)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
