@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Build deep_ep's compiled core, ``deep_ep/libdeep_ep_core.so``, with nvcc alone.
 
-The core is a plain C-ABI shared library (``csrc/deep_ep_core.h``) that Python loads with ctypes
-(``deep_ep/_core.py``): no torch or CPython headers, the CUDA runtime linked statically, no
-``-lcuda`` (the runtime finds the driver at run time), so one build serves every Python and torch
-version and builds on a machine without a GPU.
+The core is a plain C-ABI shared library (``csrc/deep_ep_core.h``): no torch or CPython headers, the
+CUDA runtime linked statically, no ``-lcuda`` (the runtime finds the driver at run time), so one build
+serves every Python and torch version and builds on a machine without a GPU. Python reaches it through
+a pybind11 module (``csrc/python/``, `build_bindings`: g++ against the C headers, no torch headers),
+which ``deep_ep/_core.py`` uses to open the library.
 
 Usage::
 

@@ -350,8 +350,7 @@ def test_fault_is_reported_by_every_other_rank(fault_runs, name):
     assert all(code == 0 for r, code in run["exit"].items() if r != victim), info
 
 
-@pytest.mark.skipif(not shrink_supported(), reason="the low-latency engine does not mask gone peers yet "
-                                                   "(docs/shrink-patch.md)")
+@pytest.mark.skipif(not shrink_supported(), reason="the low-latency engine does not mask gone peers")
 def test_shrink_masks_killed_rank_and_keeps_serving(fault_runs):
     name = "shrink-ll_dispatch-during-sigkill"
     num_ranks, victim = SCENARIOS[name][:2]

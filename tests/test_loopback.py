@@ -93,8 +93,7 @@ def test_test_launcher_listens_on_loopback_only(sockets):
     for rank, res in enumerate(sockets):
         wide = [s for s in res["before"] if not _is_loopback(s[0])]
         assert not wide, (f"rank {rank}: the test launcher (tests/dist_utils.py) listens beyond loopback: {wide}; "
-                          f"use deep_ep._comm.loopback_store instead of init_method='tcp://...' "
-                          f"(docs/shrink-patch.md has the patch)")
+                          f"use deep_ep.utils.loopback_store instead of init_method='tcp://...'")
 
 
 def test_launch_scripts_use_explicit_loopback_rendezvous():
@@ -115,4 +114,4 @@ def test_launch_scripts_use_explicit_loopback_rendezvous():
                     if pattern.search(line):
                         offenders.append(f"{os.path.relpath(path, _REPO)}:{lineno}: {line.strip()}")
     assert not offenders, ("these launchers make rank 0's store listen on every interface; use "
-                           "deep_ep._comm.loopback_store (see docs/shrink-patch.md):\n  " + "\n  ".join(offenders))
+                           "deep_ep.utils.loopback_store:\n  " + "\n  ".join(offenders))
