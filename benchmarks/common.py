@@ -16,7 +16,8 @@ every rank after the process group is up; what rank 0 returns comes back to the 
   and broadcasts with mpi4py.
 * ``torchrun`` (``torchrun`` / ``python -m torch.distributed.run``): every process is one rank;
   ``WORLD_SIZE`` is then the number of ranks (torchrun's meaning, not nodes), ``LOCAL_RANK`` /
-  ``LOCAL_WORLD_SIZE`` the local ones, and the process group joins torchrun's own store (``env://``).
+  ``LOCAL_WORLD_SIZE`` the local ones, and the process group joins torchrun's own store as a client
+  (what torch's env:// init method does).
 
 ``--launch auto`` picks ``mpirun`` under MPI, ``torchrun`` under torchrun (``TORCHELASTIC_RUN_ID`` is
 set), ``env`` when ``MASTER_ADDR``, ``WORLD_SIZE`` and ``RANK`` are set, else ``spawn``.
@@ -366,7 +367,7 @@ def _loopback_store(port: int, rank: int, world: int, timeout_s: float):
 
 @dataclass
 class _Rendezvous:
-    kind: str        # "loopback", "remote" or "env" (torchrun's store, init_method env://)
+    kind: str        # "loopback", "remote" or "env" (torchrun's store, joined as a client)
     addr: str
     port: int
     world: int
@@ -379,7 +380,12 @@ def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, arg
         torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=args.timeout)
     if rdv.kind == "env":
-        store = None  # init_method env://: torchrun's agent store (no second store on MASTER_PORT)
+        # torchrun's agent already hosts the store on MASTER_ADDR:MASTER_PORT: join it as a client (what
+        # torch's env:// init method does; a second store there fails to bind). Keys under torchrun's prefix.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(rdv.addr, rdv.port, rdv.world, rank == 0 and not agent, timeout=timeout,
+                              wait_for_workers=False)
+        store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     elif rdv.kind == "loopback":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         store = _loopback_store(rdv.port, rank, rdv.world, args.timeout)
@@ -388,13 +394,11 @@ def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, arg
     if device_kind == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=rdv.world, timeout=timeout,
-                                init_method="env://" if store is None else None)
+        dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=rank, world_size=rdv.world, timeout=timeout)
         bench_group = dist.new_group(list(range(rdv.world)), backend="nccl", timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=rdv.world, timeout=timeout,
-                                init_method="env://" if store is None else None)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=rdv.world, timeout=timeout)
         # The baselines' own gloo group (deep_ep's portable engine also runs its collectives on a
         # private gloo group, so the transports match).
         bench_group = dist.new_group(list(range(rdv.world)), backend="gloo", timeout=timeout)

@@ -65,7 +65,9 @@ def _sockets_rank(rank: int, num_ranks: int, group) -> Dict[str, List[Tuple[str,
     import deep_ep
     before = listening_sockets()
     rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(8, 128, num_ranks, 2 * num_ranks)
-    buffers = [deep_ep.Buffer(group, num_nvl_bytes=1 << 20),
+    nvl = max(c.get_nvl_buffer_size_hint(128 * 2, num_ranks)
+              for c in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
+    buffers = [deep_ep.Buffer(group, num_nvl_bytes=nvl),
                deep_ep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, enable_shrink=True)]
     x = torch.randn(4, 128).to(torch.bfloat16)
     topk = torch.arange(4).remainder(2 * num_ranks).view(4, 1).contiguous()
