@@ -176,7 +176,10 @@ class CudaEngine:
             # Nobody launches a kernel that touches a peer before every peer has mapped everything.
             comm.barrier(op="CUDA engine set-up")
         except BaseException:
-            lib.runtime_destroy(self._rt)
+            try:  # the set-up error is the one to report
+                lib.runtime_destroy(self._rt)
+            except _core.CoreError:
+                pass
             self._rt = None
             raise
 

@@ -194,7 +194,10 @@ class CudaLowLatency(DoubleBufferSlots):
             lib.runtime_open_peers(rt, handles=handles, ptrs=ptrs, same_process=same)
             self.comm.barrier(op="CUDA LL engine set-up")
         except BaseException:
-            lib.runtime_destroy(rt)
+            try:  # the set-up error is the one to report
+                lib.runtime_destroy(rt)
+            except _core.CoreError:
+                pass
             self._rt = None
             raise
         return ptr
