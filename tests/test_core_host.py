@@ -405,3 +405,38 @@ def test_cuda_engine_unavailable_without_gpu():
         assert engine == "portable"
         assert engine_reason, "the Buffer must say why it chose the portable engine"
     assert results[0][1] == results[1][1], "every rank must report the same reason"
+
+
+@needs_lib
+def test_binding_releases_the_gil():
+    """A long call into the library lets other Python threads run. With a huge switch interval a thread
+    that holds the GIL is never preempted, so the main thread, sleeping while the worker loops over
+    calls, can wake up before the worker finishes only if the calls release the GIL."""
+    import threading
+    import time
+
+    n = 1 << 22
+    x = torch.randn(n).to(torch.bfloat16)
+    out = torch.empty(n, dtype=torch.uint8)
+    scales = torch.empty(n // 128, dtype=torch.float32)
+    start, state = threading.Event(), {"done": False}
+    ptrs = (x.view(torch.int16).data_ptr(), out.data_ptr(), scales.data_ptr())  # torch calls may drop the GIL
+
+    def worker():
+        start.wait()
+        for _ in range(30):
+            LIB.ll_host_fp8_cast(ptrs[0], n, False, ptrs[1], ptrs[2])
+        state["done"] = True
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        start.set()
+        time.sleep(0.05)                  # releases the GIL: the worker enters its calls
+        done_when_main_woke = state["done"]
+    finally:
+        sys.setswitchinterval(old)
+    thread.join()
+    assert state["done"] and not done_when_main_woke, "the binding held the GIL during the library calls"
