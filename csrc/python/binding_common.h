@@ -196,7 +196,8 @@ inline void bind_field_array(py::module_& m) {
         .def("__getitem__", &FieldArray::get)
         .def("__setitem__", &FieldArray::set)
         .def("__iter__", [](const FieldArray& a) { return py::iter(a.to_list()); })
-        .def("__eq__", [](const FieldArray& a, const py::sequence& other) { return a.to_list().equal(py::list(other)); })
+        .def("__eq__", [](const FieldArray& a, const py::sequence& other) { return a.to_list().equal(py::list(other)); },
+             py::is_operator())
         .def("__repr__", [](const FieldArray& a) { return std::string(py::repr(a.to_list())); });
 }
 
