@@ -9,6 +9,8 @@
 # exists, so repeated runs start at once.
 #
 # Knobs: PYTHON=python3.12 (interpreter for a new venv), VENV=path (another venv),
+#        TORCH_INDEX=https://download.pytorch.org/whl/cpu (install torch from that index first, e.g.
+#        the CPU-only wheel instead of the CUDA build),
 #        BENCH_ARGS="--num-ranks 8" (extra args for benchmarks/bench_ep.py),
 #        PYTEST_ARGS="-x -k mpi" (extra args for pytest).
 
@@ -21,19 +23,23 @@ VENV_PY := $(VENV)/bin/python
 REQS := requirements-dev.txt
 SETUP_INPUTS := $(REQS) setup.py pyproject.toml
 # The stamp's name carries a hash of the set-up inputs: editing any of them re-runs the install.
-SETUP_KEY := $(shell cat $(SETUP_INPUTS) 2>/dev/null | sha256sum | cut -c1-16)
+TORCH_INDEX ?=
+SETUP_KEY := $(shell (cat $(SETUP_INPUTS); echo "$(TORCH_INDEX)") 2>/dev/null | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.deep_ep-setup-$(SETUP_KEY)
 
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup core bench test test-all clean-venv
+.PHONY: help setup core bindings bench test test-all run clean-venv
 
-# The CUDA core (csrc/ -> deep_ep/libdeep_ep_core.so): rebuilt whenever csrc/ or build_core.py
-# changes, when nvcc is found (CUDA_HOME, default /usr/local/cuda) unless DEEP_EP_BUILD_CUDA=0.
-# The build prints ptxas' register/spill report and fails on a compile error or a spilling kernel.
+# The CUDA core (csrc/ -> deep_ep/libdeep_ep_core.so, libdeep_ep_nvshmem.so): rebuilt whenever csrc/
+# or build_core.py changes, when nvcc is found (CUDA_HOME, default /usr/local/cuda) unless
+# DEEP_EP_BUILD_CUDA=0. The build prints ptxas' register/spill report and fails on a compile error, a
+# spilling kernel, or NVSHMEM missing (DEEP_EP_DISABLE_NVSHMEM=1 builds without libdeep_ep_nvshmem.so).
+# The pybind11 modules (csrc/python/ -> deep_ep/_core_binding*.so, _nvshmem_binding*.so) are
+# rebuilt by ninja when their sources or the headers change, whenever a compiled core is present.
 CORE := deep_ep/libdeep_ep_core.so
-CORE_SRCS := build_core.py $(shell find csrc -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) 2>/dev/null)
+CORE_SRCS := build_core.py $(shell find csrc -path csrc/python -prune -o -type f \( -name '*.cu' -o -name '*.cuh' -o -name '*.h' \) -print 2>/dev/null)
 export CUDA_HOME ?= /usr/local/cuda
 
 help:
@@ -41,7 +47,8 @@ help:
 	@echo "make test    - set up .venv if needed, build the CUDA core if nvcc is found, run the test suite"
 	@echo "               (pytest -m 'not slow'; PYTEST_ARGS=...)"
 	@echo "make test-all - the same plus the slow random sweeps"
-	@echo "make core    - build the CUDA core (csrc/) when nvcc is found"
+	@echo "make core    - build the CUDA core (csrc/) when nvcc is found, and its pybind11 modules"
+	@echo "make run SCRIPT=my.py ARGS=... - run your own script with .venv's python and this checkout"
 	@echo "make setup   - only set up .venv"
 	@echo "make clean-venv - delete .venv"
 
@@ -51,6 +58,7 @@ $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): | $(VENV_PY)
+	$(if $(TORCH_INDEX),$(VENV_PY) -m pip install --index-url $(TORCH_INDEX) "$$(grep -E '^torch[=<>]' $(REQS))")
 	$(VENV_PY) -m pip install -r $(REQS)
 	DEEP_EP_BUILD_CUDA=0 $(VENV_PY) -m pip install --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.deep_ep-setup-*
@@ -60,9 +68,14 @@ core: setup
 	@if $(VENV_PY) -c "import build_core, sys; sys.exit(0 if build_core.should_build_core()[0] else 3)"; then \
 	    $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) $(CORE); \
 	else rc=$$?; [ $$rc -eq 3 ] || exit $$rc; echo "deep_ep: CUDA core not built (no nvcc, or DEEP_EP_BUILD_CUDA=0)"; fi
+	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) bindings
 
 $(CORE): $(CORE_SRCS)
 	$(VENV_PY) build_core.py
+
+# ninja (inside build_core.py) decides what is stale; nothing to bind without a compiled core.
+bindings: setup
+	@if [ -f $(CORE) ] || [ -n "$$DEEP_EP_CORE_LIB" ]; then $(VENV_PY) build_core.py --bindings-only; fi
 
 bench: setup
 	$(VENV_PY) benchmarks/bench_ep.py $(BENCH_ARGS)
@@ -72,6 +85,11 @@ test: setup core
 
 test-all: setup core
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Your own script with this checkout's deep_ep (PYTHONPATH) and .venv's torch: make run SCRIPT=moe_example.py
+run: setup
+	@[ -n "$(SCRIPT)" ] || { echo "usage: make run SCRIPT=path/to/script.py [ARGS='...']"; exit 2; }
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(VENV_PY) $(SCRIPT) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Build deep_ep's compiled core, ``deep_ep/libdeep_ep_core.so``, with nvcc alone.
 
-The core is a plain C-ABI shared library (``csrc/deep_ep_core.h``) that Python loads with ctypes
-(``deep_ep/_core.py``): no torch or CPython headers, the CUDA runtime linked statically, no
-``-lcuda`` (the runtime finds the driver at run time), so one build serves every Python and torch
-version and builds on a machine without a GPU.
+The core is a plain C-ABI shared library (``csrc/deep_ep_core.h``): no torch or CPython headers, the
+CUDA runtime linked statically, no ``-lcuda`` (the runtime finds the driver at run time), so one build
+serves every Python and torch version and builds on a machine without a GPU. Python reaches it through
+a pybind11 module (``csrc/python/``, `build_bindings`: g++ against the C headers, no torch headers),
+which ``deep_ep/_core.py`` uses to open the library.
 
 Usage::
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -57,8 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["build_core", "should_build_core", "find_nvcc", "find_nvshmem", "parse_ptxas_report", "BuildError",
-           "LIBRARY_NAME"]
+__all__ = ["build_core", "build_bindings", "build_requirements", "nvshmem_for_build", "should_build_core", "find_nvcc", "find_nvshmem", "parse_ptxas_report",
+           "c_struct_fields", "BuildError", "LIBRARY_NAME", "BINDING_MODULES"]
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -66,6 +68,11 @@ LIBRARY_NAME = "libdeep_ep_core.so"
 NVSHMEM_LIBRARY_NAME = "libdeep_ep_nvshmem.so"
 NVSHMEM_SOURCES = CSRC / "nvshmem"
 BUILD_INFO_NAME = "_core_build.json"
+BINDING_SOURCES = CSRC / "python"
+# pybind11 module name -> its source; one module per compiled library (the core ABI, the NVSHMEM library).
+BINDING_MODULES = {"_core_binding": "core_binding.cpp", "_nvshmem_binding": "nvshmem_binding.cpp"}
+# C structs whose field lists the binding reads from the headers (generated header, see c_struct_fields).
+BOUND_STRUCTS = {"deep_ep_ll_call": "deep_ep_ll.h", "deep_ep_internode_call": "deep_ep_internode.h"}
 
 
 class BuildError(RuntimeError):
@@ -123,6 +130,72 @@ def find_nvshmem(cuda_major: Optional[int] = None) -> Tuple[Optional[Path], str]
         except Exception:  # metadata is best effort
             pass
     return path, note
+
+
+def nvshmem_disabled(env: Optional[Dict[str, str]] = None) -> bool:
+    """``DEEP_EP_DISABLE_NVSHMEM`` set to anything but 0: build the core without libdeep_ep_nvshmem.so."""
+    env = os.environ if env is None else env
+    return env.get("DEEP_EP_DISABLE_NVSHMEM", "0").strip() not in ("", "0")
+
+
+def nvshmem_for_build(cuda_major: int) -> Tuple[Optional[Path], str]:
+    """NVSHMEM for the NVSHMEM library: ``(dir, note)``, or ``(None, note)`` when ``DEEP_EP_DISABLE_NVSHMEM``
+    is set.
+
+    Raises:
+        BuildError: NVSHMEM is not found (or is incomplete) and not disabled. A build with nvcc never
+            silently drops ``libdeep_ep_nvshmem.so`` (what an isolated ``pip wheel .`` did when its
+            build environment could not see the installed wheel); the message says how to get it.
+    """
+    if nvshmem_disabled():
+        return None, "DEEP_EP_DISABLE_NVSHMEM set: libdeep_ep_nvshmem.so not built"
+    nvshmem_dir, note = find_nvshmem(cuda_major)
+    if nvshmem_dir is not None and not (nvshmem_dir / "lib" / "libnvshmem_device.a").is_file():
+        nvshmem_dir, note = None, f"{note}: no lib/libnvshmem_device.a"
+    if nvshmem_dir is not None and not list((nvshmem_dir / "lib").glob("libnvshmem_host.so*")):
+        nvshmem_dir, note = None, f"{note}: no lib/libnvshmem_host.so*"
+    if nvshmem_dir is None:
+        raise BuildError(
+            f"NVSHMEM not found ({note}), so libdeep_ep_nvshmem.so (low-latency and multi-node modes over NVSHMEM) "
+            f"cannot be built. Install it into the environment that builds deep_ep: `pip install "
+            f"nvidia-nvshmem-cu{cuda_major}` (an isolated `pip install .`/`pip wheel .` gets it from pyproject.toml's "
+            f"build requirements), or set NVSHMEM_DIR to an NVSHMEM install; or set DEEP_EP_DISABLE_NVSHMEM=1 to build "
+            f"without it (peer-memory transports only).")
+    return nvshmem_dir, note
+
+
+def build_requirements(env: Optional[Dict[str, str]] = None) -> List[str]:
+    """Extra build requirements of a wheel (PEP 517 ``get_requires_for_build_wheel``): pybind11 and ninja
+    always (pyproject.toml lists them too), and ``nvidia-nvshmem-cu<major>`` when the CUDA core will be
+    built with NVSHMEM from a wheel (nvcc found, no ``NVSHMEM_DIR``, NVSHMEM not disabled)."""
+    env = os.environ if env is None else env
+    reqs = ["pybind11>=2.12", "ninja"]
+    try:
+        build, _ = should_build_core(env)
+    except BuildError:
+        return reqs  # setup.py reports the bad value
+    if build and not env.get("NVSHMEM_DIR") and not nvshmem_disabled(env):
+        nvcc = find_nvcc()
+        try:
+            major = nvcc_version(nvcc)[0] if nvcc is not None else None
+        except (OSError, subprocess.SubprocessError, BuildError):
+            major = None
+        if major is not None:
+            reqs.append(env.get("DEEP_EP_NVSHMEM_REQUIREMENT") or _nvshmem_requirement(f"nvidia-nvshmem-cu{major}"))
+    return reqs
+
+
+def _nvshmem_requirement(name: str) -> str:
+    """``name==<version>`` when the interpreter's own site-packages (invisible inside pip's isolated build
+    environment, but on disk) has that wheel, e.g. the one torch pins: the device code is then linked
+    with the same NVSHMEM that is loaded at run time. Else ``name`` (the newest)."""
+    import sysconfig
+    from importlib import metadata
+    paths = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+    for dist in metadata.distributions(path=paths):
+        if (dist.metadata["Name"] or "").lower().replace("_", "-") == name:
+            return f"{name}=={dist.version}"
+    return name
 
 
 def should_build_core(env: Optional[Dict[str, str]] = None) -> Tuple[bool, str]:
@@ -285,7 +358,7 @@ def _link_nvshmem(nvcc: Path, gencode: List[str], objects: List[Path], nvshmem_d
 
 def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = None,
                disable_sm90: Optional[bool] = None, jobs: Optional[int] = None, allow_spills: bool = False,
-               verbose: bool = True, build_dir: Optional[os.PathLike] = None) -> BuildResult:
+               verbose: bool = True, build_dir: Optional[os.PathLike] = None, bindings: bool = True) -> BuildResult:
     """Compile ``csrc/**/*.cu`` and link ``libdeep_ep_core.so`` into ``output_dir`` (default ``deep_ep/``).
 
     Args:
@@ -297,6 +370,7 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         allow_spills: only warn when a kernel spills registers (default: fail).
         verbose: print the commands, ptxas' report and a summary.
         build_dir: where object files go (default a temporary directory).
+        bindings: also build the pybind11 modules (`build_bindings`) into ``output_dir``.
 
     Returns:
         `BuildResult` with the library path, the time taken and ptxas' per-kernel resources.
@@ -317,13 +391,7 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         jobs = int(os.environ.get("DEEP_EP_BUILD_JOBS") or os.cpu_count() or 1)
     output_dir = Path(output_dir) if output_dir is not None else ROOT / "deep_ep"
     output_dir.mkdir(parents=True, exist_ok=True)
-    nvshmem_dir, nvshmem_note = find_nvshmem(major)
-    if os.environ.get("DEEP_EP_DISABLE_NVSHMEM", "0").strip() not in ("", "0"):
-        nvshmem_dir, nvshmem_note = None, f"DEEP_EP_DISABLE_NVSHMEM set ({nvshmem_note})"
-    if nvshmem_dir is not None and not (nvshmem_dir / "lib" / "libnvshmem_device.a").is_file():
-        nvshmem_dir, nvshmem_note = None, f"{nvshmem_note}: no lib/libnvshmem_device.a"
-    if nvshmem_dir is not None and not list((nvshmem_dir / "lib").glob("libnvshmem_host.so*")):
-        nvshmem_dir, nvshmem_note = None, f"{nvshmem_note}: no lib/libnvshmem_host.so*"
+    nvshmem_dir, nvshmem_note = nvshmem_for_build(major)
 
     sources = sorted(p for p in CSRC.rglob("*.cu") if NVSHMEM_SOURCES not in p.parents)
     nv_sources = sorted(NVSHMEM_SOURCES.glob("*.cu")) if nvshmem_dir is not None else []
@@ -407,6 +475,9 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
         "nvshmem_dir": str(nvshmem_dir) if nvshmem_dir is not None else None, "seconds": round(result.seconds, 1),
         "kernels": [asdict(k) for k in kernels if k.entry],
     }
+    if bindings:
+        modules = build_bindings(output_dir, verbose=verbose)
+        info["binding_modules"] = sorted(p.name for p in modules.values())
     (output_dir / BUILD_INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
     if spilling:
         names = ", ".join(k.demangled or k.name for k in spilling)
@@ -420,6 +491,220 @@ def build_core(output_dir: Optional[os.PathLike] = None, arch: Optional[str] = N
     return result
 
 
+# ------------------------------------------------------------------------------- pybind11 binding
+
+def c_struct_fields(header_text: str, struct: str) -> List[str]:
+    """Field names of ``typedef struct <struct> { ... } <struct>;`` in a C header, in order.
+
+    The binding (``csrc/python/core_binding.cpp``) binds exactly these fields, so a field added to the
+    header appears in Python after a rebuild with no hand-kept list (the C++ compiler takes each
+    field's type from the header)."""
+    text = re.sub(r"/\*.*?\*/", " ", header_text, flags=re.S)
+    text = re.sub(r"//[^\n]*", " ", text)
+    m = re.search(r"typedef\s+struct\s+" + re.escape(struct) + r"\s*\{(.*?)\}\s*" + re.escape(struct) + r"\s*;",
+                  text, flags=re.S)
+    if m is None:
+        raise BuildError(f"struct {struct} not found in the header")
+    names: List[str] = []
+    for decl in m.group(1).split(";"):
+        decl = " ".join(decl.split())
+        if not decl:
+            continue
+        head = re.match(r"(?:(?:const|volatile|unsigned|signed|struct|enum)\s+)*\w+\s*(.*)$", decl)
+        if head is None or not head.group(1):
+            raise BuildError(f"cannot parse the field declaration {decl!r} of {struct}")
+        for part in head.group(1).split(","):
+            fm = re.fullmatch(r"\s*[\*\s]*(?:const\s+)?(\w+)\s*(?:\[[^\]]+\])?\s*", part)
+            if fm is None:
+                raise BuildError(f"cannot parse the field declarator {part!r} of {struct}")
+            names.append(fm.group(1))
+    return names
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def write_struct_fields_header(out_dir: Path) -> Path:
+    """``deep_ep_struct_fields.h``: one X-macro per bound struct listing its fields (from the headers)."""
+    lines = ["/* Generated by build_core.py from the csrc/ headers: do not edit. */", "#pragma once"]
+    for struct, header in BOUND_STRUCTS.items():
+        fields = c_struct_fields((CSRC / header).read_text(), struct)
+        lines.append(f"#define DEEP_EP_FIELDS_{struct}(X) " + " ".join(f"X({f})" for f in fields))
+    path = out_dir / "deep_ep_struct_fields.h"
+    _write_if_changed(path, "\n".join(lines) + "\n")
+    return path
+
+
+def find_cxx() -> Optional[str]:
+    """The C++ compiler for the binding: ``CXX``, else ``c++`` / ``g++`` on PATH."""
+    for cand in (os.environ.get("CXX"), "c++", "g++"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def find_ninja() -> Optional[str]:
+    """ninja from the ``ninja`` PyPI package or PATH (None: compile without incremental rebuilds)."""
+    try:
+        import ninja  # type: ignore
+        path = Path(ninja.BIN_DIR) / "ninja"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    return shutil.which("ninja")
+
+
+def binding_module_path(output_dir: Path, module: str) -> Path:
+    import sysconfig
+    return output_dir / (module + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+
+
+def build_bindings(output_dir: Optional[os.PathLike] = None, build_dir: Optional[os.PathLike] = None,
+                   modules: Optional[Sequence[str]] = None, verbose: bool = True) -> Dict[str, Path]:
+    """Compile the pybind11 modules (``csrc/python/*.cpp``) into ``output_dir`` (default ``deep_ep/``).
+
+    The modules are compiled by the C++ compiler against the C headers of ``csrc/`` only (no CUDA, no
+    torch headers) and open their library with dlopen at run time (``deep_ep/_core.py`` picks the path),
+    so one ``_core_binding`` serves any library built from the same ABI (the CUDA core, or another
+    build of the same sources such as a CPU build: ``deep_ep._core.open_core(path)``). They depend on
+    the Python version (one build per interpreter), the libraries do not.
+
+    With ninja (PyPI ``ninja`` or PATH) the build is incremental: ``build_dir`` (default
+    ``build/binding``) keeps ninja's state and each module is recompiled only when its source, a header
+    or the flags change. Returns ``{module: path}``.
+
+    Raises:
+        BuildError: no C++ compiler, no pybind11, or a compile error.
+    """
+    log = print if verbose else (lambda *a, **k: None)
+    import sysconfig
+    try:
+        import pybind11  # type: ignore
+    except ImportError as exc:
+        raise BuildError("pybind11 is not installed (pip install pybind11; it is in requirements-dev.txt and in "
+                         "pyproject.toml's build requirements)") from exc
+    cxx = find_cxx()
+    if cxx is None:
+        raise BuildError("no C++ compiler for the pybind11 binding (set CXX or install g++)")
+    # absolute: ninja runs in build_dir (setup.py passes a relative build_lib)
+    output_dir = (Path(output_dir) if output_dir is not None else ROOT / "deep_ep").resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if build_dir is None:  # ninja's state, per output directory
+        default = output_dir.resolve() == (ROOT / "deep_ep").resolve()
+        tag = "" if default else "-" + hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:12]
+        build_dir = ROOT / "build" / f"binding{tag}"
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    gen = write_struct_fields_header(build_dir)
+    modules = list(modules) if modules is not None else list(BINDING_MODULES)
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wall",
+             f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}", f"-I{CSRC}", f"-I{gen.parent}"]
+    outputs = {m: binding_module_path(output_dir, m) for m in modules}
+    start = time.monotonic()
+    ninja = find_ninja()
+    if ninja is not None:
+        def q(s: object) -> str:
+            return str(s).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+        lines = ["ninja_required_version = 1.3", f"cxx = {cxx}", f"flags = {' '.join(flags)}",
+                 # Written under a temporary name, then renamed: a running process keeps its mapped copy.
+                 "rule cxx_module",
+                 "  command = $cxx $flags -MMD -MF $out.d $in -o $out.tmp -ldl && mv -f $out.tmp $out",
+                 "  depfile = $out.d", "  deps = gcc", "  description = pybind11 module $out", ""]
+        for m, out in outputs.items():
+            lines.append(f"build {q(out)}: cxx_module {q(BINDING_SOURCES / BINDING_MODULES[m])} | {q(gen)}")
+        _write_if_changed(build_dir / "build.ninja", "\n".join(lines) + "\n")
+        cmd = [ninja, "-C", str(build_dir)] + [str(o) for o in outputs.values()]
+        jobs = os.environ.get("DEEP_EP_BUILD_JOBS")
+        if jobs:
+            cmd += ["-j", jobs]
+        rc, out = _run(cmd, ROOT)
+        if rc != 0:
+            raise BuildError(f"pybind11 binding build failed (exit {rc}):\n{' '.join(cmd)}\n{out}")
+        log(f"[build_core] pybind11 modules ({'up to date' if 'no work to do' in out else 'built'} with ninja): "
+            + ", ".join(o.name for o in outputs.values()))
+    else:
+        for m, out in outputs.items():
+            tmp = out.with_name(out.name + ".tmp")
+            cmd = [cxx] + flags + [str(BINDING_SOURCES / BINDING_MODULES[m]), "-o", str(tmp), "-ldl"]
+            rc, text = _run(cmd, ROOT)
+            if rc != 0:
+                raise BuildError(f"pybind11 binding build failed (exit {rc}):\n{' '.join(cmd)}\n{text}")
+            os.replace(tmp, out)
+            log(f"[build_core] compiled {out.name} (no ninja: full rebuild)")
+    log(f"[build_core] binding step took {time.monotonic() - start:.1f} s")
+    report = output_dir / BUILD_INFO_NAME
+    if report.is_file():  # the build report lists the modules next to the libraries (package_outputs)
+        try:
+            info = json.loads(report.read_text())
+            names = sorted(set(info.get("binding_modules", [])) | {o.name for o in outputs.values()})
+            if info.get("binding_modules") != names:
+                info["binding_modules"] = names
+                report.write_text(json.dumps(info, indent=1) + "\n")
+        except ValueError:
+            pass
+    return outputs
+
+
+def package_outputs(output_dir: os.PathLike, info: Optional[Dict] = None) -> List[Path]:
+    """The files a build put into ``output_dir`` that a wheel must carry, from its build report
+    (``_core_build.json``): the core, the NVSHMEM library when it was linked, the pybind11 modules and
+    the report itself."""
+    output_dir = Path(output_dir)
+    if info is None:
+        report = output_dir / BUILD_INFO_NAME
+        info = json.loads(report.read_text()) if report.is_file() else {}
+    files = [output_dir / LIBRARY_NAME, output_dir / BUILD_INFO_NAME]
+    if info.get("nvshmem_linked"):
+        files.append(output_dir / (info.get("nvshmem_library") or NVSHMEM_LIBRARY_NAME))
+    files += [output_dir / name for name in info.get("binding_modules", [])]
+    return files
+
+
+# ------------------------------------------------------------------------------ PEP 517 backend
+# pyproject.toml names this module as the build backend (backend-path "."): setuptools' backend, plus the
+# build requirements that depend on the machine (`build_requirements`: NVSHMEM's wheel when nvcc is
+# found), so that an isolated `pip install .` / `pip wheel .` builds both libraries.
+
+def _setuptools_backend():
+    from setuptools import build_meta
+    return build_meta
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_wheel(config_settings) + build_requirements()
+
+
+def get_requires_for_build_editable(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_editable(config_settings) + build_requirements()
+
+
+def get_requires_for_build_sdist(config_settings=None):
+    return _setuptools_backend().get_requires_for_build_sdist(config_settings)
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    return _setuptools_backend().prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    return _setuptools_backend().prepare_metadata_for_build_editable(metadata_directory, config_settings)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    return _setuptools_backend().build_wheel(wheel_directory, config_settings, metadata_directory)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    return _setuptools_backend().build_editable(wheel_directory, config_settings, metadata_directory)
+
+
+def build_sdist(sdist_directory, config_settings=None):
+    return _setuptools_backend().build_sdist(sdist_directory, config_settings)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default=None, help="where the library goes (default: deep_ep/)")
@@ -430,8 +715,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--allow-spills", action="store_true", help="warn instead of failing on register spills")
     parser.add_argument("--build-dir", default=None, help="keep object files here")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--bindings-only", action="store_true",
+                        help="only (re)build the pybind11 modules (g++, no nvcc needed)")
     args = parser.parse_args(argv)
     try:
+        if args.bindings_only:
+            build_bindings(args.output_dir, verbose=not args.quiet)
+            return 0
         build_core(args.output_dir, args.arch, args.disable_sm90, args.jobs, args.allow_spills, not args.quiet,
                    args.build_dir)
     except BuildError as exc:

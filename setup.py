@@ -1,12 +1,16 @@
 """Build script for deep_ep.
 
 `pip install .` (or `pip install -e .`) installs the Python package `deep_ep`, whose portable engine
-runs on any torch.distributed backend, and builds the compiled CUDA core (`csrc/` ->
-`deep_ep/libdeep_ep_core.so`, a C-ABI library that ctypes loads: no torch or CPython headers, static
-cudart, no `-lcuda`) when nvcc is found. `DEEP_EP_BUILD_CUDA=0` never builds it, `=1` requires it;
-unset builds it when nvcc is found through `CUDA_HOME` (else `/usr/local/cuda`, else `PATH`).
-A compile error or a kernel that spills registers fails the build. `python build_core.py` builds the
-core alone (what `make test` does).
+runs on any torch.distributed backend, and, when nvcc is found, builds the compiled CUDA libraries
+with `build_core.py`: `csrc/` -> `deep_ep/libdeep_ep_core.so` and `libdeep_ep_nvshmem.so` (C-ABI
+libraries: no torch or CPython headers, static cudart, no `-lcuda`) and their pybind11 modules
+`deep_ep/_core_binding*.so`, `_nvshmem_binding*.so` (g++, no torch headers). `DEEP_EP_BUILD_CUDA=0`
+never builds them, `=1` requires them; unset builds them when nvcc is found through `CUDA_HOME` (else
+`/usr/local/cuda`, else `PATH`). A compile error, a kernel that spills registers, or NVSHMEM missing
+(unless `DEEP_EP_DISABLE_NVSHMEM=1`) fails the build; an isolated build gets NVSHMEM's wheel from the
+build requirements (`build_core.build_requirements`). What was built is recorded in
+`deep_ep/_core_build.json` (`deep_ep._core.build_info()`). `python build_core.py` builds the same
+outside pip (what `make test` does).
 """
 
 import sys
@@ -33,7 +37,8 @@ class _BuildCore(build_ext):
             raise SystemExit(f"deep_ep setup.py: building the CUDA core failed: {exc}")
 
     def get_outputs(self):
-        return [str(self._out_dir() / "libdeep_ep_core.so"), str(self._out_dir() / "_core_build.json")]
+        import build_core
+        return [str(p) for p in build_core.package_outputs(self._out_dir())]
 
 
 def _cuda_extensions():

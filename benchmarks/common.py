@@ -14,9 +14,13 @@ every rank after the process group is up; what rank 0 returns comes back to the 
 * ``mpirun``: every MPI process is one rank (``OMPI_COMM_WORLD_*`` or ``PMI_*``). The rendezvous is
   ``MASTER_ADDR``/``MASTER_PORT`` when set, else (one host) a loopback store whose port rank 0 picks
   and broadcasts with mpi4py.
+* ``torchrun`` (``torchrun`` / ``python -m torch.distributed.run``): every process is one rank;
+  ``WORLD_SIZE`` is then the number of ranks (torchrun's meaning, not nodes), ``LOCAL_RANK`` /
+  ``LOCAL_WORLD_SIZE`` the local ones, and the process group joins torchrun's own store as a client
+  (what torch's env:// init method does).
 
-``--launch auto`` picks ``mpirun`` under MPI, ``env`` when ``MASTER_ADDR``, ``WORLD_SIZE`` and ``RANK``
-are set, else ``spawn``.
+``--launch auto`` picks ``mpirun`` under MPI, ``torchrun`` under torchrun (``TORCHELASTIC_RUN_ID`` is
+set), ``env`` when ``MASTER_ADDR``, ``WORLD_SIZE`` and ``RANK`` are set, else ``spawn``.
 
 Devices: ``--device cpu`` runs gloo ranks on CPU (the portable engine). ``--device cuda`` puts the
 tensors on GPU ``local_rank % device_count`` (deep_ep then picks its CUDA engine where it can run,
@@ -311,10 +315,11 @@ class RankContext:
 
 def add_launch_args(p: argparse.ArgumentParser, default_ranks: int = 4, with_device: bool = True) -> None:
     g = p.add_argument_group("launch (one machine: spawn; several: env or mpirun, see benchmarks/README.md)")
-    g.add_argument("--launch", choices=("auto", "spawn", "env", "mpirun"), default="auto",
+    g.add_argument("--launch", choices=("auto", "spawn", "env", "mpirun", "torchrun"), default="auto",
                    help="spawn: local processes; env: one launch per node with MASTER_ADDR, MASTER_PORT, "
                         "WORLD_SIZE (= nodes) and RANK (= node index); mpirun: one MPI process per rank; "
-                        "auto: mpirun under MPI, env when MASTER_ADDR/WORLD_SIZE/RANK are set, else spawn")
+                        "torchrun: one torchrun process per rank (WORLD_SIZE = ranks); auto: mpirun under MPI, "
+                        "torchrun under torchrun, env when MASTER_ADDR/WORLD_SIZE/RANK are set, else spawn")
     g.add_argument("--num-ranks", type=int, default=default_ranks,
                    help="local ranks to spawn (spawn: the whole group; env: ranks per node; ignored under mpirun)")
     g.add_argument("--ranks-per-node", type=int, default=0,
@@ -331,6 +336,8 @@ def resolve_launch(args) -> str:
         return args.launch
     if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
         return "mpirun"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: WORLD_SIZE counts ranks, not nodes
+        return "torchrun"
     if all(k in os.environ for k in ("MASTER_ADDR", "WORLD_SIZE", "RANK")):
         return "env"
     return "spawn"
@@ -360,7 +367,7 @@ def _loopback_store(port: int, rank: int, world: int, timeout_s: float):
 
 @dataclass
 class _Rendezvous:
-    kind: str        # "loopback" or "remote"
+    kind: str        # "loopback", "remote" or "env" (torchrun's store, joined as a client)
     addr: str
     port: int
     world: int
@@ -372,7 +379,14 @@ def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, arg
     if device_kind == "cpu":
         torch.set_num_threads(1)
     timeout = datetime.timedelta(seconds=args.timeout)
-    if rdv.kind == "loopback":
+    if rdv.kind == "env":
+        # torchrun's agent already hosts the store on MASTER_ADDR:MASTER_PORT: join it as a client (what
+        # torch's env:// init method does; a second store there fails to bind). Keys under torchrun's prefix.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(rdv.addr, rdv.port, rdv.world, rank == 0 and not agent, timeout=timeout,
+                              wait_for_workers=False)
+        store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    elif rdv.kind == "loopback":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         store = _loopback_store(rdv.port, rank, rdv.world, args.timeout)
     else:
@@ -465,6 +479,19 @@ def launch(worker: Callable[[RankContext, argparse.Namespace], object], args, pr
               flush=True)
         rdv = _Rendezvous("remote", addr, port, nodes * args.num_ranks)
         return _spawn(worker, args, rdv, node, args.num_ranks, kind, device_kind, node == 0)
+    if kind == "torchrun":
+        try:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ["LOCAL_RANK"])
+            num_local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        except (KeyError, ValueError) as exc:
+            raise LaunchError(f"--launch torchrun needs torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+                              f"MASTER_PORT: {exc}") from None
+        if rank == 0 and not quiet:
+            print(f"{prefix} torchrun: {world} ranks, rendezvous {addr}:{port}", flush=True)
+        return _run_one_rank(worker, args, rank, local_rank, num_local, _Rendezvous("env", addr, port, world), kind,
+                             device_kind)
     # mpirun: this process is one rank.
     env_ = os.environ
     rank = int(env_.get("OMPI_COMM_WORLD_RANK", env_.get("PMI_RANK", "0")))
@@ -487,6 +514,12 @@ def launch(worker: Callable[[RankContext, argparse.Namespace], object], args, pr
         rdv = _Rendezvous("loopback", "127.0.0.1", port, world)
     if rank == 0 and not quiet:
         print(f"{prefix} mpirun: {world} ranks, rendezvous {rdv.addr}:{rdv.port}", flush=True)
+    return _run_one_rank(worker, args, rank, local_rank, num_local, rdv, kind, device_kind)
+
+
+def _run_one_rank(worker, args, rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, kind: str,
+                  device_kind: str):
+    """This process is one rank (mpirun, torchrun): run the worker, return rank 0's result."""
     try:
         ctx = _init_rank(rank, local_rank, num_local, rdv, args, kind, device_kind)
         result = worker(ctx, args)

@@ -272,7 +272,7 @@ def pressure_rank(rank: int, num_ranks: int, group, iters: int, seed: int, repea
         dev = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     ll_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(LL_TOKENS, LL_HIDDEN, num_ranks, num_ranks * 2)
-    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=ll_bytes, low_latency_mode=True)
+    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 28, num_rdma_bytes=ll_bytes, low_latency_mode=True)  # >= the hints
     warm = max(1, int(iters * WARMUP_FRACTION))
     result: Dict[str, Any] = {"digests": [], "per_iter": [], "seconds": []}
     snap_warm = None

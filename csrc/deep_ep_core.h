@@ -1,7 +1,8 @@
 /* The C ABI of the deep_ep core (libdeep_ep_core.so), the only surface Python sees.
  *
  * Plain C types only: device pointers as void*, streams (cudaStream_t) as uint64_t, sizes as int or
- * int64_t. Python loads the library with ctypes (deep_ep/_core.py), so one build serves every Python
+ * int64_t. Python reaches it through a pybind11 module compiled against this header only
+ * (csrc/python/core_binding.cpp, opened by deep_ep/_core.py), so one build of the library serves every Python
  * and torch version; no torch or CPython header is included anywhere in csrc/.
  *
  * Conventions:
@@ -52,7 +53,7 @@ DEEP_EP_CORE_API int deep_ep_runtime_local_ptr(void* rt, uint64_t* ptr);  /* the
 DEEP_EP_CORE_API int deep_ep_runtime_open_peers(void* rt, const void* handles, const uint64_t* ptrs,
                                                 const int* same_process);
 DEEP_EP_CORE_API int deep_ep_runtime_synchronize(void* rt);
-/* Blocks (GIL released by ctypes) until the notify kernel wrote the received-token count and the
+/* Blocks (the binding releases the GIL) until the notify kernel wrote the received-token count and the
  * num_local_experts per-expert counts; values[0] = tokens, values[1 + j] = expert j. Returns 0 when
  * they arrived, 1 on timeout (values hold what was seen, -1 = not written), -1 on a CUDA error. */
 DEEP_EP_CORE_API int deep_ep_runtime_wait_recv_counters(void* rt, uint64_t stream, int num_local_experts,

@@ -4,14 +4,15 @@
  *   libdeep_ep_nvshmem.so  NVSHMEM transport (public device API), built only when NVSHMEM is found;
  *                          it needs libnvshmem_host.so.3, which Python loads first (deep_ep/_core.py).
  *
- * One call = one `deep_ep_ll_call` (plain C struct, mirrored by ctypes in deep_ep/_core.py) plus the
+ * One call = one `deep_ep_ll_call` (plain C struct, bound field by field by the pybind11 module) plus the
  * phases to run. Every pointer is a device pointer unless marked "pinned host". Offsets are byte
  * offsets inside the LL buffer (the layout of deep_ep.config.LowLatencyLayout); the buffer's base is
  * this rank's local base, and for NVSHMEM it is a symmetric address.
  *
  * Phases: DEEP_EP_LL_SEND (prepare + put + signal), DEEP_EP_LL_RECV (wait + unpack / reduce), or both.
  * Kernels are enqueued on `stream` and never waited for; nothing synchronises with the CPU, so a call
- * can be captured in a CUDA graph (the slot is then fixed in the graph: see docs/integration-cuda-ll.md).
+ * can be captured in a CUDA graph (the slot is then fixed in the graph: capture a dispatch and its combine
+ * together; docs/design.md).
  */
 #ifndef DEEP_EP_LL_H_
 #define DEEP_EP_LL_H_
@@ -74,7 +75,7 @@ typedef struct deep_ep_ll_call {
 } deep_ep_ll_call;
 
 /* ---- in libdeep_ep_core.so (errors: deep_ep_core_last_error) */
-/* sizeof(deep_ep_ll_call), for the ctypes mirror's self-check. */
+/* sizeof(deep_ep_ll_call), checked by the pybind11 module against its own. */
 DEEP_EP_LL_API int deep_ep_ll_call_bytes(void);
 /* Total int32 words of the workspace for (T_max, E, R) (top-k is fixed at 16 in it). */
 DEEP_EP_LL_API int64_t deep_ep_ll_workspace_words(int num_max_tokens, int num_experts, int num_ranks);

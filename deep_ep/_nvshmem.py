@@ -120,20 +120,11 @@ def bootstrap(comm, lib, device: int) -> None:
         lib: `deep_ep._core.load_nvshmem()`.
         device: this rank's CUDA device index.
     """
-    import ctypes
-
-    from ._core import check_nvshmem
-
-    size = lib.deep_ep_nvshmem_uniqueid_bytes()
-    status, pe, n_pes = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    check_nvshmem(lib.deep_ep_nvshmem_info(ctypes.byref(status), ctypes.byref(pe), ctypes.byref(n_pes)), "nvshmem info")
-    if pe.value >= 0:  # an earlier Buffer of this process initialised NVSHMEM: join it (no exchange needed)
-        check_nvshmem(lib.deep_ep_nvshmem_init(ctypes.create_string_buffer(size), comm.rank, comm.size, device),
-                      "NVSHMEM init (joining this process's world)")
+    size = lib.uniqueid_bytes()
+    _, pe, _ = lib.info()
+    if pe >= 0:  # an earlier Buffer of this process initialised NVSHMEM: join it (no exchange needed)
+        lib.init(uniqueid=bytes(size), rank=comm.rank, num_ranks=comm.size, device=device)
         return
-    uid = ctypes.create_string_buffer(size)
-    if comm.rank == 0:
-        check_nvshmem(lib.deep_ep_nvshmem_get_uniqueid(uid), "nvshmemx_get_uniqueid")
-    ids = comm.all_gather_object(uid.raw if comm.rank == 0 else b"", op="NVSHMEM unique id exchange")
-    root = ctypes.create_string_buffer(ids[0], size)
-    check_nvshmem(lib.deep_ep_nvshmem_init(root, comm.rank, comm.size, device), "NVSHMEM init")
+    uid = lib.get_uniqueid() if comm.rank == 0 else b""
+    ids = comm.all_gather_object(uid, op="NVSHMEM unique id exchange")
+    lib.init(uniqueid=ids[0], rank=comm.rank, num_ranks=comm.size, device=device)

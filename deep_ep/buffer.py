@@ -16,6 +16,7 @@ import torch.distributed as dist
 from . import _env
 from ._checks import ArgChecker, all_same_device
 from ._comm import Communicator
+from ._sizes import check_normal_buffer
 from .config import (Config, LowLatencyLayout, get_combine_config as _get_combine_config,
                      get_dispatch_config as _get_dispatch_config,
                      get_low_latency_rdma_size_hint as _ll_size_hint)
@@ -330,7 +331,7 @@ class Buffer:
         """True when the compiled core was built with SM90 features (FP8, TMA). False without a core."""
         from . import _core
         lib = _core.load()
-        return bool(lib is not None and lib.deep_ep_core_is_sm90())
+        return bool(lib is not None and lib.is_sm90())
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
@@ -580,6 +581,7 @@ class Buffer:
                 chk.fail("handle", "cached dispatch (with `handle`) takes no `topk_idx`/`topk_weights`; they travel "
                                    "only in the first dispatch")
             self._check_handle(chk, handle, num_tokens)
+            self._check_sizes("dispatch", data, config, combine=False)
             with _Launch(self, [data, scales, *_flatten_tensors(handle)], previous_event, async_finish) as launch:
                 engine = self._engine_for(data)
                 recv = engine.cached_dispatch(data, scales, handle, **self._config_kw(engine, config))
@@ -607,6 +609,7 @@ class Buffer:
             chk.fail("num_worst_tokens", "needs `topk_idx` and `topk_weights`")
         if all_same_device([data, scales, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
+        self._check_sizes("dispatch", data, config, combine=False)
         config = config if config is not None else self.get_dispatch_config(R)
 
         with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
@@ -665,11 +668,21 @@ class Buffer:
             chk.fail("bias", f"must be None, a tensor or a pair of tensors, got {type(bias).__name__}", TypeError)
         for b in biases:
             chk.tensor("bias", b, dtypes=(x.dtype,), shape=(num_tokens, x.size(1)))
+        self._check_sizes("combine", x, config, combine=True)
         with _Launch(self, [x, topk_weights, *biases, *_flatten_tensors(handle)], previous_event,
                      async_finish) as launch:
             engine = self._engine_for(x)
             combined_x, combined_w = engine.combine(x, handle, topk_weights, biases, **self._config_kw(engine, config))
         return combined_x, combined_w, launch.finish([combined_x, combined_w])
+
+    def _check_sizes(self, method: str, x: torch.Tensor, config: Optional[Config], combine: bool) -> None:
+        """The buffer-size rule of every engine (`deep_ep._sizes`), before any collective."""
+        R = self.group_size
+        name = "config" if config is not None else f"Buffer.get_{'combine' if combine else 'dispatch'}_config({R})"
+        if config is None:
+            config = self.get_combine_config(R) if combine else self.get_dispatch_config(R)
+        check_normal_buffer(f"deep_ep.Buffer.{method}", self.num_nvl_bytes,
+                            x.size(1) * max(x.element_size(), 2), R, self.num_ranks_per_node, config, name)
 
     def internode_dispatch(self, *args, **kwargs):
         """DeepEP's internode entry point; `dispatch` routes multi-node layouts itself."""

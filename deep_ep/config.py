@@ -248,6 +248,9 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"deep_ep.Buffer.get_low_latency_rdma_size_hint: `{name}` must be a positive int, "
                              f"got {value!r}")
+    if hidden % 128 != 0:  # low_latency_dispatch/combine reject such a hidden (FP8 blocks of 128)
+        raise ValueError(f"deep_ep.Buffer.get_low_latency_rdma_size_hint: `hidden` must be a multiple of 128 (the "
+                         f"low-latency mode's FP8 block), got {hidden}")
     total = LowLatencyLayout(num_max_dispatch_tokens_per_rank, hidden, num_experts).total_bytes
     # DeepEP rounds to the next multiple of 128 strictly above the total.
     return (total + _ALIGN) // _ALIGN * _ALIGN

@@ -6,12 +6,15 @@ Every rank draws all ranks' inputs from one seed and compares its outputs and ha
   * ``--device cuda``: the CUDA engine against the portable engine on the same CUDA tensors (the
     intranode or internode cases of ``tests/gpu/``); it reports which engine each Buffer chose.
 
-Launch (``benchmarks/common.py``, the same as the benchmarks):
+Launch (``benchmarks/common.py``, the same as the benchmarks; the commands, all tested, are in
+docs/launching.md):
   * one machine:  ``python tests/multinode_check.py --num-ranks 4 --ranks-per-node 2``
+  * torchrun:  ``python -m torch.distributed.run --nproc-per-node 4 tests/multinode_check.py`` (WORLD_SIZE = ranks)
   * one launch per node (DeepEP's convention), on node k of N:
         ``MASTER_ADDR=<node 0> MASTER_PORT=29500 WORLD_SIZE=N RANK=k python tests/multinode_check.py --num-ranks 8``
     (``--num-ranks`` = ranks on this node; nodes are told apart by host name, or by ``--ranks-per-node``)
-  * mpirun:  ``mpirun -np 16 -H a:8,b:8 -x MASTER_ADDR -x MASTER_PORT python tests/multinode_check.py``
+  * mpirun:  ``mpirun --allow-run-as-root --oversubscribe -np 16 -H a:8,b:8 -x MASTER_ADDR -x MASTER_PORT python
+    tests/multinode_check.py`` (the two flags: Open MPI as root / more ranks than cores)
 
 Exit status 0 when every rank passed (printed by the process that hosts rank 0), 1 otherwise.
 """

@@ -231,3 +231,11 @@ def test_event_overlap_on_cpu():
         assert inner.extra_tensors[0].sum().item() == 2.0
     with EventOverlap():  # an empty wrapper is a no-op in `with`
         pass
+
+
+def test_low_latency_rdma_size_hint_rejects_a_hidden_the_mode_rejects():
+    """low_latency_dispatch needs hidden % 128 == 0; the size hint says so instead of sizing a buffer no
+    call can use."""
+    with pytest.raises(ValueError, match="`hidden` must be a multiple of 128.*got 100"):
+        Buffer.get_low_latency_rdma_size_hint(128, 100, 8, 16)
+    assert Buffer.get_low_latency_rdma_size_hint(128, 256, 8, 16) > 0

@@ -1,7 +1,9 @@
 """CPU tests of the compiled core's host side and of the CUDA engine's plumbing (no GPU needed).
 
 * `import deep_ep` works with and without ``libdeep_ep_core.so``; the loader says why it is missing.
-* The ctypes signatures in ``deep_ep/_core.py`` match ``csrc/deep_ep_core.h``.
+* The pybind11 module binds every function of ``csrc/deep_ep_core.h`` (typed, keyword arguments,
+  `CoreError` with the core's message), opens an alternative build of the same ABI, and its call
+  structs have the headers' fields.
 * The index math the kernels run (channel ranges, receive segments, ring arithmetic, expert
   alignment, the NVLink buffer layout) is exported by the library as ``__host__ __device__`` code and
   checked here against the global-view reference (``tests/reference.py``).
@@ -13,8 +15,8 @@ Tests that need the built library skip when it is absent (build it with ``python
 The full build itself is behind the ``slow`` marker (CI builds the core separately).
 """
 
-import ctypes
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -69,11 +71,11 @@ def test_import_with_core():
         "from deep_ep import _core\n"
         "lib = _core.load()\n"
         "assert lib is not None, _core.load_error()\n"
-        "assert lib.deep_ep_core_abi_version() == _core.ABI_VERSION\n"
+        "assert lib.abi_version() == _core.ABI_VERSION\n"
         "lim = _core.limits()\n"
         "assert lim['max_ranks'] == 8 and lim['max_topk'] >= 32, lim\n"
-        "assert lib.deep_ep_core_has_nvshmem() == 0\n"
-        "print('OK', lib.deep_ep_core_is_sm90())\n")
+        "assert lib.has_nvshmem() is False\n"
+        "print('OK', lib.is_sm90())\n")
     proc = _python(code, {})
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
@@ -95,29 +97,77 @@ def _header_functions(path=HEADER, macro="DEEP_EP_CORE_API"):
     return functions
 
 
-def test_ctypes_signatures_match_header():
+def _bound_functions(source: str, macro: str):
+    text = (ROOT / "csrc" / "python" / source).read_text()
+    block = re.search(r"#define " + macro + r"\(X\)(.*?)\n\n", text, flags=re.S)
+    assert block, f"{macro} not found in {source}"
+    return set(re.findall(r"X\((deep_ep_\w+)\)", block.group(1)))
+
+
+def test_binding_covers_every_header_function():
+    """The pybind11 modules bind exactly the functions the headers export (their types come from the
+    headers: a changed signature is a compile error of the binding)."""
     ll = _header_functions(HEADER.with_name("deep_ep_ll.h"), "DEEP_EP_LL_API")
     assert ll, "no functions parsed from deep_ep_ll.h"
     header = dict(_header_functions(), **{k: v for k, v in ll.items() if not k.startswith("deep_ep_nvshmem_")})
-    nvshmem = {k: v for k, v in ll.items() if k.startswith("deep_ep_nvshmem_")}
-    assert header, "no functions parsed from the header"
-    for parsed, signatures in ((header, _core._SIGNATURES), (nvshmem, _core._NVSHMEM_SIGNATURES)):
-        assert set(parsed) == set(signatures), (set(parsed) ^ set(signatures))
-        for name, count in parsed.items():
-            assert len(signatures[name][1]) == count, f"{name}: header has {count} arguments"
+    nvshmem = {k for k in ll if k.startswith("deep_ep_nvshmem_")}
+    assert header and nvshmem, "no functions parsed from the headers"
+    core = _bound_functions("core_binding.cpp", "DEEP_EP_CORE_FUNCTIONS")
+    assert core == set(header), core ^ set(header)
+    nv = _bound_functions("nvshmem_binding.cpp", "DEEP_EP_NVSHMEM_FUNCTIONS")
+    assert nv == nvshmem, nv ^ nvshmem
+
+
+def test_no_ctypes_left():
+    """The compiled libraries are reached through the pybind11 modules only."""
+    for path in sorted((ROOT / "deep_ep").rglob("*.py")):
+        assert "ctypes" not in path.read_text(), f"{path} uses ctypes"
+
+
+@needs_lib
+def test_binding_struct_fields_follow_the_headers():
+    for cls, struct, header in ((_core.LLCall, "deep_ep_ll_call", "deep_ep_ll.h"),
+                                (_core.InternodeCall, "deep_ep_internode_call", "deep_ep_internode.h")):
+        fields = build_core.c_struct_fields((ROOT / "csrc" / header).read_text(), struct)
+        assert list(cls.fields) == fields, "stale binding: rebuild with `python build_core.py --bindings-only`"
+    assert LIB.ll_call_bytes() == _core.LLCall.size
+    assert LIB.internode_call_bytes() == _core.InternodeCall.size
+    c = _core.InternodeCall()
+    assert c.op == 0 and c.x == 0 and list(c.nvl_peers) == [0] * _core.INTERNODE_MAX_PEERS
+    c.nvl_peers[3] = 0xDEAD0000
+    c.x = None
+    c.row_bytes = 1 << 40
+    assert c.nvl_peers[3] == 0xDEAD0000 and c.x == 0 and c.row_bytes == 1 << 40
+    c.rdma_peers = list(range(_core.INTERNODE_MAX_PEERS))
+    assert list(c.rdma_peers) == list(range(_core.INTERNODE_MAX_PEERS))
+    with pytest.raises(ValueError, match="rdma_peers"):
+        c.rdma_peers = [1, 2]
+    with pytest.raises(TypeError, match="num_tokens"):
+        c.num_tokens = 1 << 40  # int32 field
+    with pytest.raises(TypeError, match="num_tokens"):
+        c.num_tokens = 1.5
+    with pytest.raises(IndexError):
+        c.nvl_peers[_core.INTERNODE_MAX_PEERS] = 1
+
+
+def test_fake_struct_parsing():
+    header = """typedef struct s { int a, *b; /* c */ const int64_t* d; // e
+        void* f[8]; uint64_t g[2], h; } s;"""
+    assert build_core.c_struct_fields(header, "s") == ["a", "b", "d", "f", "g", "h"]
+    with pytest.raises(build_core.BuildError, match="not found"):
+        build_core.c_struct_fields(header, "t")
 
 
 @needs_lib
 def test_core_calls_fail_cleanly_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    count = ctypes.c_int(-1)
-    assert LIB.deep_ep_core_device_count(ctypes.byref(count)) == -1
+    with pytest.raises(_core.CoreError, match="deep_ep_core_device_count: .*cudaGetDeviceCount"):
+        LIB.device_count()
     assert "cudaGetDeviceCount" in _core.last_error()
-    rt = ctypes.c_void_p()
-    rc = LIB.deep_ep_runtime_create(0, 2, 0, 1 << 20, 10.0, ctypes.byref(rt))
-    with pytest.raises(_core.CoreError, match="CUDA call"):
-        _core.check(rc, "runtime_create")
+    with pytest.raises(_core.CoreError, match="deep_ep_runtime_create: .*CUDA call"):
+        LIB.runtime_create(rank=0, num_ranks=2, device=0, num_nvl_bytes=1 << 20, timeout_s=10.0)
+    assert issubclass(_core.CoreError, RuntimeError)
 
 
 # cudaError_t values (driver_types.h; stable across CUDA 12 and 13)
@@ -127,8 +177,12 @@ _CUDA_ERROR_INVALID_CONFIGURATION = 9
 
 
 def _replay_launch_check(*script: int):
-    values = (ctypes.c_int * max(1, len(script)))(*script)
-    return LIB.deep_ep_core_host_replay_launch_check(values, len(script)), _core.last_error()
+    """(0, "") when the replayed launch check passes, else (-1, the core's message)."""
+    try:
+        LIB.core_host_replay_launch_check(list(script))
+    except _core.CoreError as exc:
+        return -1, str(exc)
+    return 0, ""
 
 
 @needs_lib
@@ -151,15 +205,48 @@ def test_launch_check_names_the_kernel():
 
 @needs_lib
 def test_runtime_argument_errors_name_the_value():
-    rt = ctypes.c_void_p()
-    rc = LIB.deep_ep_runtime_create(0, 9, 0, 1 << 20, 10.0, ctypes.byref(rt))
-    assert rc == -1 and "got 9" in _core.last_error()
-    rc = LIB.deep_ep_runtime_create(0, 2, 0, 1000, 10.0, ctypes.byref(rt))
-    assert rc == -1 and "multiple of 128" in _core.last_error()
-    assert LIB.deep_ep_intranode_buffer_bytes(2, 300, 256, 8, 1024, 4, 0, 0) == -1
-    assert "channels" in _core.last_error()
-    assert LIB.deep_ep_intranode_buffer_bytes(2, 4, 256, 8, 1000, 4, 0, 0) == -1
-    assert "multiple of 16" in _core.last_error()
+    with pytest.raises(_core.CoreError, match="got 9"):
+        LIB.runtime_create(0, 9, 0, 1 << 20, 10.0)
+    with pytest.raises(_core.CoreError, match="multiple of 128"):
+        LIB.runtime_create(rank=0, num_ranks=2, device=0, num_nvl_bytes=1000, timeout_s=10.0)
+    with pytest.raises(_core.CoreError, match="channels"):
+        LIB.intranode_buffer_bytes(2, 300, 256, 8, 1024, 4, 0, False)
+    with pytest.raises(_core.CoreError, match="multiple of 16"):
+        LIB.intranode_buffer_bytes(2, 4, 256, 8, 1000, 4, 0, False)
+    with pytest.raises(TypeError):  # typed: a pointer must be an int or None
+        LIB.runtime_destroy("not a pointer")
+    with pytest.raises(TypeError):
+        LIB.runtime_create(rank=0, num_ranks=2)  # missing keyword arguments
+
+
+@needs_lib
+def test_alternative_build_of_the_core(tmp_path):
+    """`open_core` binds any library with the core's ABI at another path (e.g. a CPU build); the
+    ``DEEP_EP_CORE_LIB`` override selects one for `load()`."""
+    alt = tmp_path / "libdeep_ep_core_alt.so"
+    shutil.copy(_core.library_path(), alt)
+    other = _core.open_core(alt)
+    assert other is not LIB and other.path == str(alt.resolve()) and other is _core.open_core(alt)
+    assert other.host_aligned_count(count=5, alignment=4) == 8
+    proc = _python("from deep_ep import _core\nlib = _core.load()\nprint('PATH', lib.path)", {"DEEP_EP_CORE_LIB": str(alt)})
+    assert proc.returncode == 0 and f"PATH {alt.resolve()}" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_missing_binding_module_is_reported(tmp_path):
+    """Without the pybind11 module (another Python, or not built) load() says how to build it."""
+    pkg = tmp_path / "deep_ep"
+    shutil.copytree(ROOT / "deep_ep", pkg, ignore=shutil.ignore_patterns("_core_binding*", "_nvshmem_binding*",
+                                                                           "__pycache__"))
+    # the venv's editable install (make setup) would otherwise find the module of the real checkout
+    code = ("import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "from deep_ep import _core\nassert _core.load() is None\nprint(_core.load_error())\n"
+            "assert issubclass(_core.CoreError, RuntimeError)")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if (pkg / "libdeep_ep_core.so").is_file():
+        assert "_core_binding" in proc.stdout and "--bindings-only" in proc.stdout, proc.stdout
 
 
 # ------------------------------------------------------------------------------- index math
@@ -168,26 +255,23 @@ def test_runtime_argument_errors_name_the_value():
 @pytest.mark.parametrize("num_tokens", [0, 1, 5, 31, 64, 100, 4097])
 @pytest.mark.parametrize("num_channels", [1, 3, 10, 24, 128])
 def test_channel_range(num_tokens, num_channels):
-    begin, end = ctypes.c_int(), ctypes.c_int()
     expected = ref.channel_ranges(num_tokens, num_channels)
     for c in range(num_channels):
-        LIB.deep_ep_host_channel_range(num_tokens, num_channels, c, ctypes.byref(begin), ctypes.byref(end))
-        assert (begin.value, end.value) == expected[c], (num_tokens, num_channels, c)
+        assert LIB.host_channel_range(num_tokens, num_channels, channel=c) == expected[c], (num_tokens, num_channels, c)
 
 
 @needs_lib
 def test_aligned_count_and_ring_free_slots():
     for count in (0, 1, 7, 8, 9, 1000):
         for a in (1, 3, 8, 128):
-            assert LIB.deep_ep_host_aligned_count(count, a) == (count + a - 1) // a * a
-    assert LIB.deep_ep_host_ring_free_slots(10, 4, 8) == 2
-    assert LIB.deep_ep_host_ring_free_slots(4, 4, 8) == 8
-    assert LIB.deep_ep_host_ring_free_slots(12, 4, 8) == 0
+            assert LIB.host_aligned_count(count, a) == (count + a - 1) // a * a
+    assert LIB.host_ring_free_slots(10, 4, 8) == 2
+    assert LIB.host_ring_free_slots(tail=4, head=4, capacity=8) == 8
+    assert LIB.host_ring_free_slots(12, 4, 8) == 0
 
 
 def _int_array(t: torch.Tensor):
-    flat = t.to(torch.int32).contiguous().view(-1).tolist()
-    return (ctypes.c_int * max(len(flat), 1))(*flat)
+    return t.to(torch.int32).contiguous().view(-1).tolist()
 
 
 @needs_lib
@@ -201,7 +285,6 @@ def test_recv_segments_match_reference(num_ranks, num_channels):
     per_expert = [torch.zeros(num_ranks, dtype=torch.int32) for _ in range(num_ranks)]
     topo = ref.Topology(num_ranks)
     expected = ref.dispatch(x, in_rank, per_expert, num_ranks, num_channels, topo)
-    row_begin, count = ctypes.c_int(), ctypes.c_int()
     for r in range(num_ranks):
         handle = expected[r]["handle"]
         rank_prefix, recv_channel_prefix, recv_src_idx = handle[0], handle[2], handle[3]
@@ -210,21 +293,18 @@ def test_recv_segments_match_reference(num_ranks, num_channels):
         for s in range(num_ranks):
             ranges = ref.channel_ranges(tokens[s], num_channels)
             for c in range(num_channels):
-                LIB.deep_ep_host_recv_segment(rpm, rcp, num_ranks, num_channels, r, s, c, ctypes.byref(row_begin),
-                                              ctypes.byref(count))
+                row_begin, count = LIB.host_recv_segment(rpm, rcp, num_ranks, num_channels, rank=r, src=s, channel=c)
                 lo, hi = ranges[c]
                 want = [t for t in range(lo, hi) if in_rank[s][t, r]]
-                got = recv_src_idx[row_begin.value:row_begin.value + count.value].tolist()
+                got = recv_src_idx[row_begin:row_begin + count].tolist()
                 assert got == want, (r, s, c)
-                covered += count.value
+                covered += count
         assert covered == recv_src_idx.numel()
 
 
 def _layout(num_ranks, num_channels, num_slots, num_local_experts, row_bytes, num_topk, num_scales, combine):
-    offsets = (ctypes.c_int64 * _core.NUM_LAYOUT_REGIONS)()
-    total = LIB.deep_ep_host_intranode_layout(num_ranks, num_channels, num_slots, num_local_experts, row_bytes,
-                                              num_topk, num_scales, int(combine), offsets, _core.NUM_LAYOUT_REGIONS)
-    return total, list(offsets)
+    return LIB.host_intranode_layout(num_ranks, num_channels, num_slots, num_local_experts, row_bytes, num_topk,
+                                     num_scales, combine, num_offsets=_core.NUM_LAYOUT_REGIONS)
 
 
 @needs_lib
@@ -241,7 +321,7 @@ def test_buffer_layout_regions(combine):
         assert off[i] % 128 == 0
         assert off[i + 1] - off[i] == (size + 127) // 128 * 128, f"region {i}"
     assert total == off[-1]
-    assert LIB.deep_ep_intranode_buffer_bytes(R, C, Q, E_loc * R, row, K, S, int(combine)) == total
+    assert LIB.intranode_buffer_bytes(R, C, Q, E_loc * R, row, K, S, combine) == total
 
 
 @needs_lib
@@ -255,9 +335,9 @@ def test_buffer_needs_at_most_the_size_hint(num_ranks, fp8):
     for config in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)):
         hint = config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
         C, Q = config.num_sms // 2, config.num_max_nvl_chunked_recv_tokens
-        need_dispatch = LIB.deep_ep_intranode_buffer_bytes(num_ranks, C, Q, 256, row_bytes, 8,
-                                                           hidden // 128 if fp8 else 0, 0)
-        need_combine = LIB.deep_ep_intranode_buffer_bytes(num_ranks, C, Q, 0, hidden * 2, 8, 0, 1)
+        need_dispatch = LIB.intranode_buffer_bytes(num_ranks, C, Q, 256, row_bytes, 8, hidden // 128 if fp8 else 0,
+                                                   is_combine=False)
+        need_combine = LIB.intranode_buffer_bytes(num_ranks, C, Q, 0, hidden * 2, 8, 0, is_combine=True)
         assert 0 < need_dispatch <= hint and 0 < need_combine <= hint, (need_dispatch, need_combine, hint)
 
 
@@ -360,3 +440,38 @@ def test_cuda_engine_unavailable_without_gpu():
         assert engine == "portable"
         assert engine_reason, "the Buffer must say why it chose the portable engine"
     assert results[0][1] == results[1][1], "every rank must report the same reason"
+
+
+@needs_lib
+def test_binding_releases_the_gil():
+    """A long call into the library lets other Python threads run. With a huge switch interval a thread
+    that holds the GIL is never preempted, so the main thread, sleeping while the worker loops over
+    calls, can wake up before the worker finishes only if the calls release the GIL."""
+    import threading
+    import time
+
+    n = 1 << 22
+    x = torch.randn(n).to(torch.bfloat16)
+    out = torch.empty(n, dtype=torch.uint8)
+    scales = torch.empty(n // 128, dtype=torch.float32)
+    start, state = threading.Event(), {"done": False}
+    ptrs = (x.view(torch.int16).data_ptr(), out.data_ptr(), scales.data_ptr())  # torch calls may drop the GIL
+
+    def worker():
+        start.wait()
+        for _ in range(30):
+            LIB.ll_host_fp8_cast(ptrs[0], n, False, ptrs[1], ptrs[2])
+        state["done"] = True
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        start.set()
+        time.sleep(0.05)                  # releases the GIL: the worker enters its calls
+        done_when_main_woke = state["done"]
+    finally:
+        sys.setswitchinterval(old)
+    thread.join()
+    assert state["done"] and not done_when_main_woke, "the binding held the GIL during the library calls"

@@ -3,7 +3,6 @@ the kernels and the host agree on, the argument checks of the C ABI, and the col
 for multi-node layouts without a GPU. The kernels themselves run only in ``tests/gpu`` (virtual nodes
 on one GPU: ``tests/gpu/test_internode_cuda.py``)."""
 
-import ctypes
 import os
 
 import pytest
@@ -24,17 +23,9 @@ def _align(v, a=128):
 
 
 def _layout(R, P, C, Qr, Qn, E_loc, row, K, S, combine):
-    rdma = (ctypes.c_int64 * _core.NUM_INTERNODE_RDMA_REGIONS)()
-    nvl = (ctypes.c_int64 * _core.NUM_INTERNODE_NVL_REGIONS)()
-    msg = LIB.deep_ep_host_internode_layout(R, P, C, Qr, Qn, E_loc, row, K, S, int(combine), rdma,
-                                            _core.NUM_INTERNODE_RDMA_REGIONS, nvl, _core.NUM_INTERNODE_NVL_REGIONS)
-    return msg, list(rdma), list(nvl)
-
-
-@needs_lib
-def test_call_struct_matches_the_library():
-    _core.check_internode_call_size(LIB)  # raises on a mismatch
-    assert LIB.deep_ep_internode_call_bytes() == ctypes.sizeof(_core.InternodeCall)
+    return LIB.host_internode_layout(R, P, C, Qr, Qn, E_loc, row, K, S, combine,
+                                     num_rdma_offsets=_core.NUM_INTERNODE_RDMA_REGIONS,
+                                     num_nvl_offsets=_core.NUM_INTERNODE_NVL_REGIONS)
 
 
 @needs_lib
@@ -97,9 +88,11 @@ def _call(**kw):
 
 
 def _layout_error(**kw):
-    rdma, nvl = ctypes.c_int64(0), ctypes.c_int64(0)
-    status = LIB.deep_ep_internode_layout_bytes(ctypes.byref(_call(**kw)), ctypes.byref(rdma), ctypes.byref(nvl))
-    return status, _core.last_error(), rdma.value, nvl.value
+    try:
+        rdma, nvl = LIB.internode_layout_bytes(call=_call(**kw))
+    except _core.CoreError as exc:
+        return -1, str(exc), 0, 0
+    return 0, "", rdma, nvl
 
 
 @needs_lib
@@ -130,8 +123,8 @@ def test_layout_errors_name_the_argument(kw, words):
 
 @needs_lib
 def test_launch_without_gpu_fails_cleanly():
-    status = LIB.deep_ep_internode_launch(None, ctypes.byref(_call()), 0, 0)
-    assert status == -1 and "null runtime" in _core.last_error()
+    with pytest.raises(_core.CoreError, match="deep_ep_internode_launch: .*null runtime"):
+        LIB.internode_launch(rt=None, call=_call(), nvl_region_bytes=0, stream=0)
 
 
 def _probe_worker(rank, num_ranks, group):
@@ -178,43 +171,6 @@ def test_internode_engine_unavailable_without_gpu():
         assert engine == "portable" and "CUDA engine is not available" in engine_reason, engine_reason
     assert len({r[1] for r in results}) == 1, "every rank must report the same reason"
     assert len({tuple(r[-1]) for r in results}) == 1, "every rank must raise the same error"
-
-
-def _header_struct_fields(header: str = "deep_ep_internode.h", struct: str = "deep_ep_internode_call"):
-    """(name, kind) of every field of `struct` in csrc/`header`, in order."""
-    import re
-    from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "csrc" / header).read_text()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    body = re.search(r"typedef struct " + struct + r" \{(.*?)\} " + struct + ";", text, re.S).group(1)
-    fields = []
-    for decl in body.split(";"):
-        decl = " ".join(decl.split())
-        if not decl:
-            continue
-        m = re.match(r"((?:const )?[\w]+)\s*(\*?)\s*(.*)", decl)
-        base, star, names = m.group(1), m.group(2), m.group(3)
-        for name in names.split(","):
-            name = name.strip()
-            pointer = bool(star) or name.startswith("*")
-            name = name.lstrip("*").strip()
-            array = "[" in name
-            name = name.split("[")[0].strip()
-            kind = "ptr" if pointer else base.replace("const ", "")
-            fields.append((name, kind + ("[]" if array else "")))
-    return fields
-
-
-def test_call_struct_field_order_matches_the_header():
-    """The size check cannot see two same-sized fields swapped; this compares names, order and kinds."""
-    kinds = {ctypes.c_int32: "int", ctypes.c_int64: "int64_t", ctypes.c_uint64: "uint64_t", ctypes.c_void_p: "ptr"}
-    mirror = []
-    for name, ctype in _core.InternodeCall._fields_:
-        if issubclass(ctype, ctypes.Array):
-            mirror.append((name, kinds[ctype._type_] + "[]"))
-        else:
-            mirror.append((name, kinds[ctype]))
-    assert mirror == _header_struct_fields()
 
 
 @needs_lib

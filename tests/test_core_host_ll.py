@@ -2,7 +2,7 @@
 
 * The LL buffer layout the kernels use (``deep_ep_ll_layout``, the same ``__host__ __device__`` code)
   equals `deep_ep.config.LowLatencyLayout`, and fits in `get_low_latency_rdma_size_hint`.
-* The ctypes mirror of ``deep_ep_ll_call`` has the library's size; workspace sizing; the signal word
+* The binding's ``deep_ep_ll_call`` (`deep_ep._core.LLCall`) has the library's size; workspace sizing; the signal word
   (epoch, count) packing and the epoch wrap; every launcher's argument checks (before any CUDA call).
 * The kernels' quantisation math, run on the host through the same ``__host__ __device__`` functions:
   the FP8 cast (scales, round_scale, UE8M0 bytes) bit for bit against `deep_ep.quant`, LogFMT-10 to
@@ -13,7 +13,6 @@
 * The LL engine choice (`probe_ll`) without a GPU: not usable, the same reason on every rank.
 """
 
-import ctypes
 import logging
 import os
 import subprocess
@@ -52,12 +51,11 @@ SHAPES = [(1, 128, 1), (8, 128, 2), (128, 7168, 256), (128, 7168, 288), (256, 40
 @needs_lib
 @pytest.mark.parametrize("t_max,hidden,experts", SHAPES)
 def test_ll_layout_matches_python(t_max, hidden, experts):
-    out = (ctypes.c_int64 * 9)()
-    assert LIB.deep_ep_ll_layout(t_max, hidden, experts, out, 9) == 0, _core.last_error()
+    out = LIB.ll_layout(num_max_tokens=t_max, hidden=hidden, num_experts=experts)
     lay = LowLatencyLayout(t_max, hidden, experts)
     want = [lay.signaling_offset(0), lay.signaling_offset(1), lay.send_offset(0), lay.send_offset(1),
             lay.recv_offset(0), lay.recv_offset(1), lay.total_bytes, lay.dispatch_msg_bytes, lay.combine_msg_bytes]
-    assert list(out) == want
+    assert out == want
     assert lay.total_bytes <= get_low_latency_rdma_size_hint(t_max, hidden, 8, experts)
     # every region and dispatch message is 16-byte aligned (int4 accesses); the combine message (the
     # zero-copy view's row, DeepEP's size) only 4-byte: the kernels handle it (receive slots use 2H)
@@ -85,8 +83,7 @@ def _check_layout(t_max: int, hidden: int, experts: int, ranks: int) -> None:
     """Every offset the kernels address with 16-byte accesses is 16-byte aligned (regions 128), the
     regions do not overlap and hold what the kernels put there; C++ and Python agree."""
     lay = LowLatencyLayout(t_max, hidden, experts)
-    out = (ctypes.c_int64 * 9)()
-    assert LIB.deep_ep_ll_layout(t_max, hidden, experts, out, 9) == 0, _core.last_error()
+    out = LIB.ll_layout(t_max, hidden, experts)
     assert list(out) == [lay.signaling_offset(0), lay.signaling_offset(1), lay.send_offset(0), lay.send_offset(1),
                          lay.recv_offset(0), lay.recv_offset(1), lay.total_bytes, lay.dispatch_msg_bytes,
                          lay.combine_msg_bytes]
@@ -128,35 +125,34 @@ def test_ll_layout_randomized_alignment_and_no_overlap():
 
 @needs_lib
 def test_ll_layout_rejects_bad_arguments():
-    out = (ctypes.c_int64 * 9)()
-    assert LIB.deep_ep_ll_layout(8, 100, 16, out, 9) == -1
-    assert "bad arguments" in _core.last_error()
+    with pytest.raises(_core.CoreError, match="deep_ep_ll_layout: .*bad arguments"):
+        LIB.ll_layout(8, 100, 16)
 
 
 @needs_lib
 def test_ll_call_struct_and_workspace():
-    assert LIB.deep_ep_ll_call_bytes() == ctypes.sizeof(_core.LLCall) == 264
-    small = LIB.deep_ep_ll_workspace_words(8, 16, 2)
-    big = LIB.deep_ep_ll_workspace_words(1024, 1024, 8)
+    assert LIB.ll_call_bytes() == _core.LLCall.size == 264
+    small = LIB.ll_workspace_words(8, 16, 2)
+    big = LIB.ll_workspace_words(1024, 1024, 8)
     assert small > 32 and big > small
     # per slot: counts E + positions T*16 + lists E*T + received counts E + ready words E/R, 32-word rounded
     t, e, r = 128, 256, 8
     per_slot = e + t * 16 + e * t + e + e // r
-    assert LIB.deep_ep_ll_workspace_words(t, e, r) == 32 + 2 * ((per_slot + 31) // 32 * 32)
-    assert LIB.deep_ep_ll_workspace_words(8, 15, 2) == -1  # experts not a multiple of ranks
+    assert LIB.ll_workspace_words(t, e, r) == 32 + 2 * ((per_slot + 31) // 32 * 32)
+    assert LIB.ll_workspace_words(8, 15, 2) == -1  # experts not a multiple of ranks
 
 
 @needs_lib
 def test_signal_words_and_epochs():
     # (epoch << 11) | (count + 1): a zeroed word (epoch 0) never matches a live epoch (1 .. 2^20 - 1)
-    assert LIB.deep_ep_ll_host_pack_signal(1, 0) == (1 << 11) | 1
-    assert LIB.deep_ep_ll_host_pack_signal(5, 1024) == (5 << 11) | 1025
-    assert LIB.deep_ep_ll_host_pack_signal((1 << 20) - 1, 1024) < 2 ** 31
+    assert LIB.ll_host_pack_signal(1, 0) == (1 << 11) | 1
+    assert LIB.ll_host_pack_signal(5, 1024) == (5 << 11) | 1025
+    assert LIB.ll_host_pack_signal((1 << 20) - 1, 1024) < 2 ** 31
     # counts above T_max (an over-full block, flagged by the receiver) still fit: up to 2046
-    assert LIB.deep_ep_ll_host_pack_signal((1 << 20) - 1, 2046) == 2 ** 31 - 1
-    assert LIB.deep_ep_ll_host_next_epoch(0) == 1
-    assert LIB.deep_ep_ll_host_next_epoch(41) == 42
-    assert LIB.deep_ep_ll_host_next_epoch((1 << 20) - 1) == 1  # wraps, skipping 0
+    assert LIB.ll_host_pack_signal((1 << 20) - 1, 2046) == 2 ** 31 - 1
+    assert LIB.ll_host_next_epoch(0) == 1
+    assert LIB.ll_host_next_epoch(41) == 42
+    assert LIB.ll_host_next_epoch((1 << 20) - 1) == 1  # wraps, skipping 0
 
 
 # ---------------------------------------------------------------------------- NVSHMEM env
@@ -263,16 +259,19 @@ def test_nvshmem_library_loads_when_built():
     """Loading it pulls libnvshmem_host.so.3 from the wheel; no GPU is needed to load or query it."""
     if not _core.nvshmem_library_path().is_file():
         pytest.skip("libdeep_ep_nvshmem.so not built (no NVSHMEM at build time)")
-    code = ("import ctypes\n"
-            "from deep_ep import _core\n"
+    code = ("from deep_ep import _core\n"
             "nv = _core.load_nvshmem()\n"
             "assert nv is not None, _core.nvshmem_load_error()\n"
-            "assert nv.deep_ep_nvshmem_abi_version() == 1 and nv.deep_ep_nvshmem_uniqueid_bytes() > 0\n"
-            "s, p, n = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()\n"
-            "assert nv.deep_ep_nvshmem_info(ctypes.byref(s), ctypes.byref(p), ctypes.byref(n)) == 0\n"
-            "assert (p.value, n.value) == (-1, -1)\n"
-            "assert nv.deep_ep_nvshmem_alloc(128, ctypes.byref(ctypes.c_uint64())) == -1\n"
-            "assert b'before deep_ep_nvshmem_init' in nv.deep_ep_nvshmem_last_error()\n"
+            "assert nv.abi_version() == 1 and nv.uniqueid_bytes() > 0\n"
+            "assert nv.call_bytes() == _core.LLCall.size and nv.internode_call_bytes() == _core.InternodeCall.size\n"
+            "status, pe, n_pes = nv.info()\n"
+            "assert (pe, n_pes) == (-1, -1)\n"
+            "try:\n"
+            "    nv.alloc(bytes=128)\n"
+            "    raise SystemExit('alloc before init must fail')\n"
+            "except _core.CoreError as exc:\n"
+            "    assert 'deep_ep_nvshmem_alloc: ' in str(exc) and 'before deep_ep_nvshmem_init' in str(exc), exc\n"
+            "assert 'before deep_ep_nvshmem_init' in nv.last_error()\n"
             "print('OK')\n")
     proc = _python(code, {})
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
@@ -360,42 +359,29 @@ def test_ll_call_checks_name_the_value(field, value, message):
     """Every launcher checks the call before launching (these fail without a GPU, before any CUDA call)."""
     c = _valid_call()
     setattr(c, field, value)
-    for fn in (LIB.deep_ep_ll_prepare, LIB.deep_ep_ll_receive):
-        assert fn(ctypes.byref(c), 0) == -1
-        assert message in _core.last_error(), _core.last_error()
+    for fn in (LIB.ll_prepare, LIB.ll_receive):
+        with pytest.raises(_core.CoreError) as info:
+            fn(call=c, stream=0)
+        assert message in str(info.value), str(info.value)
 
 
 @needs_lib
-@pytest.mark.parametrize("entry", ["deep_ep_ll_prepare", "deep_ep_ll_receive"])
+@pytest.mark.parametrize("entry", ["ll_prepare", "ll_receive"])
 def test_ll_entry_points_make_the_call_device_current(entry):
     """Every LL entry point makes `call.device` current before launching, as the intranode ones do (the
     core links the CUDA runtime statically: its current device is not torch's). Here, without a GPU,
     that first CUDA call is what fails."""
     c = _valid_call()
     c.device = 0
-    assert getattr(LIB, entry)(ctypes.byref(c), 0) == -1
-    assert "cudaSetDevice" in _core.last_error(), _core.last_error()
-
-
-def test_ll_call_struct_field_order_matches_the_header():
-    """The size check cannot see two same-sized fields swapped; this compares names, order and kinds."""
-    from test_core_host_internode import _header_struct_fields
-    kinds = {ctypes.c_int32: "int32_t", ctypes.c_int64: "int64_t", ctypes.c_uint64: "uint64_t", ctypes.c_void_p: "ptr"}
-    mirror = []
-    for name, ctype in _core.LLCall._fields_:
-        if issubclass(ctype, ctypes.Array):
-            mirror.append((name, kinds[ctype._type_] + "[]"))
-        else:
-            mirror.append((name, kinds[ctype]))
-    assert mirror == _header_struct_fields("deep_ep_ll.h", "deep_ep_ll_call")
-    assert ("device", "int32_t") in mirror
+    with pytest.raises(_core.CoreError, match="cudaSetDevice"):
+        getattr(LIB, entry)(call=c, stream=0)
 
 
 @needs_lib
 def test_ll_peer_send_needs_a_runtime():
     c = _valid_call()
-    assert LIB.deep_ep_ll_peer_send(None, ctypes.byref(c), 0) == -1
-    assert "null runtime" in _core.last_error()
+    with pytest.raises(_core.CoreError, match="deep_ep_ll_peer_send: .*null runtime"):
+        LIB.ll_peer_send(None, c, 0)
 
 
 # ------------------------------------------------------------- the kernels' quantisation math, on the host
@@ -413,8 +399,7 @@ def _bf16_rows(num_rows: int, hidden: int, seed: int) -> torch.Tensor:
 def _host_fp8(x: torch.Tensor, round_scale: bool):
     out = torch.empty(x.shape, dtype=torch.uint8)
     scales = torch.empty(x.size(0), x.size(1) // 128, dtype=torch.float32)
-    LIB.deep_ep_ll_host_fp8_cast(x.view(torch.int16).data_ptr(), x.numel(), int(round_scale), out.data_ptr(),
-                                 scales.data_ptr())
+    LIB.ll_host_fp8_cast(x.view(torch.int16).data_ptr(), x.numel(), round_scale, out.data_ptr(), scales.data_ptr())
     return out, scales
 
 
@@ -444,7 +429,7 @@ def test_logfmt10_math_matches_quant():
     from deep_ep.quant import logfmt10_round
     x = _bf16_rows(48, 512, seed=5)
     got = torch.empty_like(x)
-    LIB.deep_ep_ll_host_logfmt10_round(x.view(torch.int16).data_ptr(), x.numel(), got.view(torch.int16).data_ptr())
+    LIB.ll_host_logfmt10_round(x=x.view(torch.int16).data_ptr(), n=x.numel(), out=got.view(torch.int16).data_ptr())
     want = logfmt10_round(x)
     assert torch.equal(got[3, :128], x[3, :128]) and torch.equal(want[3, :128], x[3, :128])  # fallback group
     assert torch.equal(got[0, :128].view(torch.int16), x[0, :128].view(torch.int16))        # all zero, signs kept

@@ -145,7 +145,7 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
                                 world_size=num_ranks, timeout=datetime.timedelta(seconds=60))
         num_experts = 2 * num_ranks
         rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, num_ranks, num_experts) if ll else 0
-        buf = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=rdma, low_latency_mode=ll,
+        buf = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 26, num_rdma_bytes=rdma, low_latency_mode=ll,
                              enable_shrink=shrink)
         run_round = _ll_round if ll else _normal_round
         run_round(buf, rank, num_ranks, 0, lambda op: None)    # warm-up: the buffer works
@@ -350,8 +350,7 @@ def test_fault_is_reported_by_every_other_rank(fault_runs, name):
     assert all(code == 0 for r, code in run["exit"].items() if r != victim), info
 
 
-@pytest.mark.skipif(not shrink_supported(), reason="the low-latency engine does not mask gone peers yet "
-                                                   "(docs/shrink-patch.md)")
+@pytest.mark.skipif(not shrink_supported(), reason="the low-latency engine does not mask gone peers")
 def test_shrink_masks_killed_rank_and_keeps_serving(fault_runs):
     name = "shrink-ll_dispatch-during-sigkill"
     num_ranks, victim = SCENARIOS[name][:2]

@@ -16,7 +16,6 @@ signal words: ``pack_signal(epoch, count)`` at the layout's offsets), written he
   decodes as the epoch its receive waits for before any peer signalled (issue 12, item 3).
 """
 
-import ctypes
 import os
 import random
 import sys
@@ -72,14 +71,14 @@ def _begin(eng: CudaLowLatency, kind: int, t_max: int, hidden: int, num_experts:
     """The host side of one LL call, then what its prepare kernel does to the slot's workspace words."""
     slot, _ = eng._begin_call()
     c = eng._call(kind, slot, t_max, hidden, num_experts, num_tokens=1, num_topk=1)
-    assert LIB.deep_ep_ll_host_begin_slot(c.workspace, ctypes.byref(c)) == 0, _core.last_error()
+    LIB.ll_host_begin_slot(c.workspace, c)
     return c, eng._workspace
 
 
 def _scribble_slot(ws: torch.Tensor, c, rng: random.Random) -> None:
     """What the prepare / send / receive kernels leave in the slot's other words: counts, positions,
     token indices, received counts (small non-negative integers), the header (epochs) untouched."""
-    per_slot = (LIB.deep_ep_ll_workspace_words(c.num_max_tokens, c.num_experts, c.num_ranks) - 32) // 2
+    per_slot = (LIB.ll_workspace_words(c.num_max_tokens, c.num_experts, c.num_ranks) - 32) // 2
     num_local = c.num_experts // c.num_ranks
     base = 32 + c.slot * per_slot
     words = c.num_experts + c.num_max_tokens * 16 + c.num_experts * c.num_max_tokens + c.num_experts
@@ -92,12 +91,12 @@ def _dispatch_receive(c, ws: torch.Tensor) -> None:
     """Part 0 of each local expert publishes; before that, no other block may start (the defect)."""
     num_local = c.num_experts // c.num_ranks
     for j in range(num_local):
-        early = LIB.deep_ep_ll_host_counts_published(c.workspace, ctypes.byref(c), j)
-        assert early == 0, (f"slot {c.slot}, epoch {int(ws[c.slot])}, local expert {j}: the receive's helper blocks "
+        early = LIB.ll_host_counts_published(c.workspace, c, j)
+        assert not early, (f"slot {c.slot}, epoch {int(ws[c.slot])}, local expert {j}: the receive's helper blocks "
                             f"would read counts and rows before the sources signalled (stale ready word)")
     for j in range(num_local):
-        assert LIB.deep_ep_ll_host_publish_counts(c.workspace, ctypes.byref(c), j) == 0
-        assert LIB.deep_ep_ll_host_counts_published(c.workspace, ctypes.byref(c), j) == 1
+        LIB.ll_host_publish_counts(c.workspace, c, j)
+        assert LIB.ll_host_counts_published(c.workspace, c, j)
 
 
 def _gpu_case_shapes(num_ranks: int):
@@ -167,7 +166,7 @@ def _peers_signal(eng: CudaLowLatency, c, ws: torch.Tensor, rng: random.Random) 
     n = c.num_experts if c.kind == _core.LL_COMBINE else (c.num_experts // c.num_ranks) * c.num_ranks
     for i in range(n):
         count = rng.randrange(0, c.num_max_tokens + 1) if c.kind == _core.LL_DISPATCH else 0
-        words[i] = LIB.deep_ep_ll_host_pack_signal(epoch, count)
+        words[i] = LIB.ll_host_pack_signal(epoch, count)
 
 
 def _no_stale_signal(eng: CudaLowLatency, c, ws: torch.Tensor) -> None:

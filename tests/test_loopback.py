@@ -65,7 +65,9 @@ def _sockets_rank(rank: int, num_ranks: int, group) -> Dict[str, List[Tuple[str,
     import deep_ep
     before = listening_sockets()
     rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(8, 128, num_ranks, 2 * num_ranks)
-    buffers = [deep_ep.Buffer(group, num_nvl_bytes=1 << 20),
+    nvl = max(c.get_nvl_buffer_size_hint(128 * 2, num_ranks)
+              for c in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
+    buffers = [deep_ep.Buffer(group, num_nvl_bytes=nvl),
                deep_ep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, enable_shrink=True)]
     x = torch.randn(4, 128).to(torch.bfloat16)
     topk = torch.arange(4).remainder(2 * num_ranks).view(4, 1).contiguous()
@@ -93,8 +95,7 @@ def test_test_launcher_listens_on_loopback_only(sockets):
     for rank, res in enumerate(sockets):
         wide = [s for s in res["before"] if not _is_loopback(s[0])]
         assert not wide, (f"rank {rank}: the test launcher (tests/dist_utils.py) listens beyond loopback: {wide}; "
-                          f"use deep_ep._comm.loopback_store instead of init_method='tcp://...' "
-                          f"(docs/shrink-patch.md has the patch)")
+                          f"use deep_ep.utils.loopback_store instead of init_method='tcp://...'")
 
 
 def test_launch_scripts_use_explicit_loopback_rendezvous():
@@ -115,4 +116,4 @@ def test_launch_scripts_use_explicit_loopback_rendezvous():
                     if pattern.search(line):
                         offenders.append(f"{os.path.relpath(path, _REPO)}:{lineno}: {line.strip()}")
     assert not offenders, ("these launchers make rank 0's store listen on every interface; use "
-                           "deep_ep._comm.loopback_store (see docs/shrink-patch.md):\n  " + "\n  ".join(offenders))
+                           "deep_ep.utils.loopback_store:\n  " + "\n  ".join(offenders))

@@ -28,7 +28,7 @@ def _train_worker(rank, num_ranks, group, seed, num_tokens, hidden, ffn, num_exp
     import deep_ep
     from deep_ep.moe import MoELayer, init_moe_params, reference_moe
 
-    buffer = deep_ep.Buffer(group, 1 << 20, 1 << 26, low_latency_mode=True)
+    buffer = deep_ep.Buffer(group, 1 << 26, 1 << 26, low_latency_mode=True)  # >= the size hints here
     g = torch.Generator().manual_seed(seed)
     layer = MoELayer(buffer, hidden, ffn, num_experts, num_topk, generator=g)
     g = torch.Generator().manual_seed(seed)

@@ -41,7 +41,9 @@ def _record_worker(rank: int, num_ranks: int, group, seed: int):
     x = torch.randn(num_tokens, hidden, generator=gen).to(torch.bfloat16)
     topk_idx = torch.stack([torch.randperm(num_experts, generator=gen)[:2] for _ in range(num_tokens)])
     topk_weights = torch.rand(num_tokens, 2, generator=gen)
-    buf = Buffer(group, 1 << 20, Buffer.get_low_latency_rdma_size_hint(t_max, hidden, num_ranks, num_experts),
+    nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+                    for cfg in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
+    buf = Buffer(group, nvl_bytes, Buffer.get_low_latency_rdma_size_hint(t_max, hidden, num_ranks, num_experts),
                  low_latency_mode=True)
 
     per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, num_experts)

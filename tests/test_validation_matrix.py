@@ -31,6 +31,7 @@ K = 2
 E = 4
 LL_T = 8
 ERRORS = (TypeError, ValueError, RuntimeError)
+NVL = 1 << 24  # >= Config.get_nvl_buffer_size_hint(H * 2, R) of the dispatch and combine configs (checked below)
 
 
 class Case(NamedTuple):
@@ -90,8 +91,10 @@ class Ctx:
         self.ll_w = torch.rand(LL_T - 2, K, generator=g)
         rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(LL_T, H, R, E)
         self.rdma_bytes = rdma
-        self.buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, num_rdma_bytes=rdma, low_latency_mode=True)
-        self.normal_only = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+        assert all(cfg.get_nvl_buffer_size_hint(H * 2, R) <= NVL
+                   for cfg in (deep_ep.Buffer.get_dispatch_config(R), deep_ep.Buffer.get_combine_config(R)))
+        self.buf = deep_ep.Buffer(group, num_nvl_bytes=NVL, num_rdma_bytes=rdma, low_latency_mode=True)
+        self.normal_only = deep_ep.Buffer(group, num_nvl_bytes=NVL)
         self.sbuf = deep_ep.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=rdma, low_latency_mode=True,
                                    enable_shrink=True)
         # Good results every later check compares against.
@@ -410,11 +413,11 @@ def _cases() -> List[Case]:
     add(m, "wrong type", "offset is a float", lambda c: c.buf.get_local_buffer_tensor(torch.float32, None, 4.0),
         "offset")
     add(m, "out of range", "offset past the end",
-        lambda c: c.buf.get_local_buffer_tensor(torch.uint8, None, (1 << 20) + 128), "offset")
+        lambda c: c.buf.get_local_buffer_tensor(torch.uint8, None, NVL + 128), "offset")
     add(m, "out of range", "offset not aligned to the dtype",
         lambda c: c.buf.get_local_buffer_tensor(torch.float32, None, 2), "offset")
     add(m, "out of range", "size larger than the buffer",
-        lambda c: c.buf.get_local_buffer_tensor(torch.float32, torch.Size([1 << 20])), "size")
+        lambda c: c.buf.get_local_buffer_tensor(torch.float32, torch.Size([NVL])), "size")
 
     # ---- static helpers and configs
     D = "deep_ep.Buffer"

@@ -20,7 +20,6 @@ Differences from the portable engine that a caller can observe:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 from typing import List, Optional, Sequence, Tuple
@@ -54,16 +53,20 @@ def local_status(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
         return False, _core.load_error() or "the compiled core is not available", {}
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)", {}
-    count = ctypes.c_int(0)
-    if lib.deep_ep_core_device_count(ctypes.byref(count)) != 0 or count.value == 0:
-        return False, f"the core's CUDA runtime sees no device: {_core.last_error()}", {}
+    try:
+        count = lib.device_count()
+    except _core.CoreError as exc:
+        return False, f"the core's CUDA runtime sees no device: {exc}", {}
+    if count == 0:
+        return False, "the core's CUDA runtime sees no device", {}
     if num_nvl_bytes <= 0:
         return False, "num_nvl_bytes is 0: the CUDA engine's intranode kernels need an NVLink buffer", {}
     device = torch.cuda.current_device()
-    bus_id = ctypes.create_string_buffer(64)
-    if lib.deep_ep_core_device_pci_bus_id(device, bus_id, 64) != 0:
-        return False, f"cannot query the PCI bus id of cuda:{device}: {_core.last_error()}", {}
-    facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id.value.decode()}
+    try:
+        bus_id = lib.device_pci_bus_id(device=device)
+    except _core.CoreError as exc:
+        return False, f"cannot query the PCI bus id of cuda:{device}: {exc}", {}
+    facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id}
     return True, "", facts
 
 
@@ -78,11 +81,15 @@ def _reach(facts: List[dict], rank: int) -> Tuple[bool, str]:
             return False, f"rank {peer} is on host {other['host']}, not {me['host']} (no CUDA IPC across hosts)"
         if other["bus_id"] == me["bus_id"]:
             continue  # same GPU: IPC between processes, or the raw pointer in one process
-        dev = ctypes.c_int(-1)
-        if lib.deep_ep_core_device_by_pci_bus_id(other["bus_id"].encode(), ctypes.byref(dev)) != 0:
+        try:
+            dev = lib.device_by_pci_bus_id(bus_id=other["bus_id"])
+        except _core.CoreError:
             return False, f"rank {peer}'s GPU {other['bus_id']} is not visible here (CUDA_VISIBLE_DEVICES)"
-        can = ctypes.c_int(0)
-        if lib.deep_ep_core_can_access_peer(me["device"], dev.value, ctypes.byref(can)) != 0 or not can.value:
+        try:
+            can = lib.can_access_peer(device=me["device"], peer_device=dev)
+        except _core.CoreError:
+            can = False
+        if not can:
             return False, f"no peer access (NVLink/P2P) from {me['bus_id']} to rank {peer}'s GPU {other['bus_id']}"
     return True, ""
 
@@ -151,28 +158,28 @@ class CudaEngine:
         self.num_nvl_bytes = num_nvl_bytes
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout_s = float(timeout_s if timeout_s is not None else comm.timeout_s)
-        self._rt = ctypes.c_void_p()
+        self._rt = None
         self._last_worst = 0
-        _core.check(lib.deep_ep_runtime_create(members.index(self.rank), len(members), self.device.index,
-                                               allocation_bytes, self.timeout_s, ctypes.byref(self._rt)),
-                    "runtime_create")
+        self._rt = lib.runtime_create(rank=members.index(self.rank), num_ranks=len(members), device=self.device.index,
+                                      num_nvl_bytes=allocation_bytes, timeout_s=self.timeout_s)
         try:
-            handle = ctypes.create_string_buffer(_core.IPC_HANDLE_BYTES)
-            _core.check(lib.deep_ep_runtime_ipc_handle(self._rt, handle, _core.IPC_HANDLE_BYTES), "ipc_handle")
-            ptr = ctypes.c_uint64(0)
-            _core.check(lib.deep_ep_runtime_local_ptr(self._rt, ctypes.byref(ptr)), "local_ptr")
-            self._data_ptr = ptr.value
-            mine = (socket.gethostname(), os.getpid(), ptr.value, handle.raw)
+            handle = lib.runtime_ipc_handle(self._rt)
+            ptr = lib.runtime_local_ptr(self._rt)
+            self._data_ptr = ptr
+            mine = (socket.gethostname(), os.getpid(), ptr, handle)
             everyone = comm.all_gather_object(mine, op="CUDA engine IPC handle exchange")
             everyone = [everyone[r] for r in members]
             handles = b"".join(h for _, _, _, h in everyone)
-            ptrs = (ctypes.c_uint64 * len(members))(*[p for _, _, p, _ in everyone])
-            same = (ctypes.c_int * len(members))(*[int(h == mine[0] and pid == mine[1]) for h, pid, _, _ in everyone])
-            _core.check(lib.deep_ep_runtime_open_peers(self._rt, handles, ptrs, same), "open_peers")
+            ptrs = [p for _, _, p, _ in everyone]
+            same = [int(h == mine[0] and pid == mine[1]) for h, pid, _, _ in everyone]
+            lib.runtime_open_peers(self._rt, handles=handles, ptrs=ptrs, same_process=same)
             # Nobody launches a kernel that touches a peer before every peer has mapped everything.
             comm.barrier(op="CUDA engine set-up")
         except BaseException:
-            lib.deep_ep_runtime_destroy(self._rt)
+            try:  # the set-up error is the one to report
+                lib.runtime_destroy(self._rt)
+            except _core.CoreError:
+                pass
             self._rt = None
             raise
 
@@ -184,14 +191,14 @@ class CudaEngine:
             return
         rt, self._rt = self._rt, None
         if collective:
-            _core.check(self._lib.deep_ep_runtime_synchronize(rt), "synchronize")
+            self._lib.runtime_synchronize(rt)
             self.comm.barrier(op="CUDA engine destroy")
-        _core.check(self._lib.deep_ep_runtime_destroy(rt), "runtime_destroy")
+        self._lib.runtime_destroy(rt)
 
     def __del__(self) -> None:
         try:
             if getattr(self, "_rt", None) is not None:
-                self._lib.deep_ep_runtime_destroy(self._rt)
+                self._lib.runtime_destroy(self._rt)
         except Exception:
             pass
 
@@ -229,13 +236,12 @@ class CudaEngine:
         if event is not None and not torch.cuda.is_current_stream_capturing():
             event.synchronize()
             self._worst_event = None
-        value = ctypes.c_int(0)
-        _core.check(self._lib.deep_ep_runtime_take_worst_overflow(self._rt, ctypes.byref(value)), "take_worst_overflow")
-        if value.value > 0:
+        value = self._lib.runtime_take_worst_overflow(self._rt)
+        if value > 0:
             raise RuntimeError(
                 f"deep_ep.Buffer.dispatch: an earlier dispatch with num_worst_tokens={self._last_worst} overflowed: a "
-                f"rank received {value.value} tokens, so rows were dropped and its outputs are incomplete; raise "
-                f"`num_worst_tokens` to at least {value.value}")
+                f"rank received {value} tokens, so rows were dropped and its outputs are incomplete; raise "
+                f"`num_worst_tokens` to at least {value}")
 
     def _enter(self, *tensors: Optional[torch.Tensor]) -> None:
         self._alive()
@@ -253,9 +259,9 @@ class CudaEngine:
         num_tokens_per_rank = torch.empty(self.num_ranks, dtype=_I32, device=self.device)
         num_tokens_per_expert = torch.empty(num_experts, dtype=_I32, device=self.device)
         is_token_in_rank = torch.empty((num_tokens, self.num_ranks), dtype=torch.bool, device=self.device)
-        _core.check(self._lib.deep_ep_get_dispatch_layout(
+        self._lib.get_dispatch_layout(
             self.device.index, _stream(), _ptr(num_tokens_per_rank), _ptr(num_tokens_per_expert), _ptr(is_token_in_rank), _ptr(topk_idx),
-            num_tokens, num_topk, num_experts, self.num_ranks), "get_dispatch_layout")
+            num_tokens, num_topk, num_experts, self.num_ranks)
         return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank
 
     # ---------------------------------------------------------------------------------- dispatch
@@ -286,25 +292,22 @@ class CudaEngine:
         channel_prefix_matrix = torch.empty((R, C), dtype=_I32, device=self.device)
         recv_channel_prefix_matrix = torch.empty((R, C), dtype=_I32, device=self.device)
         stream = _stream()
-        _core.check(lib.deep_ep_intranode_notify_dispatch(
+        lib.intranode_notify_dispatch(
             self._rt, stream, _ptr(rank_prefix_matrix), _ptr(channel_prefix_matrix), _ptr(recv_channel_prefix_matrix),
             _ptr(num_tokens_per_expert), _ptr(is_token_in_rank), num_tokens, num_experts, C,
-            slots, row_bytes, num_topk, num_scales, expert_alignment, num_worst_tokens), "intranode notify_dispatch")
+            slots, row_bytes, num_topk, num_scales, expert_alignment, num_worst_tokens)
 
         if num_worst_tokens > 0:
             self._note_worst_notify(num_worst_tokens)
             num_rows, count_list = num_worst_tokens, []
         else:
-            values = (ctypes.c_int * (1 + num_local_experts))()
-            status = lib.deep_ep_runtime_wait_recv_counters(self._rt, stream, num_local_experts, values)
-            if status < 0:
-                _core.check(status, "waiting for the dispatch receive counts")
-            if status == 1:
+            arrived, values = lib.runtime_wait_recv_counters(self._rt, stream, num_local_experts)
+            if not arrived:
                 raise RuntimeError(
                     f"deep_ep.Buffer.dispatch: timeout ({self.timeout_s:g} s, DEEP_EP_TIMEOUT_S) on rank {self.rank} "
                     f"waiting for the receive counts of the notify kernel: received tokens = {values[0]}, per local "
-                    f"expert = {list(values)[1:]} (-1 = not written): a peer did not enter the dispatch")
-            num_rows, count_list = values[0], [int(v) for v in list(values)[1:]]
+                    f"expert = {values[1:]} (-1 = not written): a peer did not enter the dispatch")
+            num_rows, count_list = values[0], values[1:]
 
         recv_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=self.device)
         recv_scales = None
@@ -317,12 +320,12 @@ class CudaEngine:
         recv_src_idx = torch.empty(num_rows, dtype=_I32, device=self.device)
         send_head = torch.empty((num_tokens, R), dtype=_I32, device=self.device)
         scale_strides = (x_scales.stride(0), x_scales.stride(1)) if x_scales is not None else (0, 0)
-        _core.check(lib.deep_ep_intranode_dispatch(
+        lib.intranode_dispatch(
             self._rt, stream, _ptr(recv_x), _ptr(recv_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
             _ptr(recv_src_idx), _ptr(send_head), _ptr(x), _ptr(x_scales), scale_strides[0], scale_strides[1],
             _ptr(topk_idx), _ptr(topk_weights), _ptr(is_token_in_rank), _ptr(rank_prefix_matrix),
             _ptr(recv_channel_prefix_matrix), num_tokens, num_rows, int(num_worst_tokens > 0), num_experts, C, slots,
-            send_tokens, row_bytes, num_topk, num_scales, 0), "intranode dispatch")
+            send_tokens, row_bytes, num_topk, num_scales, 0)
 
         handle = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                   is_token_in_rank, send_head)
@@ -347,11 +350,11 @@ class CudaEngine:
             recv_scales = torch.empty((num_rows, num_scales), dtype=x_scales.dtype, device=self.device)
         scale_strides = (x_scales.stride(0), x_scales.stride(1)) if x_scales is not None else (0, 0)
         # The row count is known only on the device (no CPU sync): rows past it are zero-filled there.
-        _core.check(self._lib.deep_ep_intranode_dispatch(
+        self._lib.intranode_dispatch(
             self._rt, _stream(), _ptr(recv_x), _ptr(recv_scales), None, None, None, None, _ptr(x), _ptr(x_scales),
             scale_strides[0], scale_strides[1], None, None, _ptr(is_token_in_rank.contiguous()),
             _ptr(rank_prefix_matrix.contiguous()), _ptr(recv_channel_prefix_matrix.contiguous()), num_tokens, num_rows,
-            1, 0, C, slots, send_tokens, row_bytes, 0, num_scales, 1), "intranode cached dispatch")
+            1, 0, C, slots, send_tokens, row_bytes, 0, num_scales, 1)
         return (recv_x, recv_scales) if x_scales is not None else recv_x
 
     # ----------------------------------------------------------------------------------- combine
@@ -372,9 +375,8 @@ class CudaEngine:
         combined_w = None
         if topk_weights is not None:
             combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self.device)
-        _core.check(self._lib.deep_ep_intranode_combine(
+        self._lib.intranode_combine(
             self._rt, _stream(), _ptr(combined_x), _ptr(combined_w), _ptr(x), _ptr(topk_weights), _ptr(biases[0]),
             _ptr(biases[1]), _ptr(rank_prefix_matrix.contiguous()), _ptr(recv_channel_prefix_matrix.contiguous()),
-            _ptr(send_head.contiguous()), num_tokens, C, slots, send_tokens, hidden * x.element_size(), num_topk),
-            "intranode combine")
+            _ptr(send_head.contiguous()), num_tokens, C, slots, send_tokens, hidden * x.element_size(), num_topk)
         return combined_x, combined_w

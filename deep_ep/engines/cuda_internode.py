@@ -28,7 +28,6 @@ being -1, as in the portable engine.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -196,7 +195,6 @@ class CudaInternodeEngine(CudaEngine):
         else:
             self._open(comm, num_nvl_bytes, num_nvl_bytes, timeout_s,
                        members=range(node * num_ranks_per_node, (node + 1) * num_ranks_per_node))
-        _core.check_internode_call_size(self._lib)
         self._counter_forwarded = _core.limits()["num_host_counters"] - 1  # kCounterRdmaRecvTokens
         if transport == "nvshmem":
             try:
@@ -212,22 +210,12 @@ class CudaInternodeEngine(CudaEngine):
         nv = _core.load_nvshmem()
         if nv is None:
             raise _core.CoreError(_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available")
-        _core.check_internode_call_size(nv, nvshmem=True)
         self._nv = nv
         _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, heap_bytes)
         _nvshmem.bootstrap(self.comm, nv, self.device.index)
-        ptr = ctypes.c_uint64(0)
-        _core.check_nvshmem(nv.deep_ep_nvshmem_alloc(self.num_rdma_bytes, ctypes.byref(ptr)),
-                            "nvshmem_align (internode RDMA buffer)")
-        self._nv_ptr = ptr.value
-        self._nvl_peers = []
-        for j in range(self.num_ranks_per_node):
-            peer = ctypes.c_uint64(0)
-            _core.check(self._lib.deep_ep_runtime_peer_ptr(self._rt, j, ctypes.byref(peer)), "runtime peer pointer")
-            self._nvl_peers.append(peer.value)
-        counters = ctypes.c_uint64(0)
-        _core.check(self._lib.deep_ep_runtime_device_counters(self._rt, ctypes.byref(counters)), "host counters")
-        self._device_counters = counters.value
+        self._nv_ptr = nv.alloc(self.num_rdma_bytes)
+        self._nvl_peers = [self._lib.runtime_peer_ptr(self._rt, peer=j) for j in range(self.num_ranks_per_node)]
+        self._device_counters = self._lib.runtime_device_counters(self._rt)
 
     def destroy(self, collective: bool = True) -> None:
         """Free both regions (collective: waits for this GPU and every rank first; NVSHMEM's free and
@@ -236,8 +224,8 @@ class CudaInternodeEngine(CudaEngine):
         if self._nv is not None and self._nv_ptr:
             ptr, self._nv_ptr = self._nv_ptr, 0
             if collective:
-                _core.check_nvshmem(self._nv.deep_ep_nvshmem_free(ptr), "nvshmem_free (internode RDMA buffer)")
-                _core.check_nvshmem(self._nv.deep_ep_nvshmem_finalize(), "nvshmem_finalize")
+                self._nv.free(ptr)
+                self._nv.finalize()
 
     # ---------------------------------------------------------------------------------- helpers
     def _call(self, op: int, num_channels: int, config: Optional[Config], combine: bool) -> _core.InternodeCall:
@@ -258,8 +246,7 @@ class CudaInternodeEngine(CudaEngine):
 
     def _launch(self, call: _core.InternodeCall, what: str) -> None:
         if self.transport == "peer":
-            _core.check(self._lib.deep_ep_internode_launch(self._rt, ctypes.byref(call), self.nvl_region_bytes,
-                                                            _stream()), what)
+            self._lib.internode_launch(self._rt, call, self.nvl_region_bytes, _stream())
             return
         # NVSHMEM: the same checks and set-up deep_ep_internode_launch does for peer memory.
         rdma, nvl = self.layout_bytes(call)
@@ -278,17 +265,12 @@ class CudaInternodeEngine(CudaEngine):
         call.host_counters = self._device_counters
         call.timeout_ns = int(self.timeout_s * 1e9)
         if call.op == _core.INTERNODE_NOTIFY and call.num_worst_tokens == 0:
-            _core.check(self._lib.deep_ep_runtime_reset_recv_counters(self._rt, call.num_experts // self.num_ranks),
-                        "reset host counters")
-        _core.check_nvshmem(self._nv.deep_ep_nvshmem_internode_launch(ctypes.byref(call), _stream()),
-                            what + " (NVSHMEM)")
+            self._lib.runtime_reset_recv_counters(self._rt, call.num_experts // self.num_ranks)
+        self._nv.internode_launch(call, _stream())
 
     def layout_bytes(self, call: _core.InternodeCall) -> Tuple[int, int]:
         """``(rdma_bytes, nvl_bytes)`` the call's layout needs."""
-        rdma, nvl = ctypes.c_int64(0), ctypes.c_int64(0)
-        _core.check(self._lib.deep_ep_internode_layout_bytes(ctypes.byref(call), ctypes.byref(rdma),
-                                                             ctypes.byref(nvl)), "internode layout")
-        return rdma.value, nvl.value
+        return self._lib.internode_layout_bytes(call)
 
     # ------------------------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -352,20 +334,15 @@ class CudaInternodeEngine(CudaEngine):
             self._note_worst_notify(num_worst_tokens)
             num_rows, nvl_rows, count_list = num_worst_tokens, P * num_worst_tokens, []
         else:
-            values = (ctypes.c_int * (1 + num_local_experts))()
-            status = self._lib.deep_ep_runtime_wait_recv_counters(self._rt, stream, num_local_experts, values)
-            if status < 0:
-                _core.check(status, "waiting for the dispatch receive counts")
-            if status == 1:
+            arrived, values = self._lib.runtime_wait_recv_counters(self._rt, stream, num_local_experts)
+            if not arrived:
                 raise RuntimeError(
                     f"deep_ep.Buffer.dispatch: timeout ({self.timeout_s:g} s, DEEP_EP_TIMEOUT_S) on rank {self.rank} "
                     f"waiting for the receive counts of the internode notify kernel: received tokens = {values[0]}, "
-                    f"per local expert = {list(values)[1:]} (-1 = not written): a peer did not enter the dispatch")
-            forwarded = ctypes.c_int(-1)
-            _core.check(self._lib.deep_ep_runtime_host_counter(self._rt, self._counter_forwarded,
-                                                               ctypes.byref(forwarded)), "host counter")
-            num_rows, nvl_rows = values[0], forwarded.value
-            count_list = [int(v) for v in list(values)[1:]]
+                    f"per local expert = {values[1:]} (-1 = not written): a peer did not enter the dispatch")
+            forwarded = self._lib.runtime_host_counter(self._rt, self._counter_forwarded)
+            num_rows, nvl_rows = values[0], forwarded
+            count_list = values[1:]
 
         recv_x = torch.empty((num_rows, hidden), dtype=x.dtype, device=dev)
         recv_scales = None

@@ -30,7 +30,6 @@ and the same outputs (docs/semantics.md). Differences a caller can observe:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 from typing import Callable, List, Optional, Tuple
@@ -69,11 +68,12 @@ def _local_status(num_rdma_bytes: int) -> Tuple[bool, str, dict]:
     if num_rdma_bytes <= 0:
         return False, "num_rdma_bytes is 0", {}
     device = torch.cuda.current_device()
-    bus_id = ctypes.create_string_buffer(64)
-    if lib.deep_ep_core_device_pci_bus_id(device, bus_id, 64) != 0:
-        return False, f"cannot query the PCI bus id of cuda:{device}: {_core.last_error()}", {}
+    try:
+        bus_id = lib.device_pci_bus_id(device=device)
+    except _core.CoreError as exc:
+        return False, f"cannot query the PCI bus id of cuda:{device}: {exc}", {}
     nv = _core.load_nvshmem()
-    facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id.value.decode(),
+    facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id,
              "nvshmem": nv is not None, "nvshmem_reason": "" if nv is not None else (_core.nvshmem_load_error() or "")}
     return True, "", facts
 
@@ -185,27 +185,27 @@ class CudaLowLatency(DoubleBufferSlots):
     # ------------------------------------------------------------------------------ set-up
     def _open_peer(self) -> int:
         lib = self._lib
-        rt = ctypes.c_void_p()
-        _core.check(lib.deep_ep_runtime_create(self.rank, self.num_ranks, self.device.index, self.num_rdma_bytes,
-                                               self.timeout_s, ctypes.byref(rt)), "runtime_create (LL buffer)")
+        rt = lib.runtime_create(rank=self.rank, num_ranks=self.num_ranks, device=self.device.index,
+                                num_nvl_bytes=self.num_rdma_bytes, timeout_s=self.timeout_s)
         self._rt = rt
         try:
-            handle = ctypes.create_string_buffer(_core.IPC_HANDLE_BYTES)
-            _core.check(lib.deep_ep_runtime_ipc_handle(rt, handle, _core.IPC_HANDLE_BYTES), "ipc_handle")
-            ptr = ctypes.c_uint64(0)
-            _core.check(lib.deep_ep_runtime_local_ptr(rt, ctypes.byref(ptr)), "local_ptr")
-            mine = (socket.gethostname(), os.getpid(), ptr.value, handle.raw)
+            handle = lib.runtime_ipc_handle(rt)
+            ptr = lib.runtime_local_ptr(rt)
+            mine = (socket.gethostname(), os.getpid(), ptr, handle)
             everyone = self.comm.all_gather_object(mine, op="CUDA LL engine IPC handle exchange")
             handles = b"".join(h for _, _, _, h in everyone)
-            ptrs = (ctypes.c_uint64 * self.num_ranks)(*[p for _, _, p, _ in everyone])
-            same = (ctypes.c_int * self.num_ranks)(*[int(h == mine[0] and pid == mine[1]) for h, pid, _, _ in everyone])
-            _core.check(lib.deep_ep_runtime_open_peers(rt, handles, ptrs, same), "open_peers (LL buffer)")
+            ptrs = [p for _, _, p, _ in everyone]
+            same = [int(h == mine[0] and pid == mine[1]) for h, pid, _, _ in everyone]
+            lib.runtime_open_peers(rt, handles=handles, ptrs=ptrs, same_process=same)
             self.comm.barrier(op="CUDA LL engine set-up")
         except BaseException:
-            lib.deep_ep_runtime_destroy(rt)
+            try:  # the set-up error is the one to report
+                lib.runtime_destroy(rt)
+            except _core.CoreError:
+                pass
             self._rt = None
             raise
-        return ptr.value
+        return ptr
 
     def _open_nvshmem(self, num_qps_per_rank: int, allow_nvlink: bool, allow_mnnvl: bool, single_host: bool) -> int:
         nv = _core.load_nvshmem()
@@ -214,29 +214,28 @@ class CudaLowLatency(DoubleBufferSlots):
         self._nv = nv
         _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, self.num_rdma_bytes)
         _nvshmem.bootstrap(self.comm, nv, self.device.index)
-        ptr = ctypes.c_uint64(0)
-        _core.check_nvshmem(nv.deep_ep_nvshmem_alloc(self.num_rdma_bytes, ctypes.byref(ptr)), "nvshmem_align (LL buffer)")
-        self._nv_ptr = ptr.value
-        return ptr.value
+        ptr = nv.alloc(self.num_rdma_bytes)
+        self._nv_ptr = ptr
+        return ptr
 
     def destroy(self, collective: bool = True) -> None:
         """Free the LL buffer (collective: waits for this GPU and every rank first)."""
         if self._rt is not None:
             rt, self._rt = self._rt, None
             if collective:
-                _core.check(self._lib.deep_ep_runtime_synchronize(rt), "synchronize")
+                self._lib.runtime_synchronize(rt)
                 self.comm.barrier(op="CUDA LL engine destroy")
-            _core.check(self._lib.deep_ep_runtime_destroy(rt), "runtime_destroy (LL buffer)")
+            self._lib.runtime_destroy(rt)
         if self._nv is not None and self._nv_ptr:
             ptr, self._nv_ptr = self._nv_ptr, 0
             if collective:  # nvshmem_free and finalize are collective
-                _core.check_nvshmem(self._nv.deep_ep_nvshmem_free(ptr), "nvshmem_free")
-                _core.check_nvshmem(self._nv.deep_ep_nvshmem_finalize(), "nvshmem_finalize")
+                self._nv.free(ptr)
+                self._nv.finalize()
 
     def __del__(self) -> None:
         try:
             if getattr(self, "_rt", None) is not None:
-                self._lib.deep_ep_runtime_destroy(self._rt)
+                self._lib.runtime_destroy(self._rt)
         except Exception:
             pass
 
@@ -246,9 +245,7 @@ class CudaLowLatency(DoubleBufferSlots):
 
     # ------------------------------------------------------------------------------ helpers
     def _layout(self, t_max: int, hidden: int, num_experts: int) -> List[int]:
-        out = (ctypes.c_int64 * 9)()
-        _core.check(self._lib.deep_ep_ll_layout(t_max, hidden, num_experts, out, 9), "ll_layout")
-        values = list(out)
+        values = self._lib.ll_layout(num_max_tokens=t_max, hidden=hidden, num_experts=num_experts)
         if values[6] > self.num_rdma_bytes:
             raise ValueError(f"deep_ep CUDA LL engine: the layout needs {values[6]} bytes, the buffer has "
                              f"{self.num_rdma_bytes}")
@@ -257,7 +254,7 @@ class CudaLowLatency(DoubleBufferSlots):
     def _ensure_workspace(self, t_max: int, num_experts: int) -> torch.Tensor:
         key = (t_max, num_experts)
         if self._workspace_key != key:
-            words = self._lib.deep_ep_ll_workspace_words(t_max, num_experts, self.num_ranks)
+            words = self._lib.ll_workspace_words(t_max, num_experts, self.num_ranks)
             if words <= 0:
                 raise ValueError(f"deep_ep CUDA LL engine: bad shape (T_max={t_max}, num_experts={num_experts})")
             if self._workspace is not None and self._workspace.numel() >= words:
@@ -332,15 +329,14 @@ class CudaLowLatency(DoubleBufferSlots):
 
     def _launch(self, c: _core.LLCall, phases: int) -> None:
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        ref = ctypes.byref(c)
         if phases & _core.LL_SEND:
-            _core.check(self._lib.deep_ep_ll_prepare(ref, stream), "low-latency prepare")
+            self._lib.ll_prepare(c, stream)
             if self.transport == "peer":
-                _core.check(self._lib.deep_ep_ll_peer_send(self._rt, ref, stream), "low-latency send (peer memory)")
+                self._lib.ll_peer_send(self._rt, c, stream)
             else:
-                _core.check_nvshmem(self._nv.deep_ep_nvshmem_ll_send(ref, stream), "low-latency send (NVSHMEM)")
+                self._nv.ll_send(c, stream)
         if phases & _core.LL_RECV:
-            _core.check(self._lib.deep_ep_ll_receive(ref, stream), "low-latency receive")
+            self._lib.ll_receive(c, stream)
 
     def _finish(self, c: _core.LLCall, slot: int, use: int, return_recv_hook: bool, what: str,
                 keep: tuple) -> Optional[Callable[[], None]]:

@@ -125,7 +125,7 @@ else
     note "build        FAIL           no nvcc and no prebuilt deep_ep/libdeep_ep_core.so"
     FAILED=1
 fi
-step load "$PY" -c "from deep_ep import _core; lib = _core.load(); assert lib is not None, _core.load_error(); print('core loaded:', _core.library_path(), _core.build_info().get('archs'), 'sm90' if lib.deep_ep_core_is_sm90() else 'sm80 build'); nv = _core.load_nvshmem(); print('nvshmem library:', _core.nvshmem_library_path() if nv is not None else _core.nvshmem_load_error())"
+step load "$PY" -c "from deep_ep import _core; lib = _core.load(); assert lib is not None, _core.load_error(); print('core loaded:', _core.library_path(), _core.build_info().get('archs'), 'sm90' if lib.is_sm90() else 'sm80 build'); nv = _core.load_nvshmem(); print('nvshmem library:', _core.nvshmem_library_path() if nv is not None else _core.nvshmem_load_error())"
 
 # ---- no GPU: stop cleanly here
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
