@@ -50,9 +50,15 @@ class CoreError(RuntimeError):
 
 
 def library_path() -> Path:
-    """``DEEP_EP_CORE_LIB`` if set, else ``libdeep_ep_core.so`` next to this file."""
+    """``DEEP_EP_CORE_LIB`` if set, else the emulated core with ``DEEP_EP_ENGINE=emulated``, else
+    ``libdeep_ep_core.so`` next to this file."""
     override = os.environ.get("DEEP_EP_CORE_LIB")
-    return Path(override) if override else Path(__file__).resolve().parent / LIBRARY_NAME
+    if override:
+        return Path(override)
+    from .engines import emulated  # DEEP_EP_ENGINE=emulated: the CPU build of the same C ABI
+    if emulated.active():
+        return emulated.library_path()
+    return Path(__file__).resolve().parent / LIBRARY_NAME
 
 
 _vp, _i32, _i64, _u64, _f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_double

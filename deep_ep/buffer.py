@@ -205,8 +205,9 @@ class Buffer:
             from .engines import cuda as cuda_engine
             ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
         if not ok:
-            if forced == "cuda":
-                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: {reason}")
+            if forced in ("cuda", "emulated"):
+                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE={forced}, but the CUDA engine is not available: "
+                                   f"{reason}")
             return "portable", f"the CUDA engine is not available: {reason}"
         if self.num_nodes > 1:
             # With low-latency mode too, the NVSHMEM heap holds both engines' buffers.
@@ -219,6 +220,8 @@ class Buffer:
                 single_host=len({f["host"] for f in facts}) == 1, nvshmem_heap_bytes=heap)
         else:
             self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        if forced == "emulated":  # the CUDA engine's code and kernels on CPU tensors (engines/emulated.py)
+            return "emulated", "forced by DEEP_EP_ENGINE=emulated: " + reason
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _choose_ll_engine(self) -> Tuple[str, str]:
@@ -228,6 +231,8 @@ class Buffer:
         forced = _env.engine_override()
         if forced == "portable":
             return "portable", "forced by DEEP_EP_ENGINE=portable"
+        if forced == "emulated":
+            return "portable", "DEEP_EP_ENGINE=emulated does not run the low-latency kernels yet"
         from .engines import cuda_ll
         ok, reason, transport, facts = cuda_ll.probe_ll(self._comm, self.num_rdma_bytes,
                                                         self.allow_nvlink_for_low_latency_mode)
@@ -243,8 +248,9 @@ class Buffer:
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _engine_for(self, t: torch.Tensor):
-        """The engine a normal-mode call runs on: CUDA for CUDA tensors when available."""
-        return self._cuda if self._cuda is not None and t.is_cuda else self._engine
+        """The engine a normal-mode call runs on: CUDA for CUDA tensors when available (the emulated
+        engine: for CPU tensors)."""
+        return self._cuda if self._cuda is not None and t.device.type == self._cuda.device.type else self._engine
 
     def _config_kw(self, engine, config: Optional[Config]) -> dict:
         """The CUDA engine also takes the config (ring sizes); the portable one does not."""
