@@ -71,50 +71,55 @@ def cuda_include_dir() -> Path:
                      + ", ".join(str(c) for c in candidates))
 
 
-def sources() -> List[Path]:
+def sources(csrc: Path = CSRC) -> List[Path]:
     """The core's sources (what build_core.py compiles, minus the NVSHMEM library) and the emulator's."""
-    core = sorted(p for p in CSRC.rglob("*.cu") if (CSRC / "nvshmem") not in p.parents)
-    return core + sorted(EMU.glob("*.cpp"))
+    core = sorted(p for p in csrc.rglob("*.cu") if (csrc / "nvshmem") not in p.parents)
+    return core + sorted((csrc / "emu").glob("*.cpp"))
 
 
-def header_stamp() -> str:
+def header_stamp(csrc: Path = CSRC) -> str:
     h = hashlib.sha256()
-    for p in sorted(list(CSRC.rglob("*.cuh")) + list(CSRC.rglob("*.h"))):
-        h.update(str(p.relative_to(ROOT)).encode())
+    for p in sorted(list(csrc.rglob("*.cuh")) + list(csrc.rglob("*.h"))):
+        h.update(str(p.relative_to(csrc)).encode())
         h.update(p.read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
-def compile_command(src: Path, obj: Path, flavour: str, cuda_inc: Path, cxx: str) -> List[str]:
+def compile_command(src: Path, obj: Path, flavour: str, cuda_inc: Path, cxx: str, csrc: Path = CSRC) -> List[str]:
     flags = list(COMMON) + FLAVOUR_FLAGS[flavour]
-    if flavour == "tsan" and src.parent == EMU and src.name == "emu.cpp":
+    emu = csrc / "emu"
+    if flavour == "tsan" and src.parent == emu and src.name == "emu.cpp":
         # The scheduler switches stacks under TSan's feet: it annotates instead of being instrumented.
         flags = [f for f in flags if f != "-fsanitize=thread"]
     lang = ["-x", "c++"] if src.suffix == ".cu" else []
-    return [cxx, *lang, *flags, "-DDEEP_EP_EMULATOR", "-include", str(EMU / "emu.h"), f"-I{EMU / 'include'}",
-            f"-I{CSRC}", f"-I{cuda_inc}", "-c", str(src), "-o", str(obj)]
+    return [cxx, *lang, *flags, "-DDEEP_EP_EMULATOR", "-include", str(emu / "emu.h"), f"-I{emu / 'include'}",
+            f"-I{csrc}", f"-I{cuda_inc}", "-c", str(src), "-o", str(obj)]
 
 
-def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False) -> Path:
-    """Build one flavour (incrementally); returns the library's path."""
+def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False, csrc: Path = CSRC,
+          out: Optional[Path] = None) -> Path:
+    """Build one flavour (incrementally) of the sources under `csrc` into `out` (default
+    build/emu/<flavour>); returns the library's path. (The injected-bug tests build a modified copy.)"""
     if flavour not in FLAVOURS:
         raise BuildError(f"build_emu: unknown flavour {flavour!r} (one of {', '.join(FLAVOURS)})")
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         raise BuildError(f"build_emu: no C++ compiler ({cxx})")
     cuda_inc = cuda_include_dir()
-    out = BUILD / flavour
+    out = out if out is not None else BUILD / flavour
     out.mkdir(parents=True, exist_ok=True)
-    stamp = header_stamp()
+    stamp = header_stamp(csrc)
     todo = []
     objects = []
-    for src in sources():
-        rel = src.relative_to(CSRC)
+    for src in sources(csrc):
+        rel = src.relative_to(csrc)
         obj = out / (str(rel).replace("/", "__") + ".o")
         key_file = obj.with_suffix(".key")
-        cmd = compile_command(src, obj, flavour, cuda_inc, cxx)
-        key = hashlib.sha256((stamp + " ".join(cmd)).encode() + src.read_bytes()).hexdigest()
+        cmd = compile_command(src, obj, flavour, cuda_inc, cxx, csrc)
+        # Independent of where the tree lives: a modified copy (injected-bug tests) reuses the objects.
+        key = hashlib.sha256((stamp + " ".join(cmd).replace(str(csrc), "<csrc>").replace(str(out), "<out>")).encode()
+                             + src.read_bytes()).hexdigest()
         objects.append(obj)
         if obj.is_file() and key_file.is_file() and key_file.read_text() == key:
             continue
@@ -130,7 +135,7 @@ def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False) -> Path:
             print(" ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise BuildError(f"build_emu ({flavour}): compiling {src.relative_to(ROOT)} failed:\n{proc.stderr}")
+            raise BuildError(f"build_emu ({flavour}): compiling {src} failed:\n{proc.stderr}")
         if proc.stderr.strip():
             print(proc.stderr, file=sys.stderr)
         key_file.write_text(key)
@@ -138,7 +143,7 @@ def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False) -> Path:
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for src in pool.map(run, todo):
-            print(f"build_emu ({flavour}): compiled {src.relative_to(ROOT)}", flush=True)
+            print(f"build_emu ({flavour}): compiled {src.relative_to(csrc)}", flush=True)
     version_script = out / "exports.map"
     version_script.write_text("{ global: deep_ep_*; local: *; };\n")
     tmp = lib.with_suffix(".so.tmp")
@@ -148,7 +153,7 @@ def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False) -> Path:
     if proc.returncode != 0:
         raise BuildError(f"build_emu ({flavour}): linking failed:\n{proc.stderr}")
     os.replace(tmp, lib)
-    print(f"build_emu ({flavour}): {lib.relative_to(ROOT)} in {time.time() - start:.1f} s", flush=True)
+    print(f"build_emu ({flavour}): {lib} in {time.time() - start:.1f} s", flush=True)
     return lib
 
 

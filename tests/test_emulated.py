@@ -1,0 +1,208 @@
+"""The real CUDA kernels of ``csrc/``, executed on the CPU by the kernel emulator (``csrc/emu/``,
+``build_emu.py``) and driven by the CUDA engine's own host code (``DEEP_EP_ENGINE=emulated``), compared
+bit for bit with the portable engine; plus the emulator's own tests: one injected bug per class it
+must diagnose, each in a copy of a real kernel source.
+
+Needs g++ and CUDA's headers (``/usr/local/cuda/include`` or torch's ``nvidia`` wheels); no GPU, nvcc
+or libcudart. The library is built (incrementally) once per session.
+"""
+
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT / "tests" / "gpu", ROOT / "tests", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import build_emu  # noqa: E402
+from dist_utils import make_seed, run_ranks  # noqa: E402
+from intranode_cases import CASES, Case, intranode_worker  # noqa: E402
+
+EMU_ENV = {"DEEP_EP_ENGINE": "emulated", "DEEP_EP_TIMEOUT_S": "60", "DEEP_EP_EMU_WATCHDOG_S": "60"}
+
+
+def _build_or_skip(flavour: str = "plain") -> Path:
+    try:
+        return build_emu.build(flavour)
+    except build_emu.BuildError as exc:
+        if "not found" in str(exc) or "no C++ compiler" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.fixture(scope="module")
+def emu_lib() -> Path:
+    return _build_or_skip("plain")
+
+
+# ------------------------------------------------------------------------------ one kernel source
+CSRC = ROOT / "csrc"
+
+
+def _code_lines(path: Path):
+    """(line number, text without // comments and string literals) of a C++ source."""
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        line = re.sub(r'"(\\.|[^"\\])*"', '""', line)
+        yield i, line.split("//", 1)[0]
+
+
+def test_inline_asm_only_in_ptx_header():
+    """PTX lives in kernels/ptx.cuh only (the one file with an emulated branch)."""
+    offenders = []
+    for path in sorted(list(CSRC.rglob("*.cu")) + list(CSRC.rglob("*.cuh")) + list(CSRC.rglob("*.h"))):
+        if path.name == "ptx.cuh" or "emu" in path.relative_to(CSRC).parts:
+            continue
+        offenders += [f"{path.relative_to(ROOT)}:{i}" for i, text in _code_lines(path) if re.search(r"\basm\b", text)]
+    assert not offenders, "inline asm outside csrc/kernels/ptx.cuh: " + ", ".join(offenders)
+
+
+def test_no_raw_kernel_launch():
+    """Every launch goes through DEEP_EP_LAUNCH (ptx.cuh), so the emulated build can run it."""
+    offenders = []
+    for path in sorted(list(CSRC.rglob("*.cu")) + list(CSRC.rglob("*.cuh"))):
+        if path.name == "ptx.cuh":
+            continue
+        offenders += [f"{path.relative_to(ROOT)}:{i}" for i, text in _code_lines(path) if "<<<" in text]
+    assert not offenders, "raw <<<...>>> launch (use DEEP_EP_LAUNCH): " + ", ".join(offenders)
+
+
+def test_source_checks_catch_offenders(tmp_path):
+    """The two checks above do fail on an offending line."""
+    bad = tmp_path / "bad.cu"
+    bad.write_text('// asm in a comment is fine\nconst char* s = "asm";\nkernel<<<1, 32, 0, s>>>(x);\nasm volatile("trap;");\n')
+    lines = dict(_code_lines(bad))
+    assert "<<<" in lines[3] and re.search(r"\basm\b", lines[4])
+    assert not re.search(r"\basm\b", lines[1]) and not re.search(r"\basm\b", lines[2])
+
+
+# --------------------------------------------------------------------------- kernels vs portable
+def _run_intranode(num_ranks: int, cases, env=None, timeout_s: float = 240):
+    seed = make_seed()
+    start = time.monotonic()
+    failures = run_ranks(intranode_worker, num_ranks, seed, cases, False, timeout_s=timeout_s,
+                         env={**EMU_ENV, **(env or {})})
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3, 4])
+def test_intranode_emulated_matches_portable(emu_lib, num_ranks):
+    """Layout, dispatch (BF16, FP8 + scales, top-k or none, alignment, worst tokens, zero-token rank,
+    all -1, small rings), cached dispatch and combine (weights, biases), every handle field."""
+    _run_intranode(num_ranks, CASES)
+
+
+def test_intranode_emulated_8_ranks(emu_lib):
+    _run_intranode(8, [CASES[0], CASES[3], CASES[5]], timeout_s=300)
+
+
+def test_intranode_emulated_one_slot_rings_random_schedule(emu_lib):
+    """Rings of one slot (every token waits for the receiver) under random fiber scheduling."""
+    one_slot = [Case("1-slot rings, chunks of 1", tokens=(23, 17, 30), config=(4, 1, 1), worst_extra=None),
+                Case("1-slot rings, fp8", tokens=(12, 20, 9), hidden=256, fp8=True, config=(2, 1, 1),
+                     worst_extra=2)]
+    _run_intranode(3, one_slot, env={"DEEP_EP_EMU_SEED": str(make_seed() % 100000 + 1)})
+
+
+# ---------------------------------------------------------------------------------- injected bugs
+def _bug_worker(rank, num_ranks, group, seed, case):
+    """Runs one intranode case; returns this rank's error text ('' when it completed)."""
+    try:
+        failures = intranode_worker(rank, num_ranks, group, seed, [case], False)
+        return "mismatch: " + "\n".join(failures) if failures else ""
+    except Exception as exc:  # noqa: BLE001 - the diagnosis is the result
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _with_bug(tmp_path: Path, rel: str, old: str, new: str) -> Path:
+    """A copy of csrc/ with `old` replaced by `new` (exactly once) in `rel`, built (plain flavour,
+    reusing the unchanged objects of the main build); returns the library."""
+    tree = tmp_path / "csrc"
+    shutil.copytree(CSRC, tree)
+    path = tree / rel
+    text = path.read_text()
+    assert text.count(old) == 1, f"injection site not unique in {rel}: {old!r}"
+    path.write_text(text.replace(old, new))
+    out = tmp_path / "build"
+    shutil.copytree(build_emu.BUILD / "plain", out, ignore=shutil.ignore_patterns("*.so", "*.tmp"))
+    return build_emu.build("plain", csrc=tree, out=out)
+
+
+def _line_of(rel: str, needle: str) -> int:
+    for i, line in enumerate((CSRC / rel).read_text().splitlines(), 1):
+        if needle in line:
+            return i
+    raise AssertionError(f"{needle!r} not in {rel}")
+
+
+def _diagnoses(lib: Path, case=None, num_ranks: int = 2, env=None):
+    case = case or CASES[0]
+    results = run_ranks(_bug_worker, num_ranks, 77, case, timeout_s=120,
+                        env={**EMU_ENV, "DEEP_EP_CORE_LIB": str(lib), **(env or {})})
+    return results
+
+
+DISPATCH = "kernels/intranode_dispatch.cu"
+
+
+def test_bug_partial_warp_collective(emu_lib, tmp_path):
+    """Half a warp skips a __ballot_sync: the other half's next collective is a different call site."""
+    site = "const unsigned mask = __ballot_sync(0xffffffffu, wanted);"
+    lib = _with_bug(tmp_path, DISPATCH, site,
+                    "const unsigned mask = lane < 16 ? __ballot_sync(0xffffffffu, wanted) : 0u;")
+    line = _line_of(DISPATCH, site)
+    for text in _diagnoses(lib):
+        assert "divergent warp collective" in text, text
+        assert f"intranode_dispatch.cu:{line}" in text and "__ballot_sync" in text, text
+
+
+def test_bug_barrier_count_mismatch(emu_lib, tmp_path):
+    """One warp of a team names another thread count at the team's named barrier."""
+    site = "        ptx::bar_sync(dst + 1, team.num_warps * 32);\n        sent += chunk;"
+    lib = _with_bug(tmp_path, DISPATCH, site,
+                    "        ptx::bar_sync(dst + 1, (team.warp_in_team == 1 ? 2 : 1) * team.num_warps * 32);\n"
+                    "        sent += chunk;")
+    for text in _diagnoses(lib):
+        assert "barrier 1 count mismatch" in text or "barrier 2 count mismatch" in text, text
+        assert "intranode_dispatch.cu" in text, text
+
+
+def test_bug_never_completing_barrier(emu_lib, tmp_path):
+    """A named barrier waiting for one warp more than the team has: a deadlock report naming it."""
+    site = "        ptx::bar_sync(dst + 1, team.num_warps * 32);\n        sent += chunk;"
+    lib = _with_bug(tmp_path, DISPATCH, site,
+                    "        ptx::bar_sync(dst + 1, team.num_warps * 32 + 32);\n        sent += chunk;")
+    line = _line_of(DISPATCH, "ptx::bar_sync(dst + 1, team.num_warps * 32);")
+    for text in _diagnoses(lib):
+        assert "deadlock in kernel dispatch_kernel" in text, text
+        assert f"bar.sync 1, 416 at csrc/kernels/intranode_dispatch.cu:{line}" in text, text
+
+
+def test_bug_protocol_deadlock(emu_lib, tmp_path):
+    """The receiver never frees ring slots: the sender's bounded wait reports and traps."""
+    site = "if (team.warp_in_team == 0 && lane == 0) ptx::st_release_sys_global(head_ptr, tail);"
+    lib = _with_bug(tmp_path, DISPATCH, site, "(void)head_ptr;")
+    for text in _diagnoses(lib, env={"DEEP_EP_TIMEOUT_S": "3"}):
+        # The sender waits for free slots, so its receivers wait for tokens: whichever bounded wait
+        # expires first reports (kernel, role, rank, channel, peer) and traps; the error carries it.
+        assert re.search(r"deep_ep timeout in intranode dispatch: dispatch (sender \(waiting for free slots\)|"
+                         r"receiver \(waiting for tokens\)), rank \d, channel \d, peer \d", text), text
+        assert "__trap() at csrc/kernels/utils.cuh" in text and "cudaErrorLaunchFailure" in text, text
+
+
+def test_bug_out_of_bounds_write_changes_output(emu_lib, tmp_path):
+    """notify writes its channel prefix one element too far: the plain build shows a wrong handle
+    (the ASan flavour names the write; see test_asan_*)."""
+    site = "args.channel_prefix_matrix[d * num_channels + c] = running;"
+    lib = _with_bug(tmp_path, "kernels/intranode_notify.cu", site,
+                    "args.channel_prefix_matrix[d * num_channels + c + 1] = running;")
+    results = _diagnoses(lib)
+    assert any(text for text in results), "an out-of-bounds write went unnoticed"
