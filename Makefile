@@ -27,7 +27,7 @@ STAMP := $(VENV)/.deep_ep-setup-$(SETUP_KEY)
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup core bench test test-all clean-venv
+.PHONY: help setup core emu bench test test-all clean-venv
 
 # The CUDA core (csrc/ -> deep_ep/libdeep_ep_core.so): rebuilt whenever csrc/ or build_core.py
 # changes, when nvcc is found (CUDA_HOME, default /usr/local/cuda) unless DEEP_EP_BUILD_CUDA=0.
@@ -42,6 +42,7 @@ help:
 	@echo "               (pytest -m 'not slow'; PYTEST_ARGS=...)"
 	@echo "make test-all - the same plus the slow random sweeps"
 	@echo "make core    - build the CUDA core (csrc/) when nvcc is found"
+	@echo "make emu     - build the emulated core (csrc/ on the CPU, build_emu.py)"
 	@echo "make setup   - only set up .venv"
 	@echo "make clean-venv - delete .venv"
 
@@ -64,13 +65,18 @@ core: setup
 $(CORE): $(CORE_SRCS)
 	$(VENV_PY) build_core.py
 
+# The emulated core (csrc/ compiled with g++ against the kernel emulator csrc/emu/, no nvcc or GPU):
+# build/emu/plain/libdeep_ep_core.so, incremental; tests/test_emulated.py runs the kernels with it.
+emu: setup
+	$(VENV_PY) build_emu.py --jobs 2
+
 bench: setup
 	$(VENV_PY) benchmarks/bench_ep.py $(BENCH_ARGS)
 
-test: setup core
+test: setup core emu
 	$(VENV_PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
-test-all: setup core
+test-all: setup core emu
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
 
 clean-venv:

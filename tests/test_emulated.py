@@ -104,10 +104,11 @@ def test_intranode_emulated_8_ranks(emu_lib):
     _run_intranode(8, [CASES[0], CASES[3], CASES[5]], timeout_s=300)
 
 
-def test_intranode_emulated_one_slot_rings_random_schedule(emu_lib):
-    """Rings of one slot (every token waits for the receiver) under random fiber scheduling."""
-    one_slot = [Case("1-slot rings, chunks of 1", tokens=(23, 17, 30), config=(4, 1, 1), worst_extra=None),
-                Case("1-slot rings, fp8", tokens=(12, 20, 9), hidden=256, fp8=True, config=(2, 1, 1),
+def test_intranode_emulated_small_rings_random_schedule(emu_lib):
+    """The smallest rings Config allows (2 slots, chunks of 1 token: the sender waits for the receiver
+    after almost every token) under random fiber scheduling."""
+    one_slot = [Case("2-slot rings, chunks of 1", tokens=(23, 17, 30), config=(4, 1, 2), worst_extra=None),
+                Case("2-slot rings, fp8", tokens=(12, 20, 9), hidden=256, fp8=True, config=(2, 1, 2),
                      worst_extra=2)]
     _run_intranode(3, one_slot, env={"DEEP_EP_EMU_SEED": str(make_seed() % 100000 + 1)})
 
