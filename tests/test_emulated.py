@@ -25,6 +25,8 @@ import build_emu  # noqa: E402
 from dist_utils import make_seed, run_ranks  # noqa: E402
 from intranode_cases import CASES, Case, intranode_worker  # noqa: E402
 
+from deep_ep.engines import emulated  # noqa: E402
+
 EMU_ENV = {"DEEP_EP_ENGINE": "emulated", "DEEP_EP_TIMEOUT_S": "60", "DEEP_EP_EMU_WATCHDOG_S": "60"}
 
 
@@ -123,9 +125,9 @@ def _bug_worker(rank, num_ranks, group, seed, case):
         return f"{type(exc).__name__}: {exc}"
 
 
-def _with_bug(tmp_path: Path, rel: str, old: str, new: str) -> Path:
-    """A copy of csrc/ with `old` replaced by `new` (exactly once) in `rel`, built (plain flavour,
-    reusing the unchanged objects of the main build); returns the library."""
+def _with_bug(tmp_path: Path, rel: str, old: str, new: str, flavour: str = "plain") -> Path:
+    """A copy of csrc/ with `old` replaced by `new` (exactly once) in `rel`, built (reusing the
+    unchanged objects of the main build of `flavour`); returns the library."""
     tree = tmp_path / "csrc"
     shutil.copytree(CSRC, tree)
     path = tree / rel
@@ -133,8 +135,8 @@ def _with_bug(tmp_path: Path, rel: str, old: str, new: str) -> Path:
     assert text.count(old) == 1, f"injection site not unique in {rel}: {old!r}"
     path.write_text(text.replace(old, new))
     out = tmp_path / "build"
-    shutil.copytree(build_emu.BUILD / "plain", out, ignore=shutil.ignore_patterns("*.so", "*.tmp"))
-    return build_emu.build("plain", csrc=tree, out=out)
+    shutil.copytree(build_emu.BUILD / flavour, out, ignore=shutil.ignore_patterns("*.so", "*.tmp"))
+    return build_emu.build(flavour, csrc=tree, out=out)
 
 
 def _line_of(rel: str, needle: str) -> int:
@@ -149,6 +151,19 @@ def _diagnoses(lib: Path, case=None, num_ranks: int = 2, env=None):
     results = run_ranks(_bug_worker, num_ranks, 77, case, timeout_s=120,
                         env={**EMU_ENV, "DEEP_EP_CORE_LIB": str(lib), **(env or {})})
     return results
+
+
+def _sanitizer_failure(lib: Path, flavour: str, logs: Path, capfd, case=None) -> str:
+    """Runs a case on 2 ranks with a sanitizer flavour that must abort: the ranks' reports (log files,
+    and their stderr, where UBSan writes)."""
+    env = emulated.sanitizer_env(flavour)
+    for key in ("ASAN_OPTIONS", "UBSAN_OPTIONS", "TSAN_OPTIONS"):
+        if key in env:
+            env[key] += f":log_path={logs / 'report'}"
+    with pytest.raises(AssertionError) as info:
+        _diagnoses(lib, case, env=env)
+    reports = "".join(p.read_text() for p in sorted(logs.glob("report*")))
+    return str(info.value) + "\n" + reports + capfd.readouterr().err
 
 
 DISPATCH = "kernels/intranode_dispatch.cu"
@@ -207,3 +222,34 @@ def test_bug_out_of_bounds_write_changes_output(emu_lib, tmp_path):
                     "args.channel_prefix_matrix[d * num_channels + c + 1] = running;")
     results = _diagnoses(lib)
     assert any(text for text in results), "an out-of-bounds write went unnoticed"
+
+
+# ---------------------------------------------------------------------------- ASan + UBSan flavour
+@pytest.fixture(scope="module")
+def asan_lib() -> Path:
+    return _build_or_skip("asan")
+
+
+def test_asan_intranode_clean(asan_lib):
+    """The intranode kernels (notify, dispatch, cached, combine, worst tokens, FP8) under ASan+UBSan."""
+    _run_intranode(2, [CASES[0], CASES[1], CASES[3]], env=emulated.sanitizer_env("asan"), timeout_s=300)
+
+
+def test_asan_bug_out_of_bounds_write(asan_lib, tmp_path, capfd):
+    rel = "kernels/intranode_notify.cu"
+    site = "args.channel_prefix_matrix[d * num_channels + c] = running;"
+    lib = _with_bug(tmp_path, rel, site, "args.channel_prefix_matrix[d * num_channels + c + 1] = running;", "asan")
+    text = _sanitizer_failure(lib, "asan", tmp_path, capfd)
+    assert "AddressSanitizer: heap-buffer-overflow" in text, text[-3000:]
+    assert f"intranode_notify.cu:{_line_of(rel, site)}" in text, text[-3000:]
+
+
+def test_asan_bug_misaligned_vector_access(asan_lib, tmp_path, capfd):
+    """Ring rows read 4 bytes off their 16-byte alignment: UBSan names the int4 load."""
+    site = "warp_copy_ring_to_global(args.recv_x + row * row_int4, buf.x(own, channel, src, slot), row_int4, lane);"
+    lib = _with_bug(tmp_path, DISPATCH, site,
+                    "warp_copy_ring_to_global(args.recv_x + row * row_int4, reinterpret_cast<const int4*>("
+                    "reinterpret_cast<const char*>(buf.x(own, channel, src, slot)) + 4), row_int4 - 1, lane);", "asan")
+    text = _sanitizer_failure(lib, "asan", tmp_path, capfd)
+    assert re.search(r"kernels/ptx.cuh:\d+:\d+: runtime error: .*misaligned address 0x[0-9a-f]+ for type "
+                     r"'const struct int4', which requires 16 byte alignment", text), text[-3000:]

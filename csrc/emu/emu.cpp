@@ -21,6 +21,7 @@
 extern "C" {
 void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 }
 #endif
 #if defined(DEEP_EP_EMU_TSAN)
@@ -127,6 +128,10 @@ void* stacks_get(size_t bytes) {
         if (it != g_pool.end()) {
             void* p = it->second;
             g_pool.erase(it);
+#if defined(DEEP_EP_EMU_ASAN)
+            // Abandoned fibers leave their frames' redzones poisoned: a new block starts clean.
+            __asan_unpoison_memory_region(p, bytes);
+#endif
             return p;
         }
     }
