@@ -37,7 +37,8 @@ import torch
 from .. import _core, _nvshmem
 from .._comm import Communicator
 from ..config import Config, get_combine_config, get_dispatch_config
-from .cuda import CudaEngine, _ptr, _reach, _stream, local_status
+from . import emulated as _emu
+from .cuda import CudaEngine, _ptr, _reach, local_status
 
 __all__ = ["CudaInternodeEngine", "probe", "requested_transport", "TRANSPORTS"]
 
@@ -61,7 +62,9 @@ def requested_transport() -> str:
 
 def _local_facts(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
     ok, reason, facts = local_status(num_nvl_bytes)
-    if ok:
+    if ok and _emu.active():  # no NVSHMEM stand-in yet: the emulated engine runs peer memory only
+        facts = dict(facts, nvshmem=False, nvshmem_reason="DEEP_EP_ENGINE=emulated has no NVSHMEM stand-in yet")
+    elif ok:
         nv = _core.load_nvshmem()
         facts = dict(facts, nvshmem=nv is not None, nvshmem_reason="" if nv is not None else
                      (_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available"))
@@ -252,14 +255,14 @@ class CudaInternodeEngine(CudaEngine):
         c.num_max_rdma_send = config.num_max_rdma_chunked_send_tokens
         c.num_max_nvl_send = config.num_max_nvl_chunked_send_tokens
         c.expert_alignment = 1
-        c.device = self.device.index
+        c.device = self.device.index or 0
         c.nvshmem_p2p_group = self._p2p_group
         return c
 
     def _launch(self, call: _core.InternodeCall, what: str) -> None:
         if self.transport == "peer":
             _core.check(self._lib.deep_ep_internode_launch(self._rt, ctypes.byref(call), self.nvl_region_bytes,
-                                                            _stream()), what)
+                                                            self._stream()), what)
             return
         # NVSHMEM: the same checks and set-up deep_ep_internode_launch does for peer memory.
         rdma, nvl = self.layout_bytes(call)
@@ -280,7 +283,7 @@ class CudaInternodeEngine(CudaEngine):
         if call.op == _core.INTERNODE_NOTIFY and call.num_worst_tokens == 0:
             _core.check(self._lib.deep_ep_runtime_reset_recv_counters(self._rt, call.num_experts // self.num_ranks),
                         "reset host counters")
-        _core.check_nvshmem(self._nv.deep_ep_nvshmem_internode_launch(ctypes.byref(call), _stream()),
+        _core.check_nvshmem(self._nv.deep_ep_nvshmem_internode_launch(ctypes.byref(call), self._stream()),
                             what + " (NVSHMEM)")
 
     def layout_bytes(self, call: _core.InternodeCall) -> Tuple[int, int]:
@@ -345,7 +348,7 @@ class CudaInternodeEngine(CudaEngine):
         c.recv_rdma_rank_prefix_sum = _ptr(recv_rdma_rank_prefix_sum)
         c.recv_gbl_channel_prefix_matrix = _ptr(recv_gbl_channel_prefix_matrix)
         c.recv_gbl_rank_prefix_sum = _ptr(recv_gbl_rank_prefix_sum)
-        stream = _stream()
+        stream = self._stream()
         self._launch(c, "internode notify")
 
         if num_worst_tokens > 0:
