@@ -205,7 +205,8 @@ class Buffer:
             from .engines import cuda as cuda_engine
             ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
         if not ok:
-            if forced in ("cuda", "emulated"):
+            # (emulated, like cuda, raises; but a low-latency-only Buffer has no normal-mode buffer to run)
+            if forced == "cuda" or (forced == "emulated" and num_nvl_bytes > 0):
                 raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE={forced}, but the CUDA engine is not available: "
                                    f"{reason}")
             return "portable", f"the CUDA engine is not available: {reason}"
@@ -231,20 +232,20 @@ class Buffer:
         forced = _env.engine_override()
         if forced == "portable":
             return "portable", "forced by DEEP_EP_ENGINE=portable"
-        if forced == "emulated":
-            return "portable", "DEEP_EP_ENGINE=emulated does not run the low-latency kernels yet"
         from .engines import cuda_ll
         ok, reason, transport, facts = cuda_ll.probe_ll(self._comm, self.num_rdma_bytes,
                                                         self.allow_nvlink_for_low_latency_mode)
         if not ok:
-            if forced == "cuda":
-                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA low-latency engine is not "
+            if forced in ("cuda", "emulated"):
+                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE={forced}, but the CUDA low-latency engine is not "
                                    f"available: {reason}")
             return "portable", f"the CUDA low-latency engine is not available: {reason}"
         single_host = len({f["host"] for f in facts}) == 1
         self._ll_cuda = cuda_ll.CudaLowLatency(self._comm, self.num_rdma_bytes, self.enable_shrink, transport,
                                                self.num_qps_per_rank, self.allow_nvlink_for_low_latency_mode,
                                                self.allow_mnnvl, single_host)
+        if forced == "emulated":
+            return "emulated", "forced by DEEP_EP_ENGINE=emulated: " + reason
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _engine_for(self, t: torch.Tensor):
@@ -686,7 +687,7 @@ class Buffer:
     # ------------------------------------------------------------------------- low-latency mode
     def _ll_engine(self, t: Optional[torch.Tensor] = None):
         """The LL engine for a call on tensor `t`: the CUDA kernels for CUDA tensors when available."""
-        if self._ll_cuda is not None and t is not None and t.is_cuda:
+        if self._ll_cuda is not None and t is not None and t.device.type == self._ll_cuda.device.type:
             return self._ll_cuda
         if self._ll is None:
             from .engines.portable_ll import PortableLowLatency

@@ -25,6 +25,7 @@ import build_emu  # noqa: E402
 from dist_utils import make_seed, run_ranks  # noqa: E402
 from intranode_cases import CASES, Case, intranode_worker  # noqa: E402
 import internode_cases  # noqa: E402
+import ll_cases  # noqa: E402
 
 from deep_ep.engines import emulated  # noqa: E402
 
@@ -129,6 +130,57 @@ def test_internode_emulated_matches_portable(emu_lib, num_nodes, ranks_per_node,
     seed = make_seed()
     failures = run_ranks(internode_cases.internode_worker, num_nodes * ranks_per_node, seed, chosen, False,
                          ranks_per_node=ranks_per_node, timeout_s=300, env=EMU_ENV)
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_low_latency_emulated_matches_portable(emu_lib, num_ranks):
+    """LL dispatch BF16 / FP8 / round_scale / UE8M0, top-16 with duplicates, hook, zero-copy combine with
+    out=, LogFMT, hidden 7168, shrink masks (ll_cases.py: every case, the engines side by side), over
+    peer memory."""
+    seed = make_seed()
+    failures = run_ranks(ll_cases.ll_worker, num_ranks, seed, "peer", ll_cases.LL_CASES, True, timeout_s=300,
+                         env=EMU_ENV)
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+
+
+def test_low_latency_emulated_through_buffer(emu_lib):
+    """deep_ep.Buffer(low_latency_mode=True) picks the emulated LL engine; async_finish and hook calls."""
+    seed = make_seed()
+    failures = run_ranks(ll_cases.buffer_worker, 2, seed, "peer", timeout_s=300, env=EMU_ENV)
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+
+
+def _ll_shape_change_worker(rank, num_ranks, group, seed):
+    """A large LL shape, then a smaller one that reuses the workspace, with every non-header word of
+    the workspace first set to the epoch the next call will use (what stale words of the old layout
+    may happen to hold)."""
+    from intranode_cases import Checker
+    big = ll_cases.LLCase("big", tokens=(40, 64, 17), t_max=64, experts_per_rank=4)
+    small = ll_cases.LLCase("small after big", tokens=(30, 9, 32), t_max=32, experts_per_rank=3, fp8=True)
+    chk = Checker(rank)
+    engines = ll_cases.make_engines(group, "peer", ll_cases.rdma_bytes_for([big, small], num_ranks))
+    cuda = engines[0]
+    chk.prefix = "big"
+    ll_cases.run_ll_case(engines, rank, num_ranks, big, seed, chk)
+    ws = cuda._workspace
+    ws[32:] = int(ws[cuda._slot]) + 1  # DEEP_EP_LL_WS_HEADER = 32; the next dispatch's epoch
+    chk.prefix = "small after big"
+    ll_cases.run_ll_case(engines, rank, num_ranks, small, seed + 1, chk)
+    engines[0].destroy(collective=True)
+    engines[2].close()
+    return chk.failures
+
+
+def test_low_latency_emulated_shape_changes(emu_lib):
+    """Regression (found by the emulator): a smaller (T_max, num_experts) reused the LL workspace with
+    the old layout's words in place; one equal to the next epoch released the receive blocks of parts
+    > 0 before part 0 had written the counts (rows marked -1, zero payloads)."""
+    seed = make_seed()
+    failures = run_ranks(_ll_shape_change_worker, 3, seed, timeout_s=300, env=EMU_ENV)
     report = [line for per_rank in failures for line in per_rank]
     assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
 

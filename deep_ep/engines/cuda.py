@@ -206,12 +206,7 @@ class CudaEngine:
         self._alive()
         owner = self
         if self.emulated:
-            class _Bytes(ctypes.c_uint8 * self.num_nvl_bytes):  # a subclass can hold `engine`
-                pass
-
-            view = _Bytes.from_address(self._data_ptr)
-            view.engine = owner  # keeps the allocation alive as long as the tensor
-            return torch.frombuffer(view, dtype=torch.uint8)
+            return _emu.host_bytes(self._data_ptr, self.num_nvl_bytes, owner)
 
         class _View:  # __cuda_array_interface__ keeps `owner` (and so the allocation) alive
             __cuda_array_interface__ = {"shape": (self.num_nvl_bytes,), "typestr": "|u1",

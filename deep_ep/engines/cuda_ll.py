@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import _core, _nvshmem
+from . import emulated as _emu
 from .._comm import Communicator
 from .local_buffers import DoubleBufferSlots
 
@@ -60,15 +61,16 @@ def _local_status(num_rdma_bytes: int) -> Tuple[bool, str, dict]:
     lib = _core.load()
     if lib is None:
         return False, _core.load_error() or "the compiled core is not available", {}
-    if not torch.cuda.is_available():
+    emulated = _emu.active()
+    if not emulated and not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)", {}
     if num_rdma_bytes <= 0:
         return False, "num_rdma_bytes is 0", {}
-    device = torch.cuda.current_device()
+    device = 0 if emulated else torch.cuda.current_device()
     bus_id = ctypes.create_string_buffer(64)
     if lib.deep_ep_core_device_pci_bus_id(device, bus_id, 64) != 0:
         return False, f"cannot query the PCI bus id of cuda:{device}: {_core.last_error()}", {}
-    nv = _core.load_nvshmem()
+    nv = None if emulated else _core.load_nvshmem()  # no NVSHMEM stand-in yet when emulated
     facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id.value.decode(),
              "nvshmem": nv is not None, "nvshmem_reason": "" if nv is not None else (_core.nvshmem_load_error() or "")}
     return True, "", facts
@@ -160,9 +162,10 @@ class CudaLowLatency(DoubleBufferSlots):
         self.num_rdma_bytes = num_rdma_bytes
         self.enable_shrink = enable_shrink
         self.transport = transport
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.emulated = _emu.active()  # CPU tensors, host-synchronous launches (engines/emulated.py)
+        self.device = _emu.device(self.emulated)
         self.timeout_s = float(timeout_s if timeout_s is not None else comm.timeout_s)
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.num_sms = _emu.num_sms(self.emulated, self.device)
         self._rt = None
         self._nv = None
         self._nv_ptr = 0
@@ -170,18 +173,23 @@ class CudaLowLatency(DoubleBufferSlots):
         self._workspace: Optional[torch.Tensor] = None
         self._workspace_key: Optional[Tuple[int, int]] = None
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
-        self._flags = torch.zeros(4, dtype=torch.int32).pin_memory()
+        self._flags = torch.zeros(4, dtype=torch.int32)
+        if not self.emulated:
+            self._flags = self._flags.pin_memory()
         if transport == "peer":
             self._ptr = self._open_peer()
         else:
             self._ptr = self._open_nvshmem(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host)
-        self._buffer = torch.as_tensor(_BufferView(self._ptr, num_rdma_bytes, self), device=self.device)
+        if self.emulated:
+            self._buffer = _emu.host_bytes(self._ptr, num_rdma_bytes, self)
+        else:
+            self._buffer = torch.as_tensor(_BufferView(self._ptr, num_rdma_bytes, self), device=self.device)
 
     # ------------------------------------------------------------------------------ set-up
     def _open_peer(self) -> int:
         lib = self._lib
         rt = ctypes.c_void_p()
-        _core.check(lib.deep_ep_runtime_create(self.rank, self.num_ranks, self.device.index, self.num_rdma_bytes,
+        _core.check(lib.deep_ep_runtime_create(self.rank, self.num_ranks, self.device.index or 0, self.num_rdma_bytes,
                                                self.timeout_s, ctypes.byref(rt)), "runtime_create (LL buffer)")
         self._rt = rt
         try:
@@ -256,9 +264,14 @@ class CudaLowLatency(DoubleBufferSlots):
             if words <= 0:
                 raise ValueError(f"deep_ep CUDA LL engine: bad shape (T_max={t_max}, num_experts={num_experts})")
             if self._workspace is not None and self._workspace.numel() >= words:
-                ws = self._workspace  # the header (epochs) stays; the rest is rewritten every call
+                ws = self._workspace  # the header (epochs) stays
+                # The new shape moves the per-slot regions: a word of the old layout left where a
+                # `ready` flag now lives could equal the next epoch and release the receive blocks
+                # of parts > 0 before part 0 wrote the counts (found by the emulator:
+                # tests/test_emulated.py::test_low_latency_emulated_shape_changes).
+                ws[_WS_HEADER:].zero_()
             else:
-                if torch.cuda.is_current_stream_capturing():
+                if not self.emulated and torch.cuda.is_current_stream_capturing():
                     raise RuntimeError("deep_ep CUDA LL engine: the first call with a new (num_max_dispatch_tokens_per_rank, "
                                        "num_experts) allocates its workspace; make one such call before capturing")
                 ws = torch.zeros(words, dtype=torch.int32, device=self.device)
@@ -295,7 +308,7 @@ class CudaLowLatency(DoubleBufferSlots):
         return c
 
     def _launch(self, c: _core.LLCall, phases: int) -> None:
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = _emu.stream(self.emulated, self.device)
         ref = ctypes.byref(c)
         if phases & _core.LL_SEND:
             _core.check(self._lib.deep_ep_ll_prepare(ref, stream), "low-latency prepare")
@@ -441,7 +454,8 @@ class CudaLowLatency(DoubleBufferSlots):
         self._buffer[lay[0]:lay[2]].zero_()  # both signalling areas (they are adjacent)
         if self._workspace is not None:
             self._workspace[:_WS_HEADER].zero_()
-        torch.cuda.current_stream(self.device).synchronize()
+        if not self.emulated:
+            torch.cuda.current_stream(self.device).synchronize()
         self.comm.barrier(op="clean_low_latency_buffer (barrier)")
 
     # ------------------------------------------------------------------------------ shrink mode

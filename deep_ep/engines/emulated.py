@@ -15,6 +15,7 @@ What differs from the CUDA engine lives here, so the engines stay one code path:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 from pathlib import Path
@@ -22,7 +23,8 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["ENGINE", "active", "flavour", "library_path", "device", "stream", "sanitizer_env"]
+__all__ = ["ENGINE", "active", "flavour", "library_path", "device", "stream", "num_sms", "host_bytes",
+           "sanitizer_env"]
 
 ENGINE = "emulated"
 FLAVOURS = ("plain", "asan", "tsan")
@@ -57,6 +59,24 @@ def stream(emulated: bool, dev: Optional[torch.device] = None) -> int:
     if emulated:
         return 0
     return torch.cuda.current_stream(dev).cuda_stream
+
+
+def num_sms(emulated: bool, dev: Optional[torch.device] = None) -> int:
+    """Streaming multiprocessors of the device (the emulated runtime reports 132)."""
+    if emulated:
+        return 132
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+def host_bytes(ptr: int, nbytes: int, owner: object) -> torch.Tensor:
+    """A 1-D uint8 CPU tensor over `nbytes` of emulated device memory at `ptr`; the tensor keeps
+    `owner` (the engine owning the allocation) alive."""
+    class _Bytes(ctypes.c_uint8 * nbytes):  # a subclass can carry the owner
+        pass
+
+    view = _Bytes.from_address(ptr)
+    view.owner = owner
+    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def sanitizer_env(which: str) -> Dict[str, str]:
