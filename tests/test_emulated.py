@@ -323,3 +323,41 @@ def test_asan_bug_misaligned_vector_access(asan_lib, tmp_path, capfd):
     text = _sanitizer_failure(lib, "asan", tmp_path, capfd)
     assert re.search(r"kernels/ptx.cuh:\d+:\d+: runtime error: .*misaligned address 0x[0-9a-f]+ for type "
                      r"'const struct int4', which requires 16 byte alignment", text), text[-3000:]
+
+
+# -------------------------------------------------------------------------------- TSan flavour
+# Small cases only (~0.8 MB of shadow per CUDA thread; every CUDA thread is a TSan fiber): 2 ranks x
+# 2 channels. TSan sees races inside one process: a rank's ring to itself, and a block's shared memory.
+TSAN_CASE = Case("tsan: 2 channels, ring of 4", tokens=(12, 9), hidden=64, num_topk=2, experts_per_rank=2,
+                 config=(4, 2, 4), worst_extra=None)
+
+
+@pytest.fixture(scope="module")
+def tsan_lib() -> Path:
+    return _build_or_skip("tsan")
+
+
+def test_tsan_intranode_clean(tsan_lib):
+    _run_intranode(2, [TSAN_CASE], env=emulated.sanitizer_env("tsan"), timeout_s=300)
+
+
+def test_tsan_bug_missing_release_before_tail(tsan_lib, tmp_path, capfd):
+    """The sender publishes the ring tail with a relaxed store: its slot writes race with the
+    receiver's reads (seen on the rank's ring to itself)."""
+    site = "if (team.warp_in_team == 0 && lane == 0) ptx::st_release_sys_global(remote_tail, sent);"
+    lib = _with_bug(tmp_path, DISPATCH, site,
+                    "if (team.warp_in_team == 0 && lane == 0) ptx::st_relaxed_sys_global(remote_tail, sent);", "tsan")
+    text = _sanitizer_failure(lib, "tsan", tmp_path, capfd, TSAN_CASE)
+    assert "WARNING: ThreadSanitizer: data race" in text, text[-3000:]
+    assert re.search(r"(warp_copy_ring_to_global|receive_token|send_token|warp_copy_nc_to_global)", text), text[-3000:]
+
+
+def test_tsan_bug_missing_syncthreads(tsan_lib, tmp_path, capfd):
+    """notify's __syncthreads between the per-channel counts and their prefix sums is removed: the
+    shared-memory table races between warps."""
+    rel = "kernels/intranode_notify.cu"
+    site = "    if (threadIdx.x == 0) s_max_recv = 0;\n    __syncthreads();\n"
+    lib = _with_bug(tmp_path, rel, site, "    if (threadIdx.x == 0) s_max_recv = 0;\n", "tsan")
+    text = _sanitizer_failure(lib, "tsan", tmp_path, capfd, TSAN_CASE)
+    assert "WARNING: ThreadSanitizer: data race" in text, text[-3000:]
+    assert "notify_dispatch_kernel" in text and "intranode_notify.cu" in text, text[-3000:]

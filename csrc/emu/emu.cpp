@@ -331,11 +331,17 @@ void fiber_entry() {
 #if defined(DEEP_EP_EMU_ASAN)
     __sanitizer_finish_switch_fiber(nullptr, &b.sched_stack_bottom, &b.sched_stack_size);
 #endif
+#if defined(DEEP_EP_EMU_TSAN)
+    __tsan_acquire(&b);  // the launch (host writes before it) happens-before every thread of the grid
+#endif
     try {
         b.launch->body();
     } catch (const std::exception& e) {
         fiber_fail(b, f, std::string("exception in ") + b.who(f) + ": " + e.what());
     }
+#if defined(DEEP_EP_EMU_TSAN)
+    __tsan_release(&b);  // ... and every thread of the grid happens-before the launch's return
+#endif
     f.state = State::kDone;
     switch_to_scheduler(b, f);
     std::abort();
@@ -450,6 +456,9 @@ void run_block(Launch& launch, uint3 idx, uint64_t seed) {
         b.runq.push_back(t);
     }
     if (b.random) std::shuffle(b.runq.begin(), b.runq.end(), b.rng);
+#if defined(DEEP_EP_EMU_TSAN)
+    __tsan_release(&b);
+#endif
     {
         std::lock_guard<std::mutex> lock(g_blocks_mutex);
         g_blocks.insert(&b);
@@ -521,6 +530,7 @@ void run_block(Launch& launch, uint3 idx, uint64_t seed) {
         g_blocks.erase(&b);
     }
 #if defined(DEEP_EP_EMU_TSAN)
+    __tsan_acquire(&b);
     for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan_fiber);
 #endif
     t_block = nullptr;
