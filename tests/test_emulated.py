@@ -97,13 +97,14 @@ def _run_intranode(num_ranks: int, cases, env=None, timeout_s: float = 240):
     return time.monotonic() - start
 
 
-@pytest.mark.parametrize("num_ranks", [2, 3, 4])
+@pytest.mark.parametrize("num_ranks", [2, pytest.param(3, marks=pytest.mark.slow), 4])
 def test_intranode_emulated_matches_portable(emu_lib, num_ranks):
     """Layout, dispatch (BF16, FP8 + scales, top-k or none, alignment, worst tokens, zero-token rank,
     all -1, small rings), cached dispatch and combine (weights, biases), every handle field."""
     _run_intranode(num_ranks, CASES)
 
 
+@pytest.mark.slow
 def test_intranode_emulated_8_ranks(emu_lib):
     _run_intranode(8, [CASES[0], CASES[3], CASES[5]], timeout_s=300)
 
@@ -120,8 +121,8 @@ def test_intranode_emulated_small_rings_random_schedule(emu_lib):
 @pytest.mark.parametrize("num_nodes,ranks_per_node,cases", [
     (2, 2, None),       # every case
     (2, 3, (0, 3, 5)),
-    (4, 1, (0, 3)),
-    (4, 2, (0,)),
+    pytest.param(4, 1, (0, 3), marks=pytest.mark.slow),
+    pytest.param(4, 2, (0,), marks=pytest.mark.slow),
 ])
 def test_internode_emulated_matches_portable(emu_lib, num_nodes, ranks_per_node, cases):
     """Two-hop notify/dispatch/combine over peer memory with virtual nodes: every output and all 10
@@ -134,7 +135,7 @@ def test_internode_emulated_matches_portable(emu_lib, num_nodes, ranks_per_node,
     assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
 
 
-@pytest.mark.parametrize("num_ranks", [2, 3])
+@pytest.mark.parametrize("num_ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_low_latency_emulated_matches_portable(emu_lib, num_ranks):
     """LL dispatch BF16 / FP8 / round_scale / UE8M0, top-16 with duplicates, hook, zero-copy combine with
     out=, LogFMT, hidden 7168, shrink masks (ll_cases.py: every case, the engines side by side), over
@@ -183,6 +184,30 @@ def test_low_latency_emulated_shape_changes(emu_lib):
     failures = run_ranks(_ll_shape_change_worker, 3, seed, timeout_s=300, env=EMU_ENV)
     report = [line for per_rank in failures for line in per_rank]
     assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+
+
+def test_resident_block_cap(emu_lib):
+    """DEEP_EP_EMU_MAX_RESIDENT_BLOCKS: at the occupancy the host code assumes (every block of the
+    grid resident) the ring protocol completes; with one resident block, the dispatch's senders and
+    receivers are never co-resident and the kernel's own bounded wait reports it."""
+    case = Case("cap", tokens=(40, 30), config=(2, 2, 4), worst_extra=None)
+    _run_intranode(2, [case], env={"DEEP_EP_EMU_MAX_RESIDENT_BLOCKS": "2"})
+    results = run_ranks(_bug_worker, 2, 5, case, timeout_s=120,
+                        env={**EMU_ENV, "DEEP_EP_EMU_MAX_RESIDENT_BLOCKS": "1", "DEEP_EP_TIMEOUT_S": "2"})
+    for text in results:
+        assert "deep_ep timeout in intranode dispatch: dispatch sender (waiting for free slots)" in text, text
+
+
+def test_watchdog_names_the_spin_points(emu_lib, tmp_path):
+    """With the kernels' own timeout far away, the watchdog reports every block's threads: which spin
+    on which address at which line, which wait at barriers."""
+    site = "if (team.warp_in_team == 0 && lane == 0) ptx::st_release_sys_global(head_ptr, tail);"
+    lib = _with_bug(tmp_path, DISPATCH, site, "(void)head_ptr;")
+    results = _diagnoses(lib, env={"DEEP_EP_TIMEOUT_S": "600", "DEEP_EP_EMU_WATCHDOG_S": "3"})
+    for text in results:
+        assert "deep_ep emulator watchdog: no progress for 3 s" in text, text
+        assert re.search(r"last spin point csrc/kernels/intranode_dispatch.cu:\d+ on address 0x[0-9a-f]+", text), text
+        assert "kernel dispatch_kernel" in text, text
 
 
 # ---------------------------------------------------------------------------------- injected bugs
@@ -303,6 +328,18 @@ def asan_lib() -> Path:
 def test_asan_intranode_clean(asan_lib):
     """The intranode kernels (notify, dispatch, cached, combine, worst tokens, FP8) under ASan+UBSan."""
     _run_intranode(2, [CASES[0], CASES[1], CASES[3]], env=emulated.sanitizer_env("asan"), timeout_s=300)
+
+
+def test_asan_internode_and_low_latency_clean(asan_lib):
+    """The internode two-hop kernels (2 x 2 virtual nodes) and the LL kernels under ASan+UBSan."""
+    env = {**EMU_ENV, **emulated.sanitizer_env("asan")}
+    seed = make_seed()
+    failures = run_ranks(internode_cases.internode_worker, 4, seed, [internode_cases.CASES[0]], False,
+                         ranks_per_node=2, timeout_s=300, env=env)
+    failures += run_ranks(ll_cases.ll_worker, 2, seed, "peer", [ll_cases.LL_CASES[i] for i in (1, 2, 4, 5)], False,
+                          timeout_s=300, env=env)
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
 
 
 def test_asan_bug_out_of_bounds_write(asan_lib, tmp_path, capfd):
