@@ -120,7 +120,7 @@ def test_intranode_emulated_small_rings_random_schedule(emu_lib):
 
 @pytest.mark.parametrize("num_nodes,ranks_per_node,cases", [
     (2, 2, None),       # every case
-    (2, 3, (0, 3, 5)),
+    pytest.param(2, 3, (0, 3, 5), marks=pytest.mark.slow),
     pytest.param(4, 1, (0, 3), marks=pytest.mark.slow),
     pytest.param(4, 2, (0,), marks=pytest.mark.slow),
 ])
