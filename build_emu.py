@@ -32,6 +32,7 @@ CSRC = ROOT / "csrc"
 EMU = CSRC / "emu"
 BUILD = ROOT / "build" / "emu"
 LIBRARY_NAME = "libdeep_ep_core.so"
+NVSHMEM_LIBRARY_NAME = "libdeep_ep_nvshmem.so"
 FLAVOURS = ("plain", "asan", "tsan")
 
 COMMON = ["-std=c++20", "-fPIC", "-pthread", "-g1", "-fno-strict-aliasing", "-ffp-contract=off",
@@ -86,7 +87,8 @@ def header_stamp(csrc: Path = CSRC) -> str:
     return h.hexdigest()[:16]
 
 
-def compile_command(src: Path, obj: Path, flavour: str, cuda_inc: Path, cxx: str, csrc: Path = CSRC) -> List[str]:
+def compile_command(src: Path, obj: Path, flavour: str, cuda_inc: Path, cxx: str, csrc: Path = CSRC,
+                    extra_includes: Sequence[Path] = ()) -> List[str]:
     flags = list(COMMON) + FLAVOUR_FLAGS[flavour]
     emu = csrc / "emu"
     if flavour == "tsan" and src.parent == emu and src.name == "emu.cpp":
@@ -94,13 +96,20 @@ def compile_command(src: Path, obj: Path, flavour: str, cuda_inc: Path, cxx: str
         flags = [f for f in flags if f != "-fsanitize=thread"]
     lang = ["-x", "c++"] if src.suffix == ".cu" else []
     return [cxx, *lang, *flags, "-DDEEP_EP_EMULATOR", "-include", str(emu / "emu.h"), f"-I{emu / 'include'}",
-            f"-I{csrc}", f"-I{cuda_inc}", "-c", str(src), "-o", str(obj)]
+            *[f"-I{p}" for p in extra_includes], f"-I{csrc}", f"-I{cuda_inc}", "-c", str(src), "-o", str(obj)]
+
+
+def nvshmem_sources(csrc: Path = CSRC) -> List[Path]:
+    """The NVSHMEM library's sources (csrc/nvshmem), the emulator, and the NVSHMEM stand-in."""
+    return (sorted((csrc / "nvshmem").glob("*.cu")) + sorted((csrc / "emu").glob("*.cpp"))
+            + sorted((csrc / "emu" / "nvshmem").glob("*.cpp")))
 
 
 def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False, csrc: Path = CSRC,
           out: Optional[Path] = None) -> Path:
     """Build one flavour (incrementally) of the sources under `csrc` into `out` (default
-    build/emu/<flavour>); returns the library's path. (The injected-bug tests build a modified copy.)"""
+    build/emu/<flavour>): libdeep_ep_core.so and, over the NVSHMEM stand-in, libdeep_ep_nvshmem.so.
+    Returns the core's path. (The injected-bug tests build a modified copy.)"""
     if flavour not in FLAVOURS:
         raise BuildError(f"build_emu: unknown flavour {flavour!r} (one of {', '.join(FLAVOURS)})")
     cxx = os.environ.get("CXX", "g++")
@@ -109,22 +118,33 @@ def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False, csrc: Pa
     cuda_inc = cuda_include_dir()
     out = out if out is not None else BUILD / flavour
     out.mkdir(parents=True, exist_ok=True)
+    lib = _build_library(LIBRARY_NAME, sources(csrc), (), out, flavour, jobs, verbose, csrc, cuda_inc, cxx)
+    _build_library(NVSHMEM_LIBRARY_NAME, nvshmem_sources(csrc), (csrc / "emu" / "nvshmem",), out / "nvshmem",
+                   flavour, jobs, verbose, csrc, cuda_inc, cxx, lib_dir=out)
+    return lib
+
+
+def _build_library(name: str, srcs: Sequence[Path], extra_includes: Sequence[Path], obj_dir: Path, flavour: str,
+                   jobs: int, verbose: bool, csrc: Path, cuda_inc: Path, cxx: str,
+                   lib_dir: Optional[Path] = None) -> Path:
+    obj_dir.mkdir(parents=True, exist_ok=True)
+    lib_dir = lib_dir or obj_dir
     stamp = header_stamp(csrc)
     todo = []
     objects = []
-    for src in sources(csrc):
+    for src in srcs:
         rel = src.relative_to(csrc)
-        obj = out / (str(rel).replace("/", "__") + ".o")
+        obj = obj_dir / (str(rel).replace("/", "__") + ".o")
         key_file = obj.with_suffix(".key")
-        cmd = compile_command(src, obj, flavour, cuda_inc, cxx, csrc)
+        cmd = compile_command(src, obj, flavour, cuda_inc, cxx, csrc, extra_includes)
         # Independent of where the tree lives: a modified copy (injected-bug tests) reuses the objects.
-        key = hashlib.sha256((stamp + " ".join(cmd).replace(str(csrc), "<csrc>").replace(str(out), "<out>")).encode()
-                             + src.read_bytes()).hexdigest()
+        key = hashlib.sha256((stamp + " ".join(cmd).replace(str(csrc), "<csrc>").replace(str(obj_dir), "<out>"))
+                             .encode() + src.read_bytes()).hexdigest()
         objects.append(obj)
         if obj.is_file() and key_file.is_file() and key_file.read_text() == key:
             continue
         todo.append((src, obj, key_file, key, cmd))
-    lib = out / LIBRARY_NAME
+    lib = lib_dir / name
     if not todo and lib.is_file():
         return lib
     start = time.time()
@@ -144,14 +164,14 @@ def build(flavour: str = "plain", jobs: int = 2, verbose: bool = False, csrc: Pa
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for src in pool.map(run, todo):
             print(f"build_emu ({flavour}): compiled {src.relative_to(csrc)}", flush=True)
-    version_script = out / "exports.map"
+    version_script = obj_dir / "exports.map"
     version_script.write_text("{ global: deep_ep_*; local: *; };\n")
     tmp = lib.with_suffix(".so.tmp")
     cmd = [cxx, "-shared", "-pthread", "-o", str(tmp), *map(str, objects), f"-Wl,--version-script={version_script}",
            "-Wl,-z,defs" if flavour == "plain" else "-Wl,-z,lazy", *LINK_FLAGS[flavour]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise BuildError(f"build_emu ({flavour}): linking failed:\n{proc.stderr}")
+        raise BuildError(f"build_emu ({flavour}): linking {name} failed:\n{proc.stderr}")
     os.replace(tmp, lib)
     print(f"build_emu ({flavour}): {lib} in {time.time() - start:.1f} s", flush=True)
     return lib

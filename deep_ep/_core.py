@@ -276,7 +276,12 @@ _nv_tried = False
 def nvshmem_library_path() -> Path:
     """``DEEP_EP_NVSHMEM_LIB`` if set, else ``libdeep_ep_nvshmem.so`` next to this file."""
     override = os.environ.get("DEEP_EP_NVSHMEM_LIB")
-    return Path(override) if override else Path(__file__).resolve().parent / NVSHMEM_LIBRARY_NAME
+    if override:
+        return Path(override)
+    from .engines import emulated  # DEEP_EP_ENGINE=emulated: built over the NVSHMEM stand-in
+    if emulated.active():
+        return emulated.library_path().with_name(NVSHMEM_LIBRARY_NAME)
+    return Path(__file__).resolve().parent / NVSHMEM_LIBRARY_NAME
 
 
 def find_nvshmem_host_library(env: Optional[Dict[str, str]] = None) -> Tuple[Optional[Path], str]:
@@ -316,12 +321,14 @@ def load_nvshmem() -> Optional[ctypes.CDLL]:
             _nv_error = (f"{path.name} is not built (NVSHMEM was not found when `python build_core.py` ran; install "
                          f"nvidia-nvshmem-cu13 or set NVSHMEM_DIR and rebuild)")
             return None
-        host, where = find_nvshmem_host_library()
-        if host is None:
+        from .engines import emulated
+        host, where = (None, "") if emulated.active() else find_nvshmem_host_library()  # stand-in: no host lib
+        if host is None and not emulated.active():
             _nv_error = f"NVSHMEM's host library {NVSHMEM_HOST_LIBRARY} is not available: {where}"
             return None
         try:
-            ctypes.CDLL(str(host), mode=ctypes.RTLD_GLOBAL)
+            if host is not None:
+                ctypes.CDLL(str(host), mode=ctypes.RTLD_GLOBAL)
             lib = ctypes.CDLL(str(path))
             for name, (restype, argtypes) in _NVSHMEM_SIGNATURES.items():
                 fn = getattr(lib, name)

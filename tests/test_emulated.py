@@ -210,6 +210,50 @@ def test_watchdog_names_the_spin_points(emu_lib, tmp_path):
         assert "kernel dispatch_kernel" in text, text
 
 
+# ---------------------------------------------------------------------------- NVSHMEM stand-in
+@pytest.mark.parametrize("no_p2p", ["0", "1"])
+def test_low_latency_emulated_over_nvshmem(emu_lib, no_p2p):
+    """The NVSHMEM build of the LL send kernels (libdeep_ep_nvshmem.so over the stand-in): the
+    nvshmem_ptr fast path, and (no_p2p=1) puts that land only at the warp's quiet, plus atomics."""
+    seed = make_seed()
+    failures = run_ranks(ll_cases.ll_worker, 2, seed, "nvshmem", ll_cases.LL_CASES, False, timeout_s=300,
+                         env={**EMU_ENV, "DEEP_EP_EMU_NVSHMEM_NO_P2P": no_p2p})
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+
+
+@pytest.mark.parametrize("force_network", ["0", "1"])
+def test_internode_emulated_over_nvshmem(emu_lib, force_network):
+    """Internode 2 x 2 with the RDMA hop over the NVSHMEM stand-in (DEEP_EP_INTERNODE_FORCE_NETWORK=1:
+    puts, quiet, fence and atomic signals instead of load/store)."""
+    seed = make_seed()
+    failures = run_ranks(internode_cases.internode_worker, 4, seed, internode_cases.CASES, False, ranks_per_node=2,
+                         timeout_s=300, env={**EMU_ENV, "DEEP_EP_INTERNODE_TRANSPORT": "nvshmem",
+                                             "DEEP_EP_INTERNODE_FORCE_NETWORK": force_network})
+    report = [line for per_rank in failures for line in per_rank]
+    assert not report, f"{len(report)} mismatches (seed {seed}):\n" + "\n".join(report[:40])
+
+
+def _ll_nvshmem_bug_worker(rank, num_ranks, group, seed):
+    try:
+        failures = ll_cases.ll_worker(rank, num_ranks, group, seed, "nvshmem", [ll_cases.LL_CASES[0]], False)
+        return "mismatch: " + "\n".join(failures) if failures else ""
+    except Exception as exc:  # noqa: BLE001 - the diagnosis is the result
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.slow  # a header change: both libraries rebuild (~30 s)
+def test_bug_missing_nvshmem_quiet(emu_lib, tmp_path):
+    """Without the quiet after a warp's puts, the stand-in never delivers them (the signal, set by
+    another warp after its own fence, still arrives): the receiver reads rows that never came."""
+    lib = _with_bug(tmp_path, "kernels/transport_nvshmem.cuh", "        if (lane == 0) nvshmem_quiet();\n", "")
+    results = run_ranks(_ll_nvshmem_bug_worker, 2, 3, timeout_s=180,
+                        env={**EMU_ENV, "DEEP_EP_CORE_LIB": str(lib),
+                             "DEEP_EP_NVSHMEM_LIB": str(lib.with_name("libdeep_ep_nvshmem.so")),
+                             "DEEP_EP_EMU_NVSHMEM_NO_P2P": "1", "DEEP_EP_TIMEOUT_S": "3"})
+    assert any(text.startswith("mismatch:") and "handle.src_info" in text for text in results), results
+
+
 # ---------------------------------------------------------------------------------- injected bugs
 def _bug_worker(rank, num_ranks, group, seed, case):
     """Runs one intranode case; returns this rank's error text ('' when it completed)."""

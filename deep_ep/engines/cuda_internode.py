@@ -37,7 +37,6 @@ import torch
 from .. import _core, _nvshmem
 from .._comm import Communicator
 from ..config import Config, get_combine_config, get_dispatch_config
-from . import emulated as _emu
 from .cuda import CudaEngine, _ptr, _reach, local_status
 
 __all__ = ["CudaInternodeEngine", "probe", "requested_transport", "TRANSPORTS"]
@@ -62,9 +61,7 @@ def requested_transport() -> str:
 
 def _local_facts(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
     ok, reason, facts = local_status(num_nvl_bytes)
-    if ok and _emu.active():  # no NVSHMEM stand-in yet: the emulated engine runs peer memory only
-        facts = dict(facts, nvshmem=False, nvshmem_reason="DEEP_EP_ENGINE=emulated has no NVSHMEM stand-in yet")
-    elif ok:
+    if ok:
         nv = _core.load_nvshmem()
         facts = dict(facts, nvshmem=nv is not None, nvshmem_reason="" if nv is not None else
                      (_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available"))
@@ -218,7 +215,7 @@ class CudaInternodeEngine(CudaEngine):
         _core.check_internode_call_size(nv, nvshmem=True)
         self._nv = nv
         _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, heap_bytes)
-        _nvshmem.bootstrap(self.comm, nv, self.device.index)
+        _nvshmem.bootstrap(self.comm, nv, self.device.index or 0)
         ptr = ctypes.c_uint64(0)
         _core.check_nvshmem(nv.deep_ep_nvshmem_alloc(self.num_rdma_bytes, ctypes.byref(ptr)),
                             "nvshmem_align (internode RDMA buffer)")

@@ -70,7 +70,7 @@ def _local_status(num_rdma_bytes: int) -> Tuple[bool, str, dict]:
     bus_id = ctypes.create_string_buffer(64)
     if lib.deep_ep_core_device_pci_bus_id(device, bus_id, 64) != 0:
         return False, f"cannot query the PCI bus id of cuda:{device}: {_core.last_error()}", {}
-    nv = None if emulated else _core.load_nvshmem()  # no NVSHMEM stand-in yet when emulated
+    nv = _core.load_nvshmem()
     facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id.value.decode(),
              "nvshmem": nv is not None, "nvshmem_reason": "" if nv is not None else (_core.nvshmem_load_error() or "")}
     return True, "", facts
@@ -216,7 +216,7 @@ class CudaLowLatency(DoubleBufferSlots):
             raise _core.CoreError(_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available")
         self._nv = nv
         _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, self.num_rdma_bytes)
-        _nvshmem.bootstrap(self.comm, nv, self.device.index)
+        _nvshmem.bootstrap(self.comm, nv, self.device.index or 0)
         ptr = ctypes.c_uint64(0)
         _core.check_nvshmem(nv.deep_ep_nvshmem_alloc(self.num_rdma_bytes, ctypes.byref(ptr)), "nvshmem_align (LL buffer)")
         self._nv_ptr = ptr.value
