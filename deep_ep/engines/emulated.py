@@ -6,7 +6,8 @@ real engine.
 
 What differs from the CUDA engine lives here, so the engines stay one code path:
 
-* the library: ``build/emu/<flavour>/libdeep_ep_core.so`` (`library_path`), flavour from
+* the libraries: ``build/emu/<flavour>/libdeep_ep_core.so`` (`library_path`) and
+  ``libdeep_ep_nvshmem.so`` next to it (over the NVSHMEM stand-in of ``csrc/emu/nvshmem``), flavour from
   ``DEEP_EP_EMU_FLAVOUR`` = ``plain`` (default), ``asan`` or ``tsan``; the sanitizer flavours need their
   runtime preloaded into the process (`sanitizer_env`);
 * tensors live on the CPU (`device`), the stream handle is 0 and every launch has finished when the
