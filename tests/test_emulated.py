@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (ROOT / "tests" / "gpu", ROOT / "tests", ROOT):
@@ -208,6 +209,67 @@ def test_watchdog_names_the_spin_points(emu_lib, tmp_path):
         assert "deep_ep emulator watchdog: no progress for 3 s" in text, text
         assert re.search(r"last spin point csrc/kernels/intranode_dispatch.cu:\d+ on address 0x[0-9a-f]+", text), text
         assert "kernel dispatch_kernel" in text, text
+
+
+def _worst_overflow_worker(rank, num_ranks, group, seed):
+    """A num_worst_tokens dispatch that cannot hold what a rank receives: the next call raises on
+    every rank (the kernels flag it; the engine reads the flag after the notify)."""
+    import deep_ep
+    from intranode_cases import build_inputs, make_buffers
+    case = Case("overflow", tokens=(40, 30))
+    buf, port = make_buffers(group)
+    topk_idx, topk_weights, x = build_inputs(case, num_ranks, rank, seed, torch.device("cpu"))
+    num_experts = case.experts_per_rank * num_ranks
+    lay = port.get_dispatch_layout(topk_idx, num_experts)
+    config = deep_ep.Config(*case.config, 6, 128)
+    buf.dispatch(x, num_tokens_per_rank=lay[0], is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                 topk_idx=topk_idx, topk_weights=topk_weights, config=config, num_worst_tokens=5)
+    try:
+        buf.get_dispatch_layout(topk_idx, num_experts)
+        outcome = "no error"
+    except RuntimeError as exc:
+        outcome = str(exc)
+    buf.destroy()
+    port.destroy()
+    return outcome
+
+
+def test_intranode_emulated_worst_tokens_overflow(emu_lib):
+    results = run_ranks(_worst_overflow_worker, 2, make_seed(), timeout_s=120, env=EMU_ENV)
+    for text in results:
+        assert "an earlier dispatch with num_worst_tokens=5 overflowed" in text, text
+
+
+def _ll_clean_worker(rank, num_ranks, group, seed):
+    """clean_low_latency_buffer between LL calls of two shapes on one emulated Buffer."""
+    import deep_ep
+    case = ll_cases.LLCase("clean", fp8=True)
+    num_experts = case.experts_per_rank * num_ranks
+    rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(64, 512, num_ranks, num_experts)
+    from intranode_cases import Checker
+    buf = deep_ep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, explicitly_destroy=True)
+    os.environ["DEEP_EP_ENGINE"] = "portable"
+    ref = deep_ep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, explicitly_destroy=True)
+    os.environ["DEEP_EP_ENGINE"] = "emulated"
+    chk = Checker(rank)
+    chk.true("ll_engine", buf.ll_engine == "emulated", buf.ll_engine_reason)
+    for t_max, hidden in ((32, 256), (64, 512)):
+        chk.prefix = f"T_max {t_max}, hidden {hidden}"
+        x, topk_idx, _ = ll_cases.ll_inputs(ll_cases.LLCase("clean", t_max=t_max, hidden=hidden), num_ranks, rank, seed,
+                                            torch.device("cpu"))
+        buf.clean_low_latency_buffer(t_max, hidden, num_experts)
+        got = buf.low_latency_dispatch(x, topk_idx, t_max, num_experts, use_fp8=False)
+        want = ref.low_latency_dispatch(x, topk_idx, t_max, num_experts, use_fp8=False)
+        ll_cases._compare_dispatch(chk, got[:3], want[:3], False)
+    buf.destroy()
+    ref.destroy()
+    return chk.failures
+
+
+def test_low_latency_emulated_clean_buffer(emu_lib):
+    results = run_ranks(_ll_clean_worker, 2, make_seed(), timeout_s=120, env=EMU_ENV)
+    report = [line for per_rank in results for line in per_rank]
+    assert not report, "\n".join(report[:40])
 
 
 # ---------------------------------------------------------------------------- NVSHMEM stand-in
