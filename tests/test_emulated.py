@@ -415,6 +415,21 @@ def test_bug_protocol_deadlock(emu_lib, tmp_path):
         assert "__trap() at csrc/kernels/utils.cuh" in text and "cudaErrorLaunchFailure" in text, text
 
 
+def test_bug_wild_write_crash_names_the_thread(emu_lib, tmp_path, capfd):
+    """A write far out of bounds (layout kernel): the plain build's crash report names the kernel,
+    block and thread before the rank dies."""
+    rel = "kernels/layout.cu"
+    site = "args.is_token_in_rank[static_cast<int64_t>(t) * args.num_ranks + r] = hit;"
+    lib = _with_bug(tmp_path, rel, site,
+                    "args.is_token_in_rank[static_cast<int64_t>(t) * args.num_ranks + r + (int64_t(1) << 44)] = hit;")
+    with pytest.raises(AssertionError) as info:
+        _diagnoses(lib)
+    assert "process exited with code -11" in str(info.value), str(info.value)
+    err = capfd.readouterr().err
+    assert re.search(r"deep_ep emulator: SIGSEGV at address 0x[0-9a-f]+ in kernel get_dispatch_layout_kernel "
+                     r"\(launched at .*layout.cu:\d+\), block \(0,0,0\), thread \d+", err), err[-2000:]
+
+
 def test_bug_out_of_bounds_write_changes_output(emu_lib, tmp_path):
     """notify writes its channel prefix one element too far: the plain build shows a wrong handle
     (the ASan flavour names the write; see test_asan_*)."""

@@ -7,6 +7,8 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <unistd.h>
 #include <sys/mman.h>
 #include <time.h>
 
@@ -441,6 +443,14 @@ void run_block(Launch& launch, uint3 idx, uint64_t seed) {
     const size_t total = b.stack_bytes * b.num_threads;
     b.stacks = static_cast<char*>(stacks_get(total));
     t_block = &b;
+#if !defined(DEEP_EP_EMU_ASAN) && !defined(DEEP_EP_EMU_TSAN)
+    // The crash report runs on its own stack: a fiber's may be the one that overflowed.
+    std::vector<char> alt_stack(64 * 1024);
+    stack_t ss{}, old_ss{};
+    ss.ss_sp = alt_stack.data();
+    ss.ss_size = alt_stack.size();
+    sigaltstack(&ss, &old_ss);
+#endif
 #if defined(DEEP_EP_EMU_TSAN)
     b.tsan_sched = __tsan_get_current_fiber();
 #endif
@@ -534,7 +544,51 @@ void run_block(Launch& launch, uint3 idx, uint64_t seed) {
     for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan_fiber);
 #endif
     t_block = nullptr;
+#if !defined(DEEP_EP_EMU_ASAN) && !defined(DEEP_EP_EMU_TSAN)
+    sigaltstack(&old_ss, nullptr);
+#endif
     stacks_put(b.stacks, total);
+}
+
+// ------------------------------------------------------------------------------- crash reports
+// A SIGSEGV/SIGBUS inside a kernel names the kernel, block and thread before the process dies (the
+// sanitizer flavours leave it to the sanitizer, whose report has the source line).
+struct sigaction g_previous_segv, g_previous_bus;
+
+void crash_handler(int sig, siginfo_t* info, void*) {
+    Block* b = t_block;
+    if (b != nullptr && b->cur != nullptr) {
+        const Fiber& f = *b->cur;
+        char buf[768];
+        const int n = std::snprintf(buf, sizeof(buf),
+                                    "deep_ep emulator: %s at address %p in kernel %s (launched at %s:%d), block (%u,%u,%u), "
+                                    "thread %d (warp %d, lane %d)\n",
+                                    sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info->si_addr, b->launch->kernel,
+                                    b->launch->file, b->launch->line, b->idx.x, b->idx.y, b->idx.z, f.tid, f.tid / 32,
+                                    f.tid % 32);
+        if (n > 0) {
+            ssize_t ignored = write(2, buf, static_cast<size_t>(std::min(n, static_cast<int>(sizeof(buf)) - 1)));
+            (void)ignored;
+        }
+    }
+    // The previous disposition handles the re-executed fault (default: the process dies).
+    sigaction(sig, sig == SIGSEGV ? &g_previous_segv : &g_previous_bus, nullptr);
+}
+
+std::once_flag g_crash_once;
+
+void install_crash_handler() {
+#if !defined(DEEP_EP_EMU_ASAN) && !defined(DEEP_EP_EMU_TSAN)
+    std::call_once(g_crash_once, [] {
+        struct sigaction sa;
+        std::memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = crash_handler;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGSEGV, &sa, &g_previous_segv);
+        sigaction(SIGBUS, &sa, &g_previous_bus);
+    });
+#endif
 }
 
 // ------------------------------------------------------------------------------------- watchdog
@@ -761,6 +815,7 @@ void launch(const char* kernel, const char* file, int line, dim3 grid, dim3 bloc
         return;
     }
     if (settings().watchdog_s > 0) std::call_once(g_watchdog_once, [] { std::thread(watchdog_loop).detach(); });
+    install_crash_handler();
     Launch l;
     l.kernel = kernel;
     l.file = file;
