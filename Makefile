@@ -30,7 +30,7 @@ STAMP := $(VENV)/.deep_ep-setup-$(SETUP_KEY)
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup core bindings bench test test-all run clean-venv
+.PHONY: help setup core bindings emu bench test test-all run clean-venv
 
 # The CUDA core (csrc/ -> deep_ep/libdeep_ep_core.so, libdeep_ep_nvshmem.so): rebuilt whenever csrc/
 # or build_core.py changes, when nvcc is found (CUDA_HOME, default /usr/local/cuda) unless
@@ -48,6 +48,7 @@ help:
 	@echo "               (pytest -m 'not slow'; PYTEST_ARGS=...)"
 	@echo "make test-all - the same plus the slow random sweeps"
 	@echo "make core    - build the CUDA core (csrc/) when nvcc is found, and its pybind11 modules"
+	@echo "make emu     - build the emulated core (csrc/ on the CPU, build_emu.py) and the pybind11 modules"
 	@echo "make run SCRIPT=my.py ARGS=... - run your own script with .venv's python and this checkout"
 	@echo "make setup   - only set up .venv"
 	@echo "make clean-venv - delete .venv"
@@ -73,17 +74,25 @@ core: setup
 $(CORE): $(CORE_SRCS)
 	$(VENV_PY) build_core.py
 
-# ninja (inside build_core.py) decides what is stale; nothing to bind without a compiled core.
+# ninja (inside build_core.py) decides what is stale. The binding needs only the headers and g++, so
+# it is built whenever a core exists: the CUDA one, DEEP_EP_CORE_LIB, or the emulated one (make emu).
 bindings: setup
-	@if [ -f $(CORE) ] || [ -n "$$DEEP_EP_CORE_LIB" ]; then $(VENV_PY) build_core.py --bindings-only; fi
+	@if [ -f $(CORE) ] || [ -n "$$DEEP_EP_CORE_LIB" ] || [ -f build/emu/plain/libdeep_ep_core.so ]; then \
+	    $(VENV_PY) build_core.py --bindings-only; fi
+
+# The emulated core (csrc/ compiled with g++ against the kernel emulator csrc/emu/, no nvcc or GPU):
+# build/emu/plain/libdeep_ep_core.so, incremental; tests/test_emulated.py runs the kernels with it.
+emu: setup
+	$(VENV_PY) build_emu.py --jobs 2
+	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) bindings
 
 bench: setup
 	$(VENV_PY) benchmarks/bench_ep.py $(BENCH_ARGS)
 
-test: setup core
+test: setup core emu
 	$(VENV_PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
-test-all: setup core
+test-all: setup core emu
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Your own script with this checkout's deep_ep (PYTHONPATH) and .venv's torch: make run SCRIPT=moe_example.py

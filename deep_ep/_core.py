@@ -83,10 +83,16 @@ def binding_error() -> Optional[str]:
 
 
 def library_path() -> Path:
-    """``DEEP_EP_CORE_LIB`` if set (another build of the core's ABI), else ``libdeep_ep_core.so`` next to
+    """``DEEP_EP_CORE_LIB`` if set (another build of the core's ABI), else the emulated core with
+    ``DEEP_EP_ENGINE=emulated`` (the CPU build of the same sources), else ``libdeep_ep_core.so`` next to
     this file."""
     override = os.environ.get("DEEP_EP_CORE_LIB")
-    return Path(override) if override else Path(__file__).resolve().parent / LIBRARY_NAME
+    if override:
+        return Path(override)
+    from .engines import emulated  # DEEP_EP_ENGINE=emulated: the CPU build of the same C ABI
+    if emulated.active():
+        return emulated.library_path()
+    return Path(__file__).resolve().parent / LIBRARY_NAME
 
 
 def open_core(path: os.PathLike) -> Any:
@@ -170,7 +176,12 @@ _nv_tried = False
 def nvshmem_library_path() -> Path:
     """``DEEP_EP_NVSHMEM_LIB`` if set, else ``libdeep_ep_nvshmem.so`` next to this file."""
     override = os.environ.get("DEEP_EP_NVSHMEM_LIB")
-    return Path(override) if override else Path(__file__).resolve().parent / NVSHMEM_LIBRARY_NAME
+    if override:
+        return Path(override)
+    from .engines import emulated  # DEEP_EP_ENGINE=emulated: built over the NVSHMEM stand-in
+    if emulated.active():
+        return emulated.library_path().with_name(NVSHMEM_LIBRARY_NAME)
+    return Path(__file__).resolve().parent / NVSHMEM_LIBRARY_NAME
 
 
 def find_nvshmem_host_library(env: Optional[Dict[str, str]] = None) -> Tuple[Optional[Path], str]:
@@ -211,8 +222,9 @@ def load_nvshmem() -> Any:
             _nv_error = (f"{path.name} is not built (NVSHMEM was not found when `python build_core.py` ran; install "
                          f"nvidia-nvshmem-cu13 or set NVSHMEM_DIR and rebuild)")
             return None
-        host, where = find_nvshmem_host_library()
-        if host is None:
+        from .engines import emulated
+        host, where = (None, "") if emulated.active() else find_nvshmem_host_library()  # stand-in: no host lib
+        if host is None and not emulated.active():
             _nv_error = f"NVSHMEM's host library {NVSHMEM_HOST_LIBRARY} is not available: {where}"
             return None
         if _binding is None:
@@ -220,7 +232,7 @@ def load_nvshmem() -> Any:
             return None
         try:
             from . import _nvshmem_binding
-            _nv_lib = _nvshmem_binding.open(str(path), str(host))
+            _nv_lib = _nvshmem_binding.open(str(path), "" if host is None else str(host))
         except ImportError as exc:
             _nv_error = (f"the pybind11 module deep_ep._nvshmem_binding cannot be imported ({exc}); build it with "
                          f"`python build_core.py --bindings-only`")

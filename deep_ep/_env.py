@@ -39,12 +39,13 @@ def ranks_per_node_override() -> Optional[int]:
 
 
 def engine_override() -> Optional[str]:
-    """``DEEP_EP_ENGINE``: ``portable`` or ``cuda`` forces an engine; unset means automatic."""
+    """``DEEP_EP_ENGINE``: ``portable`` or ``cuda`` forces an engine, ``emulated`` runs the CUDA engine's
+    kernels on CPU tensors through the kernel emulator (deep_ep.engines.emulated); unset means automatic."""
     value = os.environ.get("DEEP_EP_ENGINE", "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value not in ("portable", "cuda"):
-        raise ValueError(f"deep_ep: DEEP_EP_ENGINE must be 'portable', 'cuda' or 'auto', got {value!r}")
+    if value not in ("portable", "cuda", "emulated"):
+        raise ValueError(f"deep_ep: DEEP_EP_ENGINE must be 'portable', 'cuda', 'emulated' or 'auto', got {value!r}")
     return value
 
 

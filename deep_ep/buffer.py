@@ -207,8 +207,10 @@ class Buffer:
             from .engines import cuda as cuda_engine
             ok, reason, _ = cuda_engine.probe(self._comm, self.num_ranks_per_node, num_nvl_bytes)
         if not ok:
-            if forced == "cuda":
-                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA engine is not available: {reason}")
+            # (emulated, like cuda, raises; but a low-latency-only Buffer has no normal-mode buffer to run)
+            if forced == "cuda" or (forced == "emulated" and num_nvl_bytes > 0):
+                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE={forced}, but the CUDA engine is not available: "
+                                   f"{reason}")
             return "portable", f"the CUDA engine is not available: {reason}"
         if self.num_nodes > 1:
             # With low-latency mode too, the NVSHMEM heap holds both engines' buffers.
@@ -221,6 +223,8 @@ class Buffer:
                 single_host=len({f["host"] for f in facts}) == 1, nvshmem_heap_bytes=heap)
         else:
             self._cuda = cuda_engine.CudaEngine(self._comm, self.num_ranks_per_node, num_nvl_bytes)
+        if forced == "emulated":  # the CUDA engine's code and kernels on CPU tensors (engines/emulated.py)
+            return "emulated", "forced by DEEP_EP_ENGINE=emulated: " + reason
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _choose_ll_engine(self) -> Tuple[str, str]:
@@ -234,19 +238,22 @@ class Buffer:
         ok, reason, transport, facts = cuda_ll.probe_ll(self._comm, self.num_rdma_bytes,
                                                         self.allow_nvlink_for_low_latency_mode)
         if not ok:
-            if forced == "cuda":
-                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE=cuda, but the CUDA low-latency engine is not "
+            if forced in ("cuda", "emulated"):
+                raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_ENGINE={forced}, but the CUDA low-latency engine is not "
                                    f"available: {reason}")
             return "portable", f"the CUDA low-latency engine is not available: {reason}"
         single_host = len({f["host"] for f in facts}) == 1
         self._ll_cuda = cuda_ll.CudaLowLatency(self._comm, self.num_rdma_bytes, self.enable_shrink, transport,
                                                self.num_qps_per_rank, self.allow_nvlink_for_low_latency_mode,
                                                self.allow_mnnvl, single_host)
+        if forced == "emulated":
+            return "emulated", "forced by DEEP_EP_ENGINE=emulated: " + reason
         return "cuda", ("forced by DEEP_EP_ENGINE=cuda: " if forced == "cuda" else "") + reason
 
     def _engine_for(self, t: torch.Tensor):
-        """The engine a normal-mode call runs on: CUDA for CUDA tensors when available."""
-        return self._cuda if self._cuda is not None and t.is_cuda else self._engine
+        """The engine a normal-mode call runs on: CUDA for CUDA tensors when available (the emulated
+        engine: for CPU tensors)."""
+        return self._cuda if self._cuda is not None and t.device.type == self._cuda.device.type else self._engine
 
     def _config_kw(self, engine, config: Optional[Config]) -> dict:
         """The CUDA engine also takes the config (ring sizes); the portable one does not."""
@@ -695,7 +702,7 @@ class Buffer:
     # ------------------------------------------------------------------------- low-latency mode
     def _ll_engine(self, t: Optional[torch.Tensor] = None):
         """The LL engine for a call on tensor `t`: the CUDA kernels for CUDA tensors when available."""
-        if self._ll_cuda is not None and t is not None and t.is_cuda:
+        if self._ll_cuda is not None and t is not None and t.device.type == self._ll_cuda.device.type:
             return self._ll_cuda
         if self._ll is None:
             from .engines.portable_ll import PortableLowLatency

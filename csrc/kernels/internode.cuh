@@ -862,7 +862,7 @@ void launch(const deep_ep_internode_call& c, const Tr& tr, cudaStream_t stream) 
     a.tr = tr;
     const int grid = c.num_channels * kInternodeBlocksPerChannel;
     if (c.op == DEEP_EP_INTERNODE_NOTIFY) {
-        notify_kernel<Tr><<<1, kNumNotifyThreads, 0, stream>>>(a);
+        DEEP_EP_LAUNCH(notify_kernel<Tr>, 1, kNumNotifyThreads, 0, stream, a);
         DEEP_EP_CHECK_LAUNCH(notify_kernel);
         return;
     }
@@ -877,21 +877,21 @@ void launch(const deep_ep_internode_call& c, const Tr& tr, cudaStream_t stream) 
                    std::to_string(grid) + " blocks (3 per channel, Config.num_sms / 2 channels) resident at once, but "
                    "this GPU fits " + std::to_string(per_sm * sms) + "; use a smaller num_sms");
     if (combine || c.cached) {
-        reset_kernel<Tr><<<1, kNumNotifyThreads, 0, stream>>>(a);
+        DEEP_EP_LAUNCH(reset_kernel<Tr>, 1, kNumNotifyThreads, 0, stream, a);
         DEEP_EP_CHECK_LAUNCH(reset_kernel);
     }
     if (combine) {
-        combine_kernel<Tr><<<grid, kNumInternodeThreads, 0, stream>>>(a);
+        DEEP_EP_LAUNCH(combine_kernel<Tr>, grid, kNumInternodeThreads, 0, stream, a);
         DEEP_EP_CHECK_LAUNCH(combine_kernel);
         return;
     }
-    dispatch_kernel<Tr><<<grid, kNumInternodeThreads, 0, stream>>>(a);
+    DEEP_EP_LAUNCH(dispatch_kernel<Tr>, grid, kNumInternodeThreads, 0, stream, a);
     DEEP_EP_CHECK_LAUNCH(dispatch_kernel);
     if (c.fill_trailing_rows && (c.num_recv_rows > 0 || c.send_nvl_head_rows > 0)) {
         constexpr int kFillThreads = 256;
         const int64_t rows = c.num_recv_rows > c.send_nvl_head_rows ? c.num_recv_rows : c.send_nvl_head_rows;
         const int blocks = static_cast<int>(rows < 132 * 8 ? (rows + 7) / 8 : 132);
-        fill_trailing_kernel<Tr><<<blocks, kFillThreads, 0, stream>>>(a);
+        DEEP_EP_LAUNCH(fill_trailing_kernel<Tr>, blocks, kFillThreads, 0, stream, a);
         DEEP_EP_CHECK_LAUNCH(fill_trailing_kernel);
     }
 }

@@ -172,7 +172,7 @@ void combine(const CombineArgs& args, cudaStream_t stream) {
     host_check(buf.row_bytes % 16 == 0, "intranode combine: hidden * 2 must be a multiple of 16 bytes, got " +
                                             std::to_string(buf.row_bytes));
     host_check(args.num_max_send_tokens >= 1 && buf.num_slots >= 1, "intranode combine: empty chunk or ring");
-    combine_kernel<<<buf.num_channels * 2, kNumIntranodeThreads, 0, stream>>>(args);
+    DEEP_EP_LAUNCH(combine_kernel, buf.num_channels * 2, kNumIntranodeThreads, 0, stream, args);
     DEEP_EP_CHECK_LAUNCH(combine_kernel);
 }
 

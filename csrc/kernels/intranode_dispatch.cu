@@ -220,12 +220,12 @@ void dispatch(const DispatchArgs& args, cudaStream_t stream) {
     host_check(buf.row_bytes % 16 == 0, "intranode dispatch: hidden bytes must be a multiple of 16, got " +
                                             std::to_string(buf.row_bytes));
     host_check(args.num_max_send_tokens >= 1 && buf.num_slots >= 1, "intranode dispatch: empty chunk or ring");
-    dispatch_kernel<<<buf.num_channels * 2, kNumIntranodeThreads, 0, stream>>>(args);
+    DEEP_EP_LAUNCH(dispatch_kernel, buf.num_channels * 2, kNumIntranodeThreads, 0, stream, args);
     DEEP_EP_CHECK_LAUNCH(dispatch_kernel);
     if (args.fill_trailing_rows && args.num_recv_rows > 0) {
         constexpr int kFillThreads = 256;
         const int blocks = min(132, (args.num_recv_rows + kFillThreads / 32 - 1) / (kFillThreads / 32));
-        fill_trailing_rows_kernel<<<blocks, kFillThreads, 0, stream>>>(args);
+        DEEP_EP_LAUNCH(fill_trailing_rows_kernel, blocks, kFillThreads, 0, stream, args);
         DEEP_EP_CHECK_LAUNCH(fill_trailing_rows_kernel);
     }
 }

@@ -149,7 +149,7 @@ void notify_dispatch(const NotifyDispatchArgs& args, cudaStream_t stream) {
     host_check(buf.num_local_experts <= kMaxLocalExperts,
                "notify_dispatch: at most " + std::to_string(kMaxLocalExperts) + " experts per rank, got " +
                    std::to_string(buf.num_local_experts));
-    notify_dispatch_kernel<<<1, kNumNotifyThreads, 0, stream>>>(args);
+    DEEP_EP_LAUNCH(notify_dispatch_kernel, 1, kNumNotifyThreads, 0, stream, args);
     DEEP_EP_CHECK_LAUNCH(notify_dispatch_kernel);
 }
 
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1) cached_notify_kernel(Cac
 
 void cached_notify(const CachedNotifyArgs& args, cudaStream_t stream) {
     host_check(args.buffer.num_ranks >= 1 && args.buffer.num_ranks <= kMaxNvlRanks, "cached_notify: bad num_ranks");
-    cached_notify_kernel<<<1, kNumNotifyThreads, 0, stream>>>(args);
+    DEEP_EP_LAUNCH(cached_notify_kernel, 1, kNumNotifyThreads, 0, stream, args);
     DEEP_EP_CHECK_LAUNCH(cached_notify_kernel);
 }
 

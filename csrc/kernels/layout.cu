@@ -3,6 +3,7 @@
 #include "api.cuh"
 #include "config.cuh"
 #include "exception.cuh"
+#include "ptx.cuh"
 
 namespace deep_ep {
 namespace layout {
@@ -12,7 +13,7 @@ namespace layout {
 constexpr int kMaxSmemExperts = 8192;
 
 __global__ void __launch_bounds__(kNumLayoutThreads) get_dispatch_layout_kernel(LayoutArgs args) {
-    extern __shared__ int s_expert_counts[];  // [num_experts] when use_smem
+    int* s_expert_counts = ptx::dynamic_shared_memory<int>();  // [num_experts] when use_smem
     __shared__ int s_rank_counts[kMaxNvlRanks];
     const bool use_smem = args.num_experts <= kMaxSmemExperts;
     for (int e = threadIdx.x; use_smem && e < args.num_experts; e += blockDim.x) s_expert_counts[e] = 0;
@@ -56,7 +57,7 @@ void get_dispatch_layout(const LayoutArgs& args, cudaStream_t stream) {
     if (args.num_tokens == 0) return;
     const int num_blocks = (args.num_tokens + kNumLayoutThreads - 1) / kNumLayoutThreads;
     const size_t smem = args.num_experts <= kMaxSmemExperts ? sizeof(int) * args.num_experts : 0;
-    get_dispatch_layout_kernel<<<num_blocks, kNumLayoutThreads, smem, stream>>>(args);
+    DEEP_EP_LAUNCH(get_dispatch_layout_kernel, num_blocks, kNumLayoutThreads, smem, stream, args);
     DEEP_EP_CHECK_LAUNCH(get_dispatch_layout_kernel);
 }
 

@@ -303,7 +303,7 @@ void prepare(const deep_ep_ll_call& c, cudaStream_t stream) {
     check_call(c);
     const int cast_blocks = c.kind == DEEP_EP_LL_DISPATCH ? c.num_tokens : 0;
     const int list_blocks = (c.num_experts + kWarps - 1) / kWarps;
-    prepare_kernel<<<cast_blocks + list_blocks, kThreads, 0, stream>>>(c, cast_blocks);
+    DEEP_EP_LAUNCH(prepare_kernel, cast_blocks + list_blocks, kThreads, 0, stream, c, cast_blocks);
     DEEP_EP_CHECK_LAUNCH("low_latency prepare");
 }
 
@@ -313,12 +313,12 @@ void receive(const deep_ep_ll_call& c, cudaStream_t stream) {
     if (c.kind == DEEP_EP_LL_DISPATCH) {
         int parts = (c.num_sms + num_local - 1) / num_local;
         parts = parts < 1 ? 1 : (parts > kMaxRecvParts ? kMaxRecvParts : parts);
-        dispatch_recv_kernel<<<num_local * parts, kThreads, 0, stream>>>(c, parts);
+        DEEP_EP_LAUNCH(dispatch_recv_kernel, num_local * parts, kThreads, 0, stream, c, parts);
         DEEP_EP_CHECK_LAUNCH("low_latency dispatch receive");
     } else {
         const int blocks = c.num_tokens + (c.wait_stats != nullptr ? 1 : 0);
         if (blocks > 0) {
-            combine_recv_kernel<<<blocks, kThreads, 0, stream>>>(c);
+            DEEP_EP_LAUNCH(combine_recv_kernel, blocks, kThreads, 0, stream, c);
             DEEP_EP_CHECK_LAUNCH("low_latency combine receive");
         }
     }

@@ -119,9 +119,9 @@ template <typename Transport>
 void launch_send(const deep_ep_ll_call& c, const Transport& tr, cudaStream_t stream) {
     check_call(c);
     if (c.kind == DEEP_EP_LL_DISPATCH) {
-        dispatch_send_kernel<Transport><<<c.num_experts, kThreads, 0, stream>>>(c, tr);
+        DEEP_EP_LAUNCH(dispatch_send_kernel<Transport>, c.num_experts, kThreads, 0, stream, c, tr);
     } else {
-        combine_send_kernel<Transport><<<c.num_experts, kThreads, 0, stream>>>(c, tr);  // E_loc * R blocks
+        DEEP_EP_LAUNCH(combine_send_kernel<Transport>, c.num_experts, kThreads, 0, stream, c, tr);  // E_loc * R blocks
     }
     DEEP_EP_CHECK_LAUNCH("low_latency send");
 }

@@ -1,4 +1,9 @@
 // Inline PTX, and only here. Each wrapper is one instruction; names read op_semantics_scope_space.
+// This header is also the only place that differs between the GPU build and the emulated CPU build
+// (DEEP_EP_EMULATOR, csrc/emu/): the second branch gives every helper the same contract with C++
+// atomics, and makes acquire/relaxed loads and the timer spin points of the emulator's scheduler.
+// Kernel launches (DEEP_EP_LAUNCH) and dynamic shared memory (dynamic_shared_memory) go through here
+// for the same reason. tests/test_emu.py rejects `asm` and `<<<` anywhere else in csrc/.
 //
 // Why system scope: ranks may live in other processes (CUDA IPC) on other GPUs (NVLink), or share
 // this GPU from another process (time-sliced contexts). `.sys` is the scope that covers all three;
@@ -9,6 +14,60 @@
 
 namespace deep_ep {
 namespace ptx {
+
+#ifdef DEEP_EP_EMULATOR
+// ------------------------------------------------------------------ emulated build (csrc/emu/)
+// The extra defaulted arguments carry the call site into deadlock and watchdog reports.
+
+__device__ __forceinline__ int ld_acquire_sys_global(const int* ptr, const char* file = __builtin_FILE(),
+                                                     int line = __builtin_LINE()) {
+    ::deep_ep::emu::spin_point(ptr, file, line);
+    return __atomic_load_n(ptr, __ATOMIC_ACQUIRE);
+}
+
+__device__ __forceinline__ void st_release_sys_global(int* ptr, int value) {
+    __atomic_store_n(ptr, value, __ATOMIC_RELEASE);
+}
+
+__device__ __forceinline__ void st_relaxed_sys_global(int* ptr, int value) {
+    __atomic_store_n(ptr, value, __ATOMIC_RELAXED);
+}
+
+__device__ __forceinline__ int ld_relaxed_sys_global(const int* ptr, const char* file = __builtin_FILE(),
+                                                     int line = __builtin_LINE()) {
+    ::deep_ep::emu::spin_point(ptr, file, line);
+    return __atomic_load_n(ptr, __ATOMIC_RELAXED);
+}
+
+__device__ __forceinline__ void red_add_release_sys_global(int* ptr, int value) {
+    ::deep_ep::emu::atomic_point();
+    __atomic_fetch_add(ptr, value, __ATOMIC_RELEASE);
+}
+
+__device__ __forceinline__ int4 ld_na_global_v4(const int4* ptr) { return *ptr; }
+
+__device__ __forceinline__ int ld_na_global(const int* ptr) { return *ptr; }
+
+__device__ __forceinline__ int4 ld_nc_global_v4(const int4* ptr) { return *ptr; }
+
+__device__ __forceinline__ uint64_t globaltimer_ns(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    return ::deep_ep::emu::globaltimer_ns(file, line);
+}
+
+__device__ __forceinline__ void bar_sync(int id, int num_threads, const char* file = __builtin_FILE(),
+                                         int line = __builtin_LINE()) {
+    __syncwarp(0xffffffffu, file, line);
+    ::deep_ep::emu::bar_sync(id, num_threads, file, line);
+}
+
+// The launch's dynamic shared memory (`smem` bytes of DEEP_EP_LAUNCH), as T[].
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared_memory() {
+    return static_cast<T*>(::deep_ep::emu::dynamic_smem());
+}
+
+#else
+// ------------------------------------------------------------------------------- GPU build
 
 // Acquire load of a flag (ring head/tail, barrier signal): later loads of this thread observe
 // every write the releasing thread made before its matching release.
@@ -88,5 +147,21 @@ __device__ __forceinline__ void bar_sync(int id, int num_threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
+
+// The launch's dynamic shared memory (`smem` bytes of DEEP_EP_LAUNCH), as T[].
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared_memory() {
+    extern __shared__ int4 deep_ep_dynamic_smem[];
+    return reinterpret_cast<T*>(deep_ep_dynamic_smem);
+}
+
+#endif  // DEEP_EP_EMULATOR
+
 }  // namespace ptx
 }  // namespace deep_ep
+
+#ifndef DEEP_EP_EMULATOR
+// Every kernel launch of csrc/ (the emulated build defines it in csrc/emu/emu.h):
+//   DEEP_EP_LAUNCH(kernel, grid, block, dynamic_smem_bytes, stream, kernel arguments...)
+#define DEEP_EP_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif

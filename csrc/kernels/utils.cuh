@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 #include "config.cuh"
 #include "ptx.cuh"
@@ -90,8 +91,10 @@ __device__ __forceinline__ void warp_copy_ring_to_global(int4* dst, const int4* 
 }
 
 // 8 bf16 values packed in an int4 <-> 8 floats.
+// (memcpy, not a pointer cast: defined behaviour in C++, and free under nvcc.)
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 packed) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&packed);
+    __nv_bfloat162 h[4];
+    memcpy(h, &packed, sizeof(h));
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const float2 f = __bfloat1622float2(h[i]);
@@ -101,10 +104,11 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[8], int4 packed) {
 }
 
 __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-    int4 packed;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
+    __nv_bfloat162 h[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    int4 packed;
+    memcpy(&packed, h, sizeof(packed));
     return packed;
 }
 

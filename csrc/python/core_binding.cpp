@@ -413,6 +413,14 @@ py::class_<S> bind_struct(py::module_& m, const char* name, const char* doc, std
     return cls;
 }
 
+/* `nbytes` of host-addressable memory at `ptr`, exposed through the buffer protocol (torch.frombuffer);
+ * keeps `owner` (whoever frees the memory) alive as long as a view exists. */
+struct HostMemory {
+    std::uintptr_t ptr = 0;
+    py::ssize_t nbytes = 0;
+    py::object owner;
+};
+
 }  // namespace
 }  // namespace deep_ep_binding
 
@@ -455,6 +463,18 @@ PYBIND11_MODULE(_core_binding, m) {
 #undef DEEP_EP_BIND_IN
     }
     bind_core(m);
+    py::class_<HostMemory>(m, "HostMemory", py::buffer_protocol(),
+                           "A writable byte buffer over host-addressable memory (see `host_memory`).")
+        .def_buffer([](HostMemory& h) {
+            return py::buffer_info(reinterpret_cast<void*>(h.ptr), 1, py::format_descriptor<uint8_t>::format(), 1,
+                                   {h.nbytes}, {py::ssize_t(1)}, /*readonly=*/false);
+        });
+    m.def("host_memory", [](Ptr ptr, py::ssize_t nbytes, py::object owner) {
+              if (ptr.value == 0 || nbytes < 0) throw py::value_error("host_memory: null pointer or negative size");
+              return HostMemory{ptr.value, nbytes, std::move(owner)};
+          }, py::arg("ptr"), py::arg("nbytes"), py::arg("owner"),
+          "A buffer-protocol object over `nbytes` at host address `ptr` (e.g. the emulated core's device memory), "
+          "keeping `owner` alive; torch.frombuffer(host_memory(...), dtype=torch.uint8) views it without a copy.");
     m.def("open", [](const std::string& path) { return std::make_shared<Core>(path); }, py::arg("path"),
           "Open a library that exports the core's C ABI (dlopen, RTLD_LOCAL); checks its ABI version and struct "
           "sizes. Raises LibraryError.");

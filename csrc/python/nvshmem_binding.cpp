@@ -5,6 +5,7 @@
  * `open(path, host_library)` first loads NVSHMEM's host library (libnvshmem_host.so.3, by absolute path,
  * RTLD_GLOBAL) so that the dynamic linker resolves the library's NEEDED entry to it, then the library.
  */
+#include <memory>
 #include <vector>
 
 #include "binding_common.h"
@@ -23,8 +24,9 @@ namespace {
 
 class Nvshmem {
 public:
+    // host_library "": none to preload (a build over an NVSHMEM stand-in, e.g. the emulated core's)
     Nvshmem(const std::string& path, const std::string& host_library)
-        : host_(host_library, RTLD_NOW | RTLD_GLOBAL), lib_(path, RTLD_NOW | RTLD_LOCAL) {
+        : host_(open_host(host_library)), lib_(path, RTLD_NOW | RTLD_LOCAL) {
 #define DEEP_EP_LOAD(name) name = lib_.symbol<decltype(&::name)>(#name);
         DEEP_EP_NVSHMEM_FUNCTIONS(DEEP_EP_LOAD)
 #undef DEEP_EP_LOAD
@@ -37,7 +39,7 @@ public:
     }
 
     const std::string& path() const { return lib_.path(); }
-    const std::string& host_path() const { return host_.path(); }
+    std::string host_path() const { return host_ ? host_->path() : std::string(); }
     std::string last_error() const {
         const char* raw = deep_ep_nvshmem_last_error();
         return raw ? raw : "";
@@ -52,7 +54,12 @@ public:
 #undef DEEP_EP_DECLARE
 
 private:
-    Library host_;
+    static std::unique_ptr<Library> open_host(const std::string& host_library) {
+        if (host_library.empty()) return nullptr;
+        return std::make_unique<Library>(host_library, RTLD_NOW | RTLD_GLOBAL);
+    }
+
+    std::unique_ptr<Library> host_;  // opened first (RTLD_GLOBAL): libdeep_ep_nvshmem.so needs its symbols
     Library lib_;
 };
 
@@ -131,5 +138,6 @@ PYBIND11_MODULE(_nvshmem_binding, m) {
     m.def("open", [](const std::string& path, const std::string& host_library) {
               return std::make_shared<Nvshmem>(path, host_library);
           }, py::arg("path"), py::arg("host_library"),
-          "Load NVSHMEM's host library (RTLD_GLOBAL), then open libdeep_ep_nvshmem.so. Raises LibraryError.");
+          "Load NVSHMEM's host library (RTLD_GLOBAL; \"\" = none, for a build over a stand-in), then open "
+          "libdeep_ep_nvshmem.so. Raises LibraryError.");
 }

@@ -29,6 +29,7 @@ import torch
 from .. import _core
 from .._comm import Communicator
 from ..config import Config, get_combine_config, get_dispatch_config
+from . import emulated as _emu
 
 __all__ = ["CudaEngine", "probe", "local_status"]
 
@@ -42,6 +43,8 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return t.data_ptr()
 
 
+
+
 def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
@@ -51,7 +54,8 @@ def local_status(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
     lib = _core.load()
     if lib is None:
         return False, _core.load_error() or "the compiled core is not available", {}
-    if not torch.cuda.is_available():
+    emulated = _emu.active()
+    if not emulated and not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)", {}
     try:
         count = lib.device_count()
@@ -61,7 +65,7 @@ def local_status(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
         return False, "the core's CUDA runtime sees no device", {}
     if num_nvl_bytes <= 0:
         return False, "num_nvl_bytes is 0: the CUDA engine's intranode kernels need an NVLink buffer", {}
-    device = torch.cuda.current_device()
+    device = 0 if emulated else torch.cuda.current_device()
     try:
         bus_id = lib.device_pci_bus_id(device=device)
     except _core.CoreError as exc:
@@ -156,11 +160,12 @@ class CudaEngine:
         self.comm = comm
         self.rank, self.num_ranks = comm.rank, comm.size
         self.num_nvl_bytes = num_nvl_bytes
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.emulated = _emu.active()  # CPU tensors, host-synchronous launches (engines/emulated.py)
+        self.device = _emu.device(self.emulated)
         self.timeout_s = float(timeout_s if timeout_s is not None else comm.timeout_s)
         self._rt = None
         self._last_worst = 0
-        self._rt = lib.runtime_create(rank=members.index(self.rank), num_ranks=len(members), device=self.device.index,
+        self._rt = lib.runtime_create(rank=members.index(self.rank), num_ranks=len(members), device=self.device.index or 0,
                                       num_nvl_bytes=allocation_bytes, timeout_s=self.timeout_s)
         try:
             handle = lib.runtime_ipc_handle(self._rt)
@@ -207,6 +212,8 @@ class CudaEngine:
         The kernels use it as scratch: its contents change with every dispatch and combine."""
         self._alive()
         owner = self
+        if self.emulated:
+            return _emu.host_bytes(self._data_ptr, self.num_nvl_bytes, owner)
 
         class _View:  # __cuda_array_interface__ keeps `owner` (and so the allocation) alive
             __cuda_array_interface__ = {"shape": (self.num_nvl_bytes,), "typestr": "|u1",
@@ -216,6 +223,9 @@ class CudaEngine:
         return torch.as_tensor(_View(), device=self.device)
 
     # ---------------------------------------------------------------------------------- helpers
+    def _stream(self) -> int:
+        return _emu.stream(self.emulated)
+
     def _alive(self) -> None:
         if self._rt is None:
             raise RuntimeError("deep_ep CUDA engine: the buffer was destroyed")
@@ -226,14 +236,14 @@ class CudaEngine:
         the same counts, so every rank then raises alike; without the wait a rank whose notify had not
         run yet would go on into a collective its peers left."""
         self._last_worst = num_worst_tokens
-        if not torch.cuda.is_current_stream_capturing():
+        if not self.emulated and not torch.cuda.is_current_stream_capturing():
             self._worst_event = torch.cuda.Event()
             self._worst_event.record()
 
     def _check_worst_overflow(self) -> None:
         """Raise for an earlier num_worst_tokens overflow (the kernels flagged it; see the module doc)."""
         event = getattr(self, "_worst_event", None)
-        if event is not None and not torch.cuda.is_current_stream_capturing():
+        if event is not None and not self.emulated and not torch.cuda.is_current_stream_capturing():
             event.synchronize()
             self._worst_event = None
         value = self._lib.runtime_take_worst_overflow(self._rt)
@@ -260,7 +270,7 @@ class CudaEngine:
         num_tokens_per_expert = torch.empty(num_experts, dtype=_I32, device=self.device)
         is_token_in_rank = torch.empty((num_tokens, self.num_ranks), dtype=torch.bool, device=self.device)
         self._lib.get_dispatch_layout(
-            self.device.index, _stream(), _ptr(num_tokens_per_rank), _ptr(num_tokens_per_expert), _ptr(is_token_in_rank), _ptr(topk_idx),
+            self.device.index or 0, self._stream(), _ptr(num_tokens_per_rank), _ptr(num_tokens_per_expert), _ptr(is_token_in_rank), _ptr(topk_idx),
             num_tokens, num_topk, num_experts, self.num_ranks)
         return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank
 
@@ -291,7 +301,7 @@ class CudaEngine:
         rank_prefix_matrix = torch.empty((R, R), dtype=_I32, device=self.device)
         channel_prefix_matrix = torch.empty((R, C), dtype=_I32, device=self.device)
         recv_channel_prefix_matrix = torch.empty((R, C), dtype=_I32, device=self.device)
-        stream = _stream()
+        stream = self._stream()
         lib.intranode_notify_dispatch(
             self._rt, stream, _ptr(rank_prefix_matrix), _ptr(channel_prefix_matrix), _ptr(recv_channel_prefix_matrix),
             _ptr(num_tokens_per_expert), _ptr(is_token_in_rank), num_tokens, num_experts, C,
@@ -351,7 +361,7 @@ class CudaEngine:
         scale_strides = (x_scales.stride(0), x_scales.stride(1)) if x_scales is not None else (0, 0)
         # The row count is known only on the device (no CPU sync): rows past it are zero-filled there.
         self._lib.intranode_dispatch(
-            self._rt, _stream(), _ptr(recv_x), _ptr(recv_scales), None, None, None, None, _ptr(x), _ptr(x_scales),
+            self._rt, self._stream(), _ptr(recv_x), _ptr(recv_scales), None, None, None, None, _ptr(x), _ptr(x_scales),
             scale_strides[0], scale_strides[1], None, None, _ptr(is_token_in_rank.contiguous()),
             _ptr(rank_prefix_matrix.contiguous()), _ptr(recv_channel_prefix_matrix.contiguous()), num_tokens, num_rows,
             1, 0, C, slots, send_tokens, row_bytes, 0, num_scales, 1)
@@ -376,7 +386,7 @@ class CudaEngine:
         if topk_weights is not None:
             combined_w = torch.empty((num_tokens, num_topk), dtype=torch.float32, device=self.device)
         self._lib.intranode_combine(
-            self._rt, _stream(), _ptr(combined_x), _ptr(combined_w), _ptr(x), _ptr(topk_weights), _ptr(biases[0]),
+            self._rt, self._stream(), _ptr(combined_x), _ptr(combined_w), _ptr(x), _ptr(topk_weights), _ptr(biases[0]),
             _ptr(biases[1]), _ptr(rank_prefix_matrix.contiguous()), _ptr(recv_channel_prefix_matrix.contiguous()),
             _ptr(send_head.contiguous()), num_tokens, C, slots, send_tokens, hidden * x.element_size(), num_topk)
         return combined_x, combined_w

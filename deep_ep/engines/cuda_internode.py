@@ -36,7 +36,7 @@ import torch
 from .. import _core, _nvshmem
 from .._comm import Communicator
 from ..config import Config, get_combine_config, get_dispatch_config
-from .cuda import CudaEngine, _ptr, _reach, _stream, local_status
+from .cuda import CudaEngine, _ptr, _reach, local_status
 
 __all__ = ["CudaInternodeEngine", "probe", "requested_transport", "TRANSPORTS"]
 
@@ -212,7 +212,7 @@ class CudaInternodeEngine(CudaEngine):
             raise _core.CoreError(_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available")
         self._nv = nv
         _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, heap_bytes)
-        _nvshmem.bootstrap(self.comm, nv, self.device.index)
+        _nvshmem.bootstrap(self.comm, nv, self.device.index or 0)
         self._nv_ptr = nv.alloc(self.num_rdma_bytes)
         self._nvl_peers = [self._lib.runtime_peer_ptr(self._rt, peer=j) for j in range(self.num_ranks_per_node)]
         self._device_counters = self._lib.runtime_device_counters(self._rt)
@@ -240,13 +240,13 @@ class CudaInternodeEngine(CudaEngine):
         c.num_max_rdma_send = config.num_max_rdma_chunked_send_tokens
         c.num_max_nvl_send = config.num_max_nvl_chunked_send_tokens
         c.expert_alignment = 1
-        c.device = self.device.index
+        c.device = self.device.index or 0
         c.nvshmem_p2p_group = self._p2p_group
         return c
 
     def _launch(self, call: _core.InternodeCall, what: str) -> None:
         if self.transport == "peer":
-            self._lib.internode_launch(self._rt, call, self.nvl_region_bytes, _stream())
+            self._lib.internode_launch(self._rt, call, self.nvl_region_bytes, self._stream())
             return
         # NVSHMEM: the same checks and set-up deep_ep_internode_launch does for peer memory.
         rdma, nvl = self.layout_bytes(call)
@@ -266,7 +266,7 @@ class CudaInternodeEngine(CudaEngine):
         call.timeout_ns = int(self.timeout_s * 1e9)
         if call.op == _core.INTERNODE_NOTIFY and call.num_worst_tokens == 0:
             self._lib.runtime_reset_recv_counters(self._rt, call.num_experts // self.num_ranks)
-        self._nv.internode_launch(call, _stream())
+        self._nv.internode_launch(call, self._stream())
 
     def layout_bytes(self, call: _core.InternodeCall) -> Tuple[int, int]:
         """``(rdma_bytes, nvl_bytes)`` the call's layout needs."""
@@ -327,7 +327,7 @@ class CudaInternodeEngine(CudaEngine):
         c.recv_rdma_rank_prefix_sum = _ptr(recv_rdma_rank_prefix_sum)
         c.recv_gbl_channel_prefix_matrix = _ptr(recv_gbl_channel_prefix_matrix)
         c.recv_gbl_rank_prefix_sum = _ptr(recv_gbl_rank_prefix_sum)
-        stream = _stream()
+        stream = self._stream()
         self._launch(c, "internode notify")
 
         if num_worst_tokens > 0:

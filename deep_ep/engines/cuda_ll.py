@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import _core, _nvshmem
+from . import emulated as _emu
 from .._comm import Communicator
 from .local_buffers import DoubleBufferSlots
 
@@ -63,11 +64,12 @@ def _local_status(num_rdma_bytes: int) -> Tuple[bool, str, dict]:
     lib = _core.load()
     if lib is None:
         return False, _core.load_error() or "the compiled core is not available", {}
-    if not torch.cuda.is_available():
+    emulated = _emu.active()
+    if not emulated and not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)", {}
     if num_rdma_bytes <= 0:
         return False, "num_rdma_bytes is 0", {}
-    device = torch.cuda.current_device()
+    device = 0 if emulated else torch.cuda.current_device()
     try:
         bus_id = lib.device_pci_bus_id(device=device)
     except _core.CoreError as exc:
@@ -164,9 +166,10 @@ class CudaLowLatency(DoubleBufferSlots):
         self.num_rdma_bytes = num_rdma_bytes
         self.enable_shrink = enable_shrink
         self.transport = transport
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.emulated = _emu.active()  # CPU tensors, host-synchronous launches (engines/emulated.py)
+        self.device = _emu.device(self.emulated)
         self.timeout_s = float(timeout_s if timeout_s is not None else comm.timeout_s)
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.num_sms = _emu.num_sms(self.emulated, self.device)
         self._rt = None
         self._nv = None
         self._nv_ptr = 0
@@ -175,17 +178,22 @@ class CudaLowLatency(DoubleBufferSlots):
         self._workspace_key: Optional[Tuple[int, int]] = None
         self._signal_layout: Optional[Tuple[int, ...]] = None  # offsets of the last call's layout
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
-        self._flags = torch.zeros(4, dtype=torch.int32).pin_memory()
+        self._flags = torch.zeros(4, dtype=torch.int32)
+        if not self.emulated:
+            self._flags = self._flags.pin_memory()
         if transport == "peer":
             self._ptr = self._open_peer()
         else:
             self._ptr = self._open_nvshmem(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host)
-        self._buffer = torch.as_tensor(_BufferView(self._ptr, num_rdma_bytes, self), device=self.device)
+        if self.emulated:
+            self._buffer = _emu.host_bytes(self._ptr, num_rdma_bytes, self)
+        else:
+            self._buffer = torch.as_tensor(_BufferView(self._ptr, num_rdma_bytes, self), device=self.device)
 
     # ------------------------------------------------------------------------------ set-up
     def _open_peer(self) -> int:
         lib = self._lib
-        rt = lib.runtime_create(rank=self.rank, num_ranks=self.num_ranks, device=self.device.index,
+        rt = lib.runtime_create(rank=self.rank, num_ranks=self.num_ranks, device=self.device.index or 0,
                                 num_nvl_bytes=self.num_rdma_bytes, timeout_s=self.timeout_s)
         self._rt = rt
         try:
@@ -213,7 +221,7 @@ class CudaLowLatency(DoubleBufferSlots):
             raise _core.CoreError(_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available")
         self._nv = nv
         _nvshmem.apply_env_defaults(num_qps_per_rank, allow_nvlink, allow_mnnvl, single_host, self.num_rdma_bytes)
-        _nvshmem.bootstrap(self.comm, nv, self.device.index)
+        _nvshmem.bootstrap(self.comm, nv, self.device.index or 0)
         ptr = nv.alloc(self.num_rdma_bytes)
         self._nv_ptr = ptr
         return ptr
@@ -260,7 +268,7 @@ class CudaLowLatency(DoubleBufferSlots):
             if self._workspace is not None and self._workspace.numel() >= words:
                 ws = self._workspace  # the header (epochs) stays; prepare clears or rewrites the rest per call
             else:
-                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                if not self.emulated and torch.cuda.is_current_stream_capturing():
                     raise RuntimeError("deep_ep CUDA LL engine: the first call with a new (num_max_dispatch_tokens_per_rank, "
                                        "num_experts) allocates its workspace; make one such call before capturing")
                 ws = torch.zeros(words, dtype=torch.int32, device=self.device)
@@ -328,7 +336,7 @@ class CudaLowLatency(DoubleBufferSlots):
         return c
 
     def _launch(self, c: _core.LLCall, phases: int) -> None:
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = _emu.stream(self.emulated, self.device)
         if phases & _core.LL_SEND:
             self._lib.ll_prepare(c, stream)
             if self.transport == "peer":

@@ -18,7 +18,8 @@ import torch
 
 import intranode_cases
 from intranode_cases import HANDLE_FIELDS_MULTI_NODE as HANDLE_FIELDS  # noqa: F401 (re-exported)
-from intranode_cases import Case, Checker, _bf16, _combine_inputs, _device, build_inputs
+from intranode_cases import (Case, Checker, _bf16, _combine_inputs, _device, build_inputs, compiled_engine, emulated,
+                             synchronize)
 
 NVL_BYTES = 48 << 20
 RDMA_BYTES = 48 << 20
@@ -133,11 +134,12 @@ def make_buffers(group, nvl_bytes: int = NVL_BYTES, rdma_bytes: int = RDMA_BYTES
 
 
 def internode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Case], extras: bool) -> List[str]:
-    torch.cuda.set_device(_device(rank))
+    if not emulated():
+        torch.cuda.set_device(_device(rank))
     bufs = make_buffers(group)
     chk = Checker(rank)
     chk.prefix = "buffer"
-    chk.true("engine", bufs[0].engine == "cuda", f"got {bufs[0].engine!r}: {bufs[0].engine_reason}")
+    chk.true("engine", bufs[0].engine == compiled_engine(), f"got {bufs[0].engine!r}: {bufs[0].engine_reason}")
     chk.true("num_nodes", bufs[0].num_nodes >= 2, f"got {bufs[0].num_nodes} (set DEEP_EP_RANKS_PER_NODE)")
     want = os.environ.get("DEEP_EP_INTERNODE_TRANSPORT", "auto").split("-")[0]
     got = getattr(bufs[0]._cuda, "transport", None)
@@ -150,7 +152,7 @@ def internode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Ca
     if extras:
         chk.prefix = "CUDA graph"
         intranode_cases.run_graph_case(bufs, rank, num_ranks, seed + 9, chk, config=_config(Case("graph")))
-    torch.cuda.synchronize()
+    synchronize()
     for b in bufs:
         b.destroy()
     return chk.failures

@@ -56,9 +56,26 @@ CASES: List[Case] = [
 ]
 
 
+def emulated() -> bool:
+    """``DEEP_EP_ENGINE=emulated`` in the ranks' environment: the same cases on CPU tensors through the
+    kernel emulator (tests/test_emulated.py), the compiled Buffer's engine is then "emulated"."""
+    return os.environ.get("DEEP_EP_ENGINE") == "emulated"
+
+
+def compiled_engine() -> str:
+    return "emulated" if emulated() else "cuda"
+
+
 def _device(rank: int) -> torch.device:
     """This rank's GPU: LOCAL_RANK (set by multi-node launchers) or the rank, modulo the devices."""
+    if emulated():
+        return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+
+
+def synchronize() -> None:
+    if not emulated():
+        torch.cuda.synchronize()
 
 
 def _routing(case: Case, num_tokens: int, num_ranks: int, gen: torch.Generator) -> torch.Tensor:
@@ -309,7 +326,7 @@ def make_buffers(group, nvl_bytes: int = NVL_BYTES, **buffer_kwargs):
     import deep_ep
     saved = os.environ.get("DEEP_EP_ENGINE")
     try:
-        os.environ["DEEP_EP_ENGINE"] = "cuda"
+        os.environ["DEEP_EP_ENGINE"] = compiled_engine()
         cuda_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True, **buffer_kwargs)
         os.environ["DEEP_EP_ENGINE"] = "portable"
         port_buf = deep_ep.Buffer(group, num_nvl_bytes=nvl_bytes, explicitly_destroy=True, **buffer_kwargs)
@@ -322,11 +339,12 @@ def make_buffers(group, nvl_bytes: int = NVL_BYTES, **buffer_kwargs):
 
 
 def intranode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Case], extras: bool) -> List[str]:
-    torch.cuda.set_device(_device(rank))
+    if not emulated():
+        torch.cuda.set_device(_device(rank))
     bufs = make_buffers(group)
     chk = Checker(rank)
     chk.prefix = "buffer"
-    chk.true("engine", bufs[0].engine == "cuda", f"got {bufs[0].engine!r}: {bufs[0].engine_reason}")
+    chk.true("engine", bufs[0].engine == compiled_engine(), f"got {bufs[0].engine!r}: {bufs[0].engine_reason}")
     for i, case in enumerate(cases):
         chk.prefix = f"case {case.name!r} (seed {seed + 10 * i})"
         run_case(bufs, rank, num_ranks, case, seed + 10 * i, chk)
@@ -335,7 +353,7 @@ def intranode_worker(rank: int, num_ranks: int, group, seed: int, cases: List[Ca
         run_async_case(bufs, rank, num_ranks, seed + 7, chk)
         chk.prefix = "CUDA graph"
         run_graph_case(bufs, rank, num_ranks, seed + 9, chk)
-    torch.cuda.synchronize()
+    synchronize()
     for b in bufs:
         b.destroy()
     return chk.failures

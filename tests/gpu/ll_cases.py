@@ -22,7 +22,7 @@ from typing import List
 
 import torch
 
-from intranode_cases import Checker, _device
+from intranode_cases import Checker, _device, compiled_engine, emulated, synchronize
 
 # NVSHMEM on one GPU without a NIC: forced in the ranks, whatever the machine image exports.
 NVSHMEM_TEST_ENV = {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "none", "NVSHMEM_DISABLE_NVLS": "1",
@@ -227,7 +227,8 @@ def run_shrink_case(engines, rank: int, num_ranks: int, seed: int, chk: Checker)
 
 def ll_worker(rank: int, num_ranks: int, group, seed: int, transport: str, cases: List[LLCase],
               extras: bool) -> List[str]:
-    torch.cuda.set_device(_device(rank))
+    if not emulated():
+        torch.cuda.set_device(_device(rank))
     chk = Checker(rank)
     chk.prefix = f"{transport} engine set-up"
     engines = make_engines(group, transport, rdma_bytes_for(cases + [LLCase("graph"), LLCase("shrink")], num_ranks))
@@ -235,11 +236,12 @@ def ll_worker(rank: int, num_ranks: int, group, seed: int, transport: str, cases
         chk.prefix = f"{transport}: case {case.name!r} (seed {seed + 10 * i})"
         run_ll_case(engines, rank, num_ranks, case, seed + 10 * i, chk)
     if extras:
-        chk.prefix = f"{transport}: CUDA graph"
-        run_graph_case(engines, rank, num_ranks, seed + 7, chk)
+        if not emulated():  # no CUDA graphs on CPU tensors
+            chk.prefix = f"{transport}: CUDA graph"
+            run_graph_case(engines, rank, num_ranks, seed + 7, chk)
         chk.prefix = f"{transport}: shrink mode"
         run_shrink_case(engines, rank, num_ranks, seed + 9, chk)
-    torch.cuda.synchronize()
+    synchronize()
     engines[0].destroy(collective=True)
     engines[2].close()
     return chk.failures
@@ -251,7 +253,8 @@ def buffer_worker(rank: int, num_ranks: int, group, seed: int, transport: str) -
     import os
 
     import deep_ep
-    torch.cuda.set_device(_device(rank))
+    if not emulated():
+        torch.cuda.set_device(_device(rank))
     chk = Checker(rank)
     chk.prefix = f"Buffer ({transport})"
     case = LLCase("buffer", fp8=True)
@@ -261,8 +264,9 @@ def buffer_worker(rank: int, num_ranks: int, group, seed: int, transport: str) -
     if not hasattr(buf, "ll_engine"):
         buf.destroy()
         return ["SKIP: deep_ep.Buffer has no ll_engine"] if rank == 0 else []
-    chk.true("ll_engine", buf.ll_engine == "cuda", f"{buf.ll_engine}: {buf.ll_engine_reason}")
-    chk.true("engine_reason mentions the LL engine", "low-latency mode: cuda" in buf.engine_reason, buf.engine_reason)
+    chk.true("ll_engine", buf.ll_engine == compiled_engine(), f"{buf.ll_engine}: {buf.ll_engine_reason}")
+    chk.true("engine_reason mentions the LL engine", f"low-latency mode: {compiled_engine()}" in buf.engine_reason,
+             buf.engine_reason)
     saved = os.environ.get("DEEP_EP_ENGINE")
     os.environ["DEEP_EP_ENGINE"] = "portable"
     try:
@@ -294,8 +298,9 @@ def buffer_worker(rank: int, num_ranks: int, group, seed: int, transport: str) -
         comb_ref = ref.low_latency_combine(y, topk_idx, topk_w, want[2])
         chk.equal("combined_x", comb[0], comb_ref[0])
     rdma_view = buf.get_local_buffer_tensor(torch.uint8, use_rdma_buffer=True)
-    chk.true("get_local_buffer_tensor(use_rdma_buffer=True) is the CUDA LL buffer", rdma_view.is_cuda)
-    torch.cuda.synchronize()
+    chk.true("get_local_buffer_tensor(use_rdma_buffer=True) is the CUDA LL buffer",
+             rdma_view.device.type == ("cpu" if emulated() else "cuda"))
+    synchronize()
     buf.destroy()
     ref.destroy()
     return chk.failures
