@@ -576,8 +576,8 @@ class Communicator:
         """The `CommError` for an operation that peers left because they raised in their own call."""
         elapsed = time.monotonic() - (self._op_started if started is None else started)
         missing = sorted(raised)
-        head = (f"{_where(op)}: `{op}` failed on rank {self.rank} of {self.size} after {elapsed:.1f} s: peer rank(s) "
-                f"{missing} raised an error in their own call and will not join it")
+        head = (f"{_where(op)}: failed on rank {self.rank} of {self.size} after {elapsed:.1f} s: peer rank(s) "
+                f"{missing} raised an error in their own call and will not join this one")
         parts = [f"Rank {p}: {raised[p]}" for p in missing]
         message = head + ". " + ". ".join(p.rstrip(".") for p in parts) + "."
         self._publish_failure(op, missing)

@@ -32,6 +32,7 @@ TOKENS = 8
 HIDDEN = 256
 BIG_HIDDEN = 384
 TOPK = 2
+LINGER_S = 4.0  # the rank that raised in a `late` case keeps its Buffer open this long
 
 
 class InjectedFault(RuntimeError):
@@ -218,6 +219,10 @@ def agreement_worker(rank: int, R: int, group, seed: int, cases: List[str]) -> D
         elapsed = time.monotonic() - t0
         later = ""
         if name.endswith(":late"):
+            if rank == R - 1:
+                # The rank that raised goes on with other work for a while (it does not close its connections):
+                # its peers must learn of its error through its heartbeat, not from a closed socket.
+                time.sleep(LINGER_S)
             # every later call raises at once; destroy() still works; a new Buffer works
             t1 = time.monotonic()
             try:
@@ -230,6 +235,23 @@ def agreement_worker(rank: int, R: int, group, seed: int, cases: List[str]) -> D
         _good_round(buf, rank, R, seed, step)
         out[name] = {"type": raised[0], "text": raised[1], "elapsed": elapsed, "later": later, "usable": True}
     buf.destroy()
+
+    # Buffer set-up: one rank's CUDA-engine probe raises while its peers wait for it in a set-up exchange.
+    if rank == R - 1:
+        from deep_ep.engines import cuda
+
+        def broken_probe(*args, **kwargs):
+            raise RuntimeError("injected probe failure")
+
+        cuda.local_status = broken_probe
+    dist.barrier(group)
+    t0 = time.monotonic()
+    try:
+        _new_buffer(group, R).destroy()
+        raised = ("nothing", "")
+    except Exception as exc:  # noqa: BLE001
+        raised = (type(exc).__name__, str(exc))
+    out["__init__:late"] = {"type": raised[0], "text": raised[1], "elapsed": time.monotonic() - t0}
     return out
 
 
@@ -294,6 +316,8 @@ def test_faults_raise_on_every_rank(R):
                         rec["text"] and "InjectedFault: injected fault" in rec["text"]
                 if not ok:
                     problems.append(where)
+                if r != victim and rec["elapsed"] >= LINGER_S - 0.5:
+                    problems.append(f"{where}: raised after {rec['elapsed']:.1f} s, not within a heartbeat period")
                 if "this Buffer failed earlier: " not in rec["later"] or "create a new Buffer" not in rec["later"]:
                     problems.append(f"{name}, rank {r}: a later call gave: {rec['later']}")
                 continue
@@ -310,5 +334,17 @@ def test_faults_raise_on_every_rank(R):
                 problems.append(f"{name}: the ranks raised different messages: {texts}")
             if "no data moved on any rank, and the Buffer is still usable" not in recs[0]["text"]:
                 problems.append(f"{name}: {recs[0]['text']}")
+    setup = [per_rank[r]["__init__:late"] for r in range(R)]
+    rows.append(f"{R} ranks | {'__init__:late':22s} | {max(rec['elapsed'] for rec in setup):6.2f} s | (none made)")
+    for r, rec in enumerate(setup):
+        where = f"__init__:late, rank {r}: {rec['type']}: {rec['text']}"
+        want = "injected probe failure"
+        if r != victim:
+            want = f"Rank {victim}: it raised an error in its own call to `deep_ep.Buffer(...)` (its set-up)"
+            if rec["type"] != "CommError" or "injected probe failure" not in rec["text"] or "probe" in \
+                    rec["text"].replace("injected probe failure", ""):
+                problems.append(where)
+        if want not in rec["text"] or rec["elapsed"] > TIMEOUT_S / 2:
+            problems.append(f"{where} (after {rec['elapsed']:.1f} s)")
     print("\n".join(["ranks | case | slowest rank to raise | Buffer afterwards"] + rows))
     assert not problems, "\n".join(problems)
