@@ -322,7 +322,7 @@ def _check(comm: Communicator, call: _Call, table: torch.Tensor) -> None:
             kinds.append(kind)
             texts.append(f"rank {r} raised {kind}: {text}")
         cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kinds[0], RuntimeError)
-        raise coordinated(cls(f"{where}: {'; '.join(texts)} ({kept}; the other ranks raise this error)"))
+        raise coordinated(cls(f"{where}: {'; '.join(texts)} ({kept})"))
     # 2. Diverged call sequences.
     methods = {r: _METHODS[int(rows[r][W_METHOD])] if 0 <= rows[r][W_METHOD] < len(_METHODS) else "?"
                for r in range(R)}
@@ -416,8 +416,8 @@ class guard:
     def __enter__(self) -> _Call:
         comm = self.comm
         if comm.failed:
-            raise CommError(f"deep_ep.Buffer.{self.method}: this Buffer failed earlier: {comm.failed}; create a new "
-                            f"Buffer", op=self.method, rank=comm.rank)
+            raise CommError(f"deep_ep.Buffer.{self.method}: this Buffer failed earlier: {comm.failed.rstrip('.')}; "
+                            f"create a new Buffer", op=self.method, rank=comm.rank)
         comm.clear_error()
         self.call = _state(comm).begin(self.method)
         return self.call

@@ -582,8 +582,9 @@ class Communicator:
         message = head + ". " + ". ".join(p.rstrip(".") for p in parts) + "."
         self._publish_failure(op, missing)
         self.failed = self.failed or message
-        return CommError(message + " The Buffer cannot be used after this error: create a new one.", op=op,
-                         rank=self.rank, missing_ranks=missing)
+        after = " No Buffer was created." if _where(op) == "deep_ep.Buffer.__init__" else \
+            " The Buffer cannot be used after this error: create a new one."
+        return CommError(message + after, op=op, rank=self.rank, missing_ranks=missing)
 
     def _publish_failure(self, op: str, blamed: Sequence[int]) -> None:
         """Tell the peers (through this rank's heartbeat key) that `op` failed here and whom it blamed."""
@@ -687,8 +688,8 @@ class Communicator:
 
     def _check_open(self, op: str) -> None:
         if self.failed:
-            raise CommError(f"{_where(op)}: this Buffer failed earlier: {self.failed}; create a new Buffer", op=op,
-                            rank=self.rank)
+            raise CommError(f"{_where(op)}: this Buffer failed earlier: {self.failed.rstrip('.')}; create a new Buffer",
+                            op=op, rank=self.rank)
         if self.pg is None:
             raise CommError(f"{_where(op)}: `{op}` on rank {self.rank}: deep_ep's communicator was closed "
                             f"(the Buffer was destroyed)", op=op, rank=self.rank)
@@ -825,6 +826,14 @@ class Communicator:
             except Exception:
                 pass
         self._stop.set()
+        if self.rank == 0 and self._store is not None and (self.failed or self._activity.error):
+            # The peers may still be diagnosing this failure through the store this rank hosts: keep it
+            # serving a little longer (a daemon timer holds it; nothing blocks the process from exiting).
+            held = [self._store, self._listen_sock]
+            timer = threading.Timer(max(2.0, 3.0 * self._period), held.clear)
+            timer.daemon = True
+            timer.start()
+            self._listen_sock = None
         self.pg = None
         self._store = None
         self._diag_store = None

@@ -304,8 +304,8 @@ class Buffer:
         if self._destroyed:
             raise RuntimeError(f"deep_ep.Buffer.{where}: this buffer was destroyed")
         if self._comm.failed:
-            raise CommError(f"deep_ep.Buffer.{where}: this Buffer failed earlier: {self._comm.failed}; create a new "
-                            f"Buffer", op=where, rank=self.rank)
+            raise CommError(f"deep_ep.Buffer.{where}: this Buffer failed earlier: {self._comm.failed.rstrip('.')}; "
+                            f"create a new Buffer", op=where, rank=self.rank)
 
     def _failure_exchange(self, method: str, ll: bool) -> None:
         """This rank raised before its call's first exchange: take part in it, flagged (deep_ep._agree)."""
