@@ -560,7 +560,7 @@ class Communicator:
         parts += [echoes[p] for p in sorted(echoes)]
         if same and (missing or echoes):
             parts.append(f"Peer rank(s) {sorted(same)} are alive and in this operation")
-        parts.append(f"This rank's call #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
+        parts.append(f"This rank's operation #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
         message = head + ": " + ". ".join(parts) + "."
         if cause:
             message += f" Cause: {cause}"
