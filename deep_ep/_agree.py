@@ -91,8 +91,7 @@ _FIELDS: Dict[str, list] = {
         (W_CHANNELS, "the number of channels (`config`: num_sms / 2)", _fmt_int),
         (W_WORST, "`num_worst_tokens`", _fmt_int)],
     "cached dispatch": _X + _SCALES + [
-        (W_HANDLE, "the dispatch `handle` comes from", _fmt_handle),
-        (W_HANDLE_TOKENS, "the number of tokens of `handle`", _fmt_int)],
+        (W_HANDLE, "the dispatch `handle` comes from", _fmt_handle)],
     "combine": _X + [
         (W_WEIGHTS, "the number of columns of `topk_weights`", _fmt_opt),
         (W_HANDLE, "the dispatch `handle` comes from", _fmt_handle)],

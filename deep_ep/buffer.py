@@ -313,6 +313,8 @@ class Buffer:
             self._ll._begin_call()  # the peers' portable low-latency engines took a double-buffer slot
         if ll and self.enable_shrink:
             # Low-latency calls in shrink mode exchange point to point, not through the common exchange.
+            if method == "clean_low_latency_buffer":
+                raise RuntimeError("no header exchange to take part in")  # the peers learn it from the heartbeat
             self._ll_engine().failure_exchange(f"{method} (header exchange)")
             return
         _agree.exchange(self._comm, None, f"{method} (agreement)")
@@ -618,8 +620,7 @@ class Buffer:
             key = handle[4] if len(handle) == 6 else handle[0]
             _agree.describe(self._comm, "cached dispatch", portable=engine is self._engine, device=data.device,
                             hidden=data.size(1), x_dtype=data.dtype, scale_dtype=None if scales is None else scales.dtype,
-                            scale_cols=0 if scales is None else scales.size(1), handle=_agree.handle_id(self._comm, key),
-                            handle_tokens=key.size(0))
+                            scale_cols=0 if scales is None else scales.size(1), handle=_agree.handle_id(self._comm, key))
             with _Launch(self, [data, scales], previous_event, async_finish) as launch:
                 recv = engine.cached_dispatch(data, scales, handle, **self._config_kw(engine, config))
             recv_x = recv

@@ -203,6 +203,7 @@ CASES = [
 
 
 def agreement_worker(rank: int, R: int, group, seed: int, cases: List[str]) -> Dict[str, Any]:
+    import torch
     import torch.distributed as dist
     from deep_ep import CommError
     out: Dict[str, Any] = {}
@@ -235,6 +236,27 @@ def agreement_worker(rank: int, R: int, group, seed: int, cases: List[str]) -> D
         _good_round(buf, rank, R, seed, step)
         out[name] = {"type": raised[0], "text": raised[1], "elapsed": elapsed, "later": later, "usable": True}
     buf.destroy()
+
+    # Shrink mode (point-to-point low-latency exchanges): a rank whose arguments fail is named by every rank.
+    import deep_ep
+    rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, R, 2 * R)
+    shrink = deep_ep.Buffer(group, num_rdma_bytes=rdma, low_latency_mode=True, enable_shrink=True,
+                            explicitly_destroy=True)
+    x, topk_idx, w, E = _inputs(rank, R, seed, 5)
+    bad = topk_idx.clone()
+    bad[0, 0] = E + 5
+    dist.barrier(group)
+    t0 = time.monotonic()
+    try:
+        shrink.low_latency_dispatch(x, bad if rank == R - 1 else topk_idx, TOKENS, E, use_fp8=False)
+        raised = ("nothing", "")
+    except Exception as exc:  # noqa: BLE001
+        raised = (type(exc).__name__, str(exc))
+    out["shrink ll_dispatch:local"] = {"type": raised[0], "text": raised[1], "elapsed": time.monotonic() - t0}
+    recv, _, handle, _, _ = shrink.low_latency_dispatch(x, topk_idx, TOKENS, E, use_fp8=False)
+    got, _, _ = shrink.low_latency_combine(recv, topk_idx, w, handle)
+    assert torch.equal(got.float(), x.float() * TOPK)  # still usable
+    shrink.destroy()
 
     # Buffer set-up: one rank's CUDA-engine probe raises while its peers wait for it in a set-up exchange.
     if rank == R - 1:
@@ -334,6 +356,12 @@ def test_faults_raise_on_every_rank(R):
                 problems.append(f"{name}: the ranks raised different messages: {texts}")
             if "no data moved on any rank, and the Buffer is still usable" not in recs[0]["text"]:
                 problems.append(f"{name}: {recs[0]['text']}")
+    recs = [per_rank[r]["shrink ll_dispatch:local"] for r in range(R)]
+    rows.append(f"{R} ranks | {'shrink ll_dispatch:local':22s} | {max(rec['elapsed'] for rec in recs):6.2f} s | usable")
+    for r, rec in enumerate(recs):
+        want = "`topk_idx` holds expert ids outside" if r == victim else f"rank {victim} raised ValueError"
+        if want not in rec["text"] or rec["elapsed"] > TIMEOUT_S / 2:
+            problems.append(f"shrink ll_dispatch:local, rank {r}: {rec}")
     setup = [per_rank[r]["__init__:late"] for r in range(R)]
     rows.append(f"{R} ranks | {'__init__:late':22s} | {max(rec['elapsed'] for rec in setup):6.2f} s | (none made)")
     for r, rec in enumerate(setup):

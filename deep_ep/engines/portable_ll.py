@@ -247,9 +247,11 @@ class PortableLowLatency(DoubleBufferSlots):
         kinds = {p: int(table[p, _H_KIND]) for p in peers}
         failed = [p for p, k in kinds.items() if k == _KIND_FAILED]
         if failed:  # shrink mode: a rank raised before its header exchange; its message is in the store
-            texts = ["rank {} raised {}: {}".format(p, *_agree.read_error(self.comm, p)) for p in failed]
-            raise _agree.coordinated(RuntimeError(f"deep_ep.Buffer.{what}: {'; '.join(texts)} (no data moved on "
-                                                  f"any rank, and the Buffer is still usable)"))
+            errors = [(p, *_agree.read_error(self.comm, p)) for p in failed]
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(errors[0][1], RuntimeError)
+            texts = "; ".join(f"rank {p} raised {kind}: {text}" for p, kind, text in errors)
+            raise _agree.coordinated(cls(f"deep_ep.Buffer.{what}: {texts} (no data moved on any rank, and the "
+                                         f"Buffer is still usable)"))
         if len(set(kinds.values())) > 1:
             calls = ", ".join(f"rank {p}: {_KIND_NAMES.get(k, f'kind {k}')}" for p, k in kinds.items())
             raise _agree.coordinated(RuntimeError(
