@@ -43,8 +43,8 @@ __all__ = ["exchange", "describe", "coordinated", "guard", "collective", "note_h
 # Descriptor words (int64).
 _MAGIC = 0x0DEE9A93
 (W_MAGIC, W_CALL, W_METHOD, W_STATUS, W_DEVICE, W_HIDDEN, W_X_DTYPE, W_SCALE_DTYPE, W_SCALE_COLS, W_TOPK,
- W_EXPERTS, W_CHANNELS, W_WORST, W_TMAX, W_FP8, W_ROUND, W_UE8M0, W_LOGFMT, W_HANDLE, W_HANDLE_TOKENS,
- W_HANDLE_ROWS, W_WEIGHTS, W_NVL_BYTES, W_RDMA_BYTES, W_LL_MODE, W_SHRINK, W_PAYLOAD) = range(27)
+ W_EXPERTS, W_CHANNELS, W_WORST, W_TMAX, W_FP8, W_ROUND, W_UE8M0, W_LOGFMT, W_HANDLE, W_WEIGHTS, W_NVL_BYTES,
+ W_RDMA_BYTES, W_LL_MODE, W_SHRINK, W_PAYLOAD) = range(25)
 D = 32
 _CAP_MAX = 4096  # payload words that may ride inline in the descriptor exchange
 
@@ -57,7 +57,7 @@ _DTYPES = [None, torch.bfloat16, torch.float16, torch.float32, torch.int32, torc
 _DEVICES = {"cpu": 1, "cuda": 2}
 
 # Which words each method's ranks must agree on: (word, what, how to show a value).
-_fmt_int = str
+_fmt_int = str  # noqa: E731
 
 
 def _fmt_dtype(v: int) -> str:
@@ -174,8 +174,8 @@ def describe(comm: Communicator, method: Optional[str] = None, portable: Optiona
     """Record what the current call's ranks must agree on (after this rank's argument checks passed).
 
     ``fields``: ``device`` (a torch.device), ``x_dtype``/``scale_dtype`` (torch dtypes or None), and ints
-    ``hidden, scale_cols, topk, experts, channels, worst, tmax, fp8, round, ue8m0, logfmt, handle,
-    handle_tokens, handle_rows, weights, nvl_bytes, rdma_bytes, ll_mode, shrink``. ``portable``: the
+    ``hidden, scale_cols, topk, experts, channels, worst, tmax, fp8, round, ue8m0, logfmt, handle, weights,
+    nvl_bytes, rdma_bytes, ll_mode, shrink``. ``portable``: the
     call runs on a portable engine (False: the CUDA kernels, which do no host exchange).
     """
     call = _state(comm).current
@@ -198,7 +198,7 @@ def describe(comm: Communicator, method: Optional[str] = None, portable: Optiona
 _NAMES = {"device": W_DEVICE, "hidden": W_HIDDEN, "x_dtype": W_X_DTYPE, "scale_dtype": W_SCALE_DTYPE,
           "scale_cols": W_SCALE_COLS, "topk": W_TOPK, "experts": W_EXPERTS, "channels": W_CHANNELS,
           "worst": W_WORST, "tmax": W_TMAX, "fp8": W_FP8, "round": W_ROUND, "ue8m0": W_UE8M0, "logfmt": W_LOGFMT,
-          "handle": W_HANDLE, "handle_tokens": W_HANDLE_TOKENS, "handle_rows": W_HANDLE_ROWS, "weights": W_WEIGHTS,
+          "handle": W_HANDLE, "weights": W_WEIGHTS,
           "nvl_bytes": W_NVL_BYTES, "rdma_bytes": W_RDMA_BYTES, "ll_mode": W_LL_MODE, "shrink": W_SHRINK}
 
 

@@ -617,7 +617,7 @@ class Buffer:
                                    "only in the first dispatch")
             self._check_handle(chk, handle, num_tokens)
             engine = self._engine_for(data)
-            key = handle[4] if len(handle) == 6 else handle[0]
+            key = handle[0] if len(handle) == 6 else handle[1]  # a tensor each dispatch creates (deep_ep._agree)
             _agree.describe(self._comm, "cached dispatch", portable=engine is self._engine, device=data.device,
                             hidden=data.size(1), x_dtype=data.dtype, scale_dtype=None if scales is None else scales.dtype,
                             scale_cols=0 if scales is None else scales.size(1), handle=_agree.handle_id(self._comm, key))
@@ -660,7 +660,7 @@ class Buffer:
             recv_x, recv_topk_idx, recv_topk_weights, counts, handle = engine.dispatch(
                 data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,
                 num_worst_tokens, config.num_channels, **self._config_kw(engine, config))
-        _agree.note_handle(self._comm, handle[4] if len(handle) == 6 else handle[0])
+        _agree.note_handle(self._comm, handle[0] if len(handle) == 6 else handle[1])
         event = launch.finish([recv_x, recv_topk_idx, recv_topk_weights, handle])
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
@@ -715,7 +715,7 @@ class Buffer:
         engine = self._engine_for(x)
         _agree.describe(self._comm, portable=engine is self._engine, device=x.device, hidden=x.size(1),
                         x_dtype=x.dtype, weights=0 if topk_weights is None else topk_weights.size(1),
-                        handle=_agree.handle_id(self._comm, handle[4] if len(handle) == 6 else handle[0]))
+                        handle=_agree.handle_id(self._comm, handle[0] if len(handle) == 6 else handle[1]))
         with _Launch(self, [x, topk_weights, *biases], previous_event, async_finish) as launch:
             combined_x, combined_w = engine.combine(x, handle, topk_weights, biases, **self._config_kw(engine, config))
         return combined_x, combined_w, launch.finish([combined_x, combined_w])
