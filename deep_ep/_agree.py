@@ -185,6 +185,8 @@ def describe(comm: Communicator, method: Optional[str] = None, portable: Optiona
         call.method = method
     if portable is not None:
         call.portable = portable
+        if not portable:
+            return  # the CUDA kernels exchange nothing on the host: nothing to compare, nothing to encode
     words = call.words
     for name, value in fields.items():
         index = _NAMES[name]
