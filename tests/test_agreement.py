@@ -59,16 +59,18 @@ def _dispatch(buf, x, topk_idx, weights, num_experts, **kw):
                         topk_idx=topk_idx, topk_weights=weights, **kw)
 
 
-def _good_round(buf, rank, R, seed, step) -> None:
+def _good_round(buf, rank, R, seed, step, num_experts=None) -> None:
     """A dispatch/cached dispatch/combine and a low-latency round, checked exactly."""
     import torch
-    x, topk_idx, w, E = _inputs(rank, R, seed, step)
+    x, topk_idx, w, E = _inputs(rank, R, seed, step, num_experts=num_experts)
     recv_x, _, recv_w, _, handle, _ = _dispatch(buf, x, topk_idx, w, E)
     again, _, _, _, _, _ = buf.dispatch(x, handle=handle)
     assert torch.equal(again, recv_x)
     combined, _, _ = buf.combine(recv_x, handle)
     in_rank = handle[4]
     assert torch.equal(combined.float(), x.float() * in_rank.sum(1, keepdim=True).float())
+    if num_experts is not None:
+        return
     recv, count, ll_handle, _, _ = buf.low_latency_dispatch(x, topk_idx, TOKENS, E, use_fp8=False)
     out, _, _ = buf.low_latency_combine(recv, topk_idx, w, ll_handle)
     assert torch.equal(out.float(), x.float() * TOPK)
@@ -212,6 +214,10 @@ def agreement_worker(rank: int, R: int, group, seed: int, cases: List[str]) -> D
     out: Dict[str, Any] = {}
     buf = _new_buffer(group, R)
     _good_round(buf, rank, R, seed, 0)
+    # counts wider than the descriptor exchange's inline room: a second round, then the room grows
+    _good_round(buf, rank, R, seed, 1, num_experts=128 * R)
+    _good_round(buf, rank, R, seed, 2, num_experts=128 * R)
+    assert buf._comm._agreement.cap >= 128 * R
     for step, name in enumerate(cases, start=10):
         dist.barrier(group)  # every rank starts the case together: the fault happens at t0
         t0 = time.monotonic()
