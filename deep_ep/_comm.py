@@ -100,12 +100,32 @@ def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300
                          master_listen_fd=sock.detach())
 
 
+_SETUP_OPS = ("CUDA ", "__init__", "all_gather_object", "NVSHMEM")
+
+
 def _where(op: str) -> str:
-    """``"cached dispatch (data)"`` -> ``"deep_ep.Buffer.dispatch"``."""
+    """``"cached dispatch (data)"`` -> ``"deep_ep.Buffer.dispatch"``; set-up steps -> ``deep_ep.Buffer.__init__``."""
+    if op.startswith(_SETUP_OPS) and not op.startswith("CUDA engine destroy") and \
+            not op.startswith("CUDA LL engine destroy"):
+        return "deep_ep.Buffer.__init__"
+    if "destroy" in op:
+        return "deep_ep.Buffer.destroy"
     name = op.split(" (")[0].strip()
     if name.startswith("cached "):
         name = name[len("cached "):]
     return f"deep_ep.Buffer.{name}" if name.isidentifier() else "deep_ep"
+
+
+def public_op(op: str) -> str:
+    """The public call an internal operation belongs to, for messages about peers:
+    ``"dispatch (count exchange)"`` -> ``"`deep_ep.Buffer.dispatch`"``, ``"CUDA engine probe"`` ->
+    ``"`deep_ep.Buffer(...)` (its set-up)"``. Internal step names never explain anything to users."""
+    where = _where(op)
+    if where == "deep_ep.Buffer.__init__":
+        return "`deep_ep.Buffer(...)` (its set-up)"
+    if where == "deep_ep":
+        return "a deep_ep call"
+    return f"`{where}`" + (" (cached)" if op.startswith("cached ") else "")
 
 
 def _c10d_slice_timeout(exc: BaseException) -> bool:
@@ -141,7 +161,7 @@ class _Activity:
     """What this rank is doing in deep_ep, read by the heartbeat thread (plain attributes: no lock,
     a torn read only makes one heartbeat slightly stale)."""
 
-    __slots__ = ("beat", "seq", "op", "inflight", "failed", "closed")
+    __slots__ = ("beat", "seq", "op", "inflight", "failed", "closed", "call", "error", "broken")
 
     def __init__(self) -> None:
         self.beat = 0         # heartbeats sent
@@ -150,10 +170,16 @@ class _Activity:
         self.inflight = 0     # operations started and not finished
         self.failed = ""      # "rank,rank" this rank blamed when `op` failed ("-" for nobody), else ""
         self.closed = False   # the Buffer was destroyed or collected
+        self.call = 0         # Buffer calls begun (deep_ep._agree numbers them alike on every rank)
+        self.error = ""       # "Type: message" of an exception this rank raised in its own call, else ""
+        self.broken = False   # that exception left this rank out of an exchange its peers are in
 
     def encode(self, pid: int) -> str:
-        state = "F" if self.failed else "C" if self.closed else "B" if self.inflight > 0 else "I"
-        return "\t".join((str(self.beat), str(pid), str(self.seq), state, self.op, self.failed))
+        state = "F" if self.failed else "E" if self.error else "C" if self.closed else \
+            "B" if self.inflight > 0 else "I"
+        error = " ".join(self.error.split())[:1500]
+        return "\t".join((str(self.beat), str(pid), str(self.seq), state, self.op, self.failed, str(self.call),
+                          "1" if self.broken else "0", error))
 
 
 def _heartbeat_loop(store: dist.Store, key: str, period: float, activity: _Activity, pid: int,
@@ -173,15 +199,18 @@ def _heartbeat_loop(store: dist.Store, key: str, period: float, activity: _Activ
 class _PeerState:
     """One peer as seen through its last heartbeat."""
 
-    __slots__ = ("beat", "pid", "seq", "state", "op", "blamed", "changed_at")
+    __slots__ = ("beat", "pid", "seq", "state", "op", "blamed", "changed_at", "call", "broken", "error")
 
     def __init__(self, value: str, now: float) -> None:
-        parts = value.split("\t")
+        parts = value.split("\t", 8)
         self.beat, self.pid, self.seq, self.state = int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
         self.op = parts[4]
         self.blamed = [int(v) for v in parts[5].split(",") if v.strip().lstrip("-").isdigit()] \
             if len(parts) > 5 and parts[5] not in ("", "-") else []
         self.changed_at = now
+        self.call = int(parts[6]) if len(parts) > 6 and parts[6].isdigit() else 0
+        self.broken = len(parts) > 7 and parts[7] == "1"
+        self.error = parts[8] if len(parts) > 8 else ""
 
     @property
     def busy(self) -> bool:
@@ -195,19 +224,26 @@ class _PeerState:
     def closed(self) -> bool:
         return self.state == "C"
 
+    @property
+    def raised(self) -> bool:
+        """It raised an exception in its own deep_ep call (`error`)."""
+        return self.state == "E"
+
     def doing(self) -> str:
+        if self.raised:
+            return f"it raised an error in its own call to {public_op(self.op)} and left it: {self.error}"
         if self.closed and self.seq == 0:
             return "it closed its deep_ep Buffer (destroyed or garbage-collected) without using it"
         if self.seq == 0:
             return "it has made no deep_ep call since set-up"
         if self.busy:
-            return f"it is in `{self.op}` (its call #{self.seq})"
+            return f"it is in {public_op(self.op)} (its operation #{self.seq})"
         if self.closed:
-            return (f"it closed its deep_ep Buffer (destroyed or garbage-collected) after `{self.op}` (its call "
-                    f"#{self.seq})")
+            return (f"it closed its deep_ep Buffer (destroyed or garbage-collected) after {public_op(self.op)} (its "
+                    f"operation #{self.seq})")
         if self.failed:
-            return f"it failed in `{self.op}` (its call #{self.seq})"
-        return f"it is between calls, its last one was `{self.op}` (its call #{self.seq}), finished"
+            return f"it failed in {public_op(self.op)} (its operation #{self.seq})"
+        return f"it is between calls, its last one was {public_op(self.op)} (its operation #{self.seq}), finished"
 
 
 class Communicator:
@@ -245,6 +281,9 @@ class Communicator:
         self._hb_thread: Optional[threading.Thread] = None
         self._diag_store = None
         self.pg = None
+        # Why this communicator can no longer be used ("" while it can); set by the first unrecoverable
+        # failure (`error`, or deep_ep._agree for an exception that left peers in an exchange).
+        self.failed = ""
 
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
@@ -365,9 +404,45 @@ class Communicator:
                                f"host unreachable; pid {self.pids[p]} on {self.hostnames[p]})")
         return gone
 
+    def _raised(self, peers: Sequence[int]) -> Dict[int, str]:
+        """Peers (from their last heartbeat) that raised an exception in their own deep_ep call and will not
+        join the operation this rank waits in: one whose exception left it out of an exchange (its Buffer is
+        broken), or one that raised in this very call or a later one."""
+        out: Dict[int, str] = {}
+        for p in peers:
+            state = self._peer_states.get(p)
+            if state is not None and state.raised and (state.broken or state.call >= self._activity.call):
+                out[p] = state.doing()
+        return out
+
+    def publish_error(self, method: str, exc: BaseException, broken: bool) -> None:
+        """Tell the peers, through this rank's heartbeat key, that this rank raised `exc` in its own call to
+        `method` (``"dispatch"``); ``broken``: it left them in an exchange (this communicator is unusable).
+        Peers waiting for this rank then fail within one heartbeat period instead of at the timeout."""
+        act = self._activity
+        act.op = method
+        act.error = f"{type(exc).__name__}: {exc}"
+        act.broken = broken
+        self._push_heartbeat()
+
+    def clear_error(self) -> None:
+        """A new call began: an earlier published (non-breaking) error no longer concerns the peers."""
+        if self._activity.error and not self._activity.broken:
+            self._activity.error = ""
+            self._push_heartbeat()
+
+    def _push_heartbeat(self) -> None:
+        if self._diag_store is None or self._store_lost:
+            return
+        try:
+            self._diag_store.set(self._hb_prefix + str(self.rank), self._activity.encode(os.getpid()))
+        except Exception:
+            self._store_lost = True
+
     # ------------------------------------------------------------------------------- errors
     def error(self, op: str, exc: Optional[BaseException], peers: Optional[Sequence[int]] = None,
-              started: Optional[float] = None, gone: Optional[Dict[int, str]] = None) -> CommError:
+              started: Optional[float] = None, gone: Optional[Dict[int, str]] = None,
+              raised: Optional[Dict[int, str]] = None) -> CommError:
         """A `CommError` for `op` that names the peers that did not answer and why.
 
         Args:
@@ -377,8 +452,15 @@ class Communicator:
             started: ``time.monotonic()`` when the operation started (default: when this rank's latest
                 operation started).
             gone: peers already known to be gone, with the reason.
+            raised: peers that raised an exception in their own call, with what they published.
         """
         peers = [p for p in (range(self.size) if peers is None else peers) if p != self.rank]
+        if not raised and not (gone and any(p in gone for p in peers)):
+            # A peer that raised in its own call (and then went on, closing connections) explains it all.
+            self._read_peers(peers)
+            raised = self._raised(peers)
+        if raised:
+            return self._raised_error(op, peers, started, raised)
         if started is None:
             started = self._op_started
         elapsed = time.monotonic() - started
@@ -478,15 +560,31 @@ class Communicator:
         parts += [echoes[p] for p in sorted(echoes)]
         if same and (missing or echoes):
             parts.append(f"Peer rank(s) {sorted(same)} are alive and in this operation")
-        parts.append(f"This rank's call #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
+        parts.append(f"This rank's operation #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
         message = head + ": " + ". ".join(parts) + "."
         if cause:
             message += f" Cause: {cause}"
         message += (" The Buffer cannot be used after this error: create a new one (in shrink mode, low-latency "
                     "calls mask the ranks that are gone instead).")
         self._publish_failure(op, missing)
+        self.failed = self.failed or message.split(" The Buffer cannot be used after this error")[0]
         return CommError(message, op=op, rank=self.rank, missing_ranks=missing,
                          gone_ranks=[p for p in missing if p in gone])
+
+    def _raised_error(self, op: str, peers: Sequence[int], started: Optional[float],
+                      raised: Dict[int, str]) -> CommError:
+        """The `CommError` for an operation that peers left because they raised in their own call."""
+        elapsed = time.monotonic() - (self._op_started if started is None else started)
+        missing = sorted(raised)
+        head = (f"{_where(op)}: failed on rank {self.rank} of {self.size} after {elapsed:.1f} s: peer rank(s) "
+                f"{missing} raised an error in their own call and will not join this one")
+        parts = [f"Rank {p}: {raised[p]}" for p in missing]
+        message = head + ". " + ". ".join(p.rstrip(".") for p in parts) + "."
+        self._publish_failure(op, missing)
+        self.failed = self.failed or message
+        after = " No Buffer was created." if _where(op) == "deep_ep.Buffer.__init__" else \
+            " The Buffer cannot be used after this error: create a new one."
+        return CommError(message + after, op=op, rank=self.rank, missing_ranks=missing)
 
     def _publish_failure(self, op: str, blamed: Sequence[int]) -> None:
         """Tell the peers (through this rank's heartbeat key) that `op` failed here and whom it blamed."""
@@ -553,6 +651,9 @@ class Communicator:
             if gone:
                 raise self.error(op, None, peers, started, gone)
             self._read_peers(watch)  # heartbeats of this host's peers too: a stalled one means frozen
+            raised = self._raised(watch)
+            if raised:
+                raise self.error(op, None, peers, started, raised=raised)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self.error(op, TimeoutError(f"no answer within {self.timeout_s:g} s"), peers, started)
@@ -586,6 +687,9 @@ class Communicator:
         return t.is_cuda and self.user_group is not None and "nccl" in self._user_backend
 
     def _check_open(self, op: str) -> None:
+        if self.failed:
+            raise CommError(f"{_where(op)}: this Buffer failed earlier: {self.failed.rstrip('.')}; create a new Buffer",
+                            op=op, rank=self.rank)
         if self.pg is None:
             raise CommError(f"{_where(op)}: `{op}` on rank {self.rank}: deep_ep's communicator was closed "
                             f"(the Buffer was destroyed)", op=op, rank=self.rank)
@@ -722,6 +826,14 @@ class Communicator:
             except Exception:
                 pass
         self._stop.set()
+        if self.rank == 0 and self._store is not None and (self.failed or self._activity.error):
+            # The peers may still be diagnosing this failure through the store this rank hosts: keep it
+            # serving a little longer (a daemon timer holds it; nothing blocks the process from exiting).
+            held = [self._store, self._listen_sock]
+            timer = threading.Timer(max(2.0, 3.0 * self._period), held.clear)
+            timer.daemon = True
+            timer.start()
+            self._listen_sock = None
         self.pg = None
         self._store = None
         self._diag_store = None

@@ -205,8 +205,15 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
         results.put((rank, "shrink-ok", {"masks": masks, "rounds": checked}))
     except BaseException as exc:  # noqa: BLE001 - report everything
         elapsed = time.monotonic() - started[0] if started[0] is not None else None
+        later = ""
+        if "buf" in locals():  # the Buffer failed: every later call raises at once, naming the cause
+            t0 = time.monotonic()
+            try:
+                buf.get_dispatch_layout(torch.zeros((1, TOPK), dtype=torch.int64), 2 * num_ranks)
+            except Exception as again:  # noqa: BLE001
+                later = f"{type(again).__name__} after {time.monotonic() - t0:.2f} s: {again}"
         results.put((rank, "error", {"type": type(exc).__name__, "text": str(exc), "elapsed": elapsed,
-                                     "missing": list(getattr(exc, "missing_ranks", [])),
+                                     "missing": list(getattr(exc, "missing_ranks", [])), "later": later,
                                      "traceback": traceback.format_exc()}))
     finally:
         try:
@@ -346,6 +353,9 @@ def test_fault_is_reported_by_every_other_rank(fault_runs, name):
         if how in ("exit", "kill"):
             # A dead peer is noticed long before the timeout (its process is watched).
             assert elapsed < TIMEOUT_S, (elapsed, text)
+        later = payload["later"]
+        assert later.startswith("CommError after 0.0") and "this Buffer failed earlier: " in later and \
+            "create a new Buffer" in later, later
         # Every survivor exits soon after its error.
     assert all(code == 0 for r, code in run["exit"].items() if r != victim), info
 

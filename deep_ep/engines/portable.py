@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _agree
 from .._comm import Communicator
 
 __all__ = ["PortableEngine"]
@@ -164,11 +165,9 @@ class PortableEngine:
             payload.append(node_ch_counts.view(-1))
         payload.append(torch.tensor([num_tokens], dtype=_I32, device=device))
         payload = torch.cat(payload).cpu()
-        width = payload.numel()
-        gathered = torch.empty(R * width, dtype=_I32)
-        work_counts = self.comm.all_to_all_single(gathered, payload.repeat(R), [width] * R, [width] * R,
-                                                  op="dispatch (count exchange)", async_op=True)
-        gathered = gathered.view(R, width)
+        # The counts ride in the call's agreement exchange (deep_ep._agree): every rank checks that all
+        # ranks passed the same shapes, dtypes and flags before any row moves.
+        work_counts = _agree.exchange(self.comm, payload, "dispatch (count exchange)", async_op=True)
 
         # ---- what travels per token: the rows go straight into recv_x (one all-to-all), the per-token
         # metadata travels packed in a second, small one that overlaps with it.
@@ -228,7 +227,7 @@ class PortableEngine:
                     meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
 
         # ---- everybody's counts
-        work_counts.wait()
+        gathered = work_counts.wait()
         o = 0
         all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
         all_ne = gathered[:, o:o + num_experts]; o += num_experts                  # [src, E]
@@ -242,10 +241,10 @@ class PortableEngine:
             over = (recv_per_rank > num_worst_tokens).nonzero().view(-1).tolist()
             if over:
                 d = over[0]
-                raise RuntimeError(
+                raise _agree.coordinated(RuntimeError(
                     f"deep_ep.Buffer.dispatch: rank {d} would receive {int(recv_per_rank[d])} tokens, more than "
                     f"`num_worst_tokens`={num_worst_tokens} (ranks over the limit: {over}); raise "
-                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}")
+                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}"))
         n_recv = counts[:, me].tolist()                                            # from each src
         num_recv = sum(n_recv)
         num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
@@ -393,6 +392,10 @@ class PortableEngine:
         col = col.tolist()
         n_recv = [col[0]] + [col[s] - col[s - 1] for s in range(1, R)]
         num_recv = sum(n_recv)
+        # Agreement first (deep_ep._agree): same shapes and dtypes everywhere, and the row counts of the
+        # handles match pairwise, so the all-to-alls below get consistent sizes on every rank.
+        _agree.exchange(self.comm, torch.tensor(n_send + n_recv, dtype=torch.int64), "cached dispatch (agreement)",
+                        pairs=True)
 
         row_bytes = x.size(1) * x.element_size()
         _, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
@@ -426,6 +429,7 @@ class PortableEngine:
         num_recv = sum(n_back)
         n_mine = channel_prefix[:, -1].tolist()                           # rows coming back from each dst
         hidden = x.size(1)
+        _agree.exchange(self.comm, torch.tensor(n_back + n_mine, dtype=torch.int64), "combine (agreement)", pairs=True)
 
         # ---- collective(s): the rows go back to their sources (x[:num_recv] is already ordered by source)
         rows = torch.empty((sum(n_mine), hidden), dtype=x.dtype, device=device)

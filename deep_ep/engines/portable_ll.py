@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _agree
 from .._comm import Communicator
 from ..config import LowLatencyLayout
 from ..quant import GROUP_SIZE, logfmt10_round, pack_ue8m0, per_token_cast_to_fp8
@@ -59,6 +60,7 @@ _DISPATCH_SIGNATURE = ((_H_TMAX, "num_max_dispatch_tokens_per_rank"), (_H_HIDDEN
                        (_H_ROUND, "round_scale"), (_H_UE8M0, "use_ue8m0"))
 _COMBINE_SIGNATURE = ((_H_TMAX, "handle (num_max_dispatch_tokens_per_rank)"), (_H_HIDDEN, "handle (hidden)"),
                       (_H_EXPERTS, "handle (num_experts)"))
+_KIND_FAILED = 3  # shrink mode: this rank raised before its header exchange (deep_ep._agree)
 _KIND_NAMES = {_KIND_DISPATCH: "low_latency_dispatch", _KIND_COMBINE: "low_latency_combine"}
 
 # Point-to-point tags, one per phase of a call. They are constants on purpose: gloo matches the messages
@@ -172,8 +174,8 @@ class PortableLowLatency(DoubleBufferSlots):
         gone is masked instead of failing the call.
         """
         size = self.comm.size
-        if not use_p2p:
-            return self.comm.all_gather(vec, op=op).view(size, -1), peers
+        if not use_p2p:  # the call's agreement exchange carries the header (deep_ep._agree)
+            return _agree.exchange(self.comm, vec, op), peers
         table = torch.zeros(size, vec.numel(), dtype=torch.int64)
         work = self.comm.p2p({p: vec for p in peers}, {p: table[p] for p in peers}, _TAG_BASE + _PHASE_HEADER, op)
         gone = self._mask_gone(work.wait(tolerate_gone=self.enable_shrink))
@@ -212,6 +214,14 @@ class PortableLowLatency(DoubleBufferSlots):
         work = self.comm.p2p({p: token for p in peers}, sinks, _TAG_BASE + _PHASE_BARRIER, op)
         self._mask_gone(work.wait(tolerate_gone=self.enable_shrink))
 
+    def failure_exchange(self, op: str) -> None:
+        """Shrink mode: this rank raised before its header exchange; send the peers a header that says so
+        (its message is in the store, deep_ep._agree), so that they raise it at once."""
+        participating, peers, use_p2p = self._route()
+        if participating:
+            size = self.comm.size
+            self._gather_header(self._header(_KIND_FAILED, (), [0] * size, [0] * size), peers, use_p2p, op)
+
     def _mask_gone(self, gone: List[int]) -> List[int]:
         """Shrink mode: mask the peers whose process is gone (as DeepEP masks ranks that time out)."""
         for peer in gone:
@@ -235,15 +245,24 @@ class PortableLowLatency(DoubleBufferSlots):
         """Raise the same error on every rank when the peers' headers disagree."""
         what = _KIND_NAMES[kind]
         kinds = {p: int(table[p, _H_KIND]) for p in peers}
+        failed = [p for p, k in kinds.items() if k == _KIND_FAILED]
+        if failed:  # shrink mode: a rank raised before its header exchange; its message is in the store
+            errors = [(p, *_agree.read_error(self.comm, p)) for p in failed]
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(errors[0][1], RuntimeError)
+            texts = "; ".join(f"rank {p} raised {kind}: {text}" for p, kind, text in errors)
+            raise _agree.coordinated(cls(f"deep_ep.Buffer.{what}: {texts} (no data moved on any rank, and the "
+                                         f"Buffer is still usable)"))
         if len(set(kinds.values())) > 1:
             calls = ", ".join(f"rank {p}: {_KIND_NAMES.get(k, f'kind {k}')}" for p, k in kinds.items())
-            raise RuntimeError(f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency "
-                               f"operations ({calls}); every rank must issue the same sequence of calls")
+            raise _agree.coordinated(RuntimeError(
+                f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency operations ({calls}); "
+                f"every rank must issue the same sequence of calls"))
         for index, name in signature:
             values = {p: int(table[p, index]) for p in peers}
             if len(set(values.values())) > 1:
                 listing = ", ".join(f"rank {p}: {v}" for p, v in values.items())
-                raise ValueError(f"deep_ep.Buffer.{what}: `{name}` must be the same on every rank, got {listing}")
+                raise _agree.coordinated(
+                    ValueError(f"deep_ep.Buffer.{what}: `{name}` must be the same on every rank, got {listing}"))
 
     # ------------------------------------------------------------------------------------------
     # Dispatch
@@ -333,10 +352,10 @@ class PortableLowLatency(DoubleBufferSlots):
         self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
         overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
         if overflowing:
-            raise RuntimeError(
+            raise _agree.coordinated(RuntimeError(
                 f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
                 f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
-                f"same expert several times); a rank's block per expert holds at most {t_max} rows")
+                f"same expert several times); a rank's block per expert holds at most {t_max} rows"))
         counts = table[:, _HEADER_WORDS:_HEADER_WORDS + size]
         recv_counts = counts[:, rank].tolist()
 
@@ -502,11 +521,11 @@ class PortableLowLatency(DoubleBufferSlots):
         if not torch.equal(sub_sent, sub_expected):
             bad = (sub_sent != sub_expected).nonzero().tolist()
             src, dst = peers[bad[0][0]], peers[bad[0][1]]
-            raise RuntimeError(
+            raise _agree.coordinated(RuntimeError(
                 f"deep_ep.Buffer.low_latency_combine: `topk_idx`/`handle` do not match the dispatch: rank {src} "
                 f"returns {int(sent[src, dst])} rows to rank {dst}, whose `topk_idx` expects "
                 f"{int(expected[dst, src])}. Pass the handle of the dispatch of these very tokens and the same "
-                f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)")
+                f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)"))
         recv_counts = sent[:, rank].tolist()
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
                                                  int(sent.sum()) == 0, "low_latency_combine (data exchange)")
