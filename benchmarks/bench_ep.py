@@ -471,7 +471,8 @@ def report(args, out: Dict[str, object], wall_s: float) -> Dict[str, object]:
     if args.ranks_per_node:
         where += f", DEEP_EP_RANKS_PER_NODE={args.ranks_per_node}"
     print()
-    print(f"deep_ep benchmark: {num_ranks} ranks {where}, 1 CPU thread per rank, "
+    print(f"deep_ep benchmark: {num_ranks} ranks {where}, torch threads per rank: "
+          f"{args.threads or str(torch.get_num_threads()) + ' (torch default)'}, "
           f"{os.cpu_count()} cores, {cpu}), engine={normal['engine']}, torch {torch.__version__}")
     print(f"normal mode: {args.num_tokens} tokens/rank, hidden {args.hidden}, top-{args.num_topk} of "
           f"{args.num_experts} experts; avg {normal['tokens_per_rank_avg']:.0f} tokens received/rank; "

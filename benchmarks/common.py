@@ -324,6 +324,9 @@ def add_launch_args(p: argparse.ArgumentParser, default_ranks: int = 4, with_dev
         g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                        help="where the tensors live; cuda uses GPU local_rank %% device_count and NCCL baselines")
     g.add_argument("--timeout", type=float, default=300, help="seconds before a stuck collective raises")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads per rank (CPU); 0: torch's default, as a user gets it (deep_ep "
+                        "caps its own calls to the cores per local rank)")
 
 
 def resolve_launch(args) -> str:
@@ -368,9 +371,11 @@ class _Rendezvous:
 
 def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, args, launch_kind: str,
                device_kind: str) -> RankContext:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if device_kind == "cpu":
-        torch.set_num_threads(1)
+    threads = int(getattr(args, "threads", 0) or 0)
+    if threads > 0:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        if device_kind == "cpu":
+            torch.set_num_threads(threads)
     timeout = datetime.timedelta(seconds=args.timeout)
     if rdv.kind == "loopback":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -446,7 +451,8 @@ def launch(worker: Callable[[RankContext, argparse.Namespace], object], args, pr
     if args.ranks_per_node:
         overrides["DEEP_EP_RANKS_PER_NODE"] = str(args.ranks_per_node)
     os.environ.update(overrides)  # children (spawn) inherit it; MPI ranks read it in-process
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if int(getattr(args, "threads", 0) or 0) > 0:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if kind == "spawn":
         port = free_port()
         if not quiet:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import _env
+from ._threads import ThreadCap
 
 __all__ = ["Communicator", "CommError", "P2PWork", "loopback_store"]
 
@@ -254,6 +255,8 @@ class Communicator:
         self.single_host = len(set(self.hostnames)) == 1
         self.pids: List[int] = [p for _, p, _ in ids]
         me = self.hostnames[self.rank]
+        # deep_ep's CPU calls cap torch's intra-op threads to this host's cores per local rank.
+        self.threads = ThreadCap.for_local_ranks(self.hostnames.count(me), _env.cpu_threads_override())
         # Peers whose process this rank can watch through /proc (same host, same PID namespace).
         self._local_peers: Dict[int, Tuple[int, str]] = {}
         for r, (host, p, start) in enumerate(ids):

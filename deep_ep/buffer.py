@@ -55,6 +55,7 @@ class _Launch:
         self.cuda = on_comm_stream and any(t.is_cuda for t in self.inputs) and torch.cuda.is_available()
         self.buffer = buffer
         self._ctx = None
+        self._threads = None
 
     def __enter__(self) -> "_Launch":
         if self.cuda:
@@ -68,12 +69,18 @@ class _Launch:
             self._ctx.__enter__()
         elif self.previous_event is not None and self.previous_event.event is not None:
             self.previous_event.event.synchronize()
+        if not self.cuda:  # CPU work: cap torch's threads to this host's cores per local rank
+            self._threads = self.buffer._comm.threads
+            self._threads.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
             self._ctx = None
+        if self._threads is not None:
+            self._threads.__exit__(*exc)
+            self._threads = None
 
     def finish(self, outputs: Sequence[Any]) -> EventOverlap:
         tensors = _flatten_tensors(outputs)

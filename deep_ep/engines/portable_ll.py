@@ -577,7 +577,8 @@ class PortableLowLatency(DoubleBufferSlots):
                     except Exception:
                         pass
                     self._check_slot(slot, use, what)
-                finish()
+                with self.comm.threads:  # the hook's CPU work is capped like the call's
+                    finish()
             except Exception as exc:
                 state["error"] = exc  # a failed or refused hook keeps failing: its outputs are invalid
                 raise
