@@ -65,6 +65,52 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cumsum(t, dim=dim, dtype=_I32) - t.to(_I32)
 
 
+# Bytes of the fp32 accumulator block of the combine reduce: small enough to stay in cache while every
+# source's rows for its tokens are added (the whole [T, H] fp32 accumulator does not).
+_REDUCE_BLOCK_BYTES = 1 << 19
+
+
+def reduce_rows_by_token(rows: torch.Tensor, tok_ids: torch.Tensor, bounds: Sequence[int], num_tokens: int,
+                         bias: Sequence[torch.Tensor] = (), block_tokens: int = 0) -> torch.Tensor:
+    """``out[t] = dtype(bias_0[t] + bias_1[t] + ... + rows[i_0] + rows[i_1] + ...)`` in float32.
+
+    Segment ``d`` of `rows` (``rows[bounds[d]:bounds[d + 1]]``) holds rows for the tokens
+    ``tok_ids[bounds[d]:bounds[d + 1]]`` (ascending, no repeats inside a segment); a token's rows are
+    added segment by segment in ascending order, after the biases. The additions per token are those of
+    ``acc = zeros; acc += bias.float() ...; acc.index_add_(0, tok_ids_d, rows_d.float()) for each d``,
+    in the same order, so the result is bit-identical to it; the work goes one block of tokens at a
+    time so that the float32 accumulator stays in cache and no full-size float32 copy of `rows` exists.
+    """
+    hidden = rows.size(1)
+    device = rows.device
+    out = torch.empty((num_tokens, hidden), dtype=rows.dtype, device=device)
+    if num_tokens == 0:
+        return out
+    block = block_tokens or max(8, _REDUCE_BLOCK_BYTES // max(1, hidden * 4))
+    edges = list(range(0, num_tokens, block)) + [num_tokens]
+    edge_t = torch.tensor(edges, dtype=tok_ids.dtype, device=tok_ids.device)
+    cuts = []
+    for d in range(len(bounds) - 1):
+        if bounds[d + 1] > bounds[d]:
+            cuts.append((torch.searchsorted(tok_ids[bounds[d]:bounds[d + 1]], edge_t) + bounds[d]).tolist())
+    acc_buf = torch.empty((min(block, num_tokens), hidden), dtype=torch.float32, device=device)
+    conv_buf = torch.empty_like(acc_buf)
+    for i in range(len(edges) - 1):
+        t0, t1 = edges[i], edges[i + 1]
+        acc = acc_buf[:t1 - t0]
+        acc.zero_()
+        for b in bias:
+            acc += b[t0:t1].float()
+        for cut in cuts:
+            lo, hi = cut[i], cut[i + 1]
+            if hi > lo:
+                conv = conv_buf[:hi - lo]
+                conv.copy_(rows[lo:hi])
+                acc.index_add_(0, tok_ids[lo:hi] - t0, conv)
+        out[t0:t1].copy_(acc)
+    return out
+
+
 class _Packer:
     """Lays out a flat uint8 all-to-all buffer: one segment per peer, each a sequence of parts."""
 
@@ -441,18 +487,16 @@ class PortableEngine:
 
         # ---- reduce in fp32, ranks ascending (per node first when there are several nodes)
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
-        acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
-        for b in bias:
-            acc += b.float()
-        rows_f = rows.float()
         bounds = [0]
         for n in n_mine:
             bounds.append(bounds[-1] + n)
         if NN == 1:
-            for d in range(R):
-                if n_mine[d]:
-                    acc.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], rows_f[bounds[d]:bounds[d + 1]])
+            combined_x = reduce_rows_by_token(rows, tok_ids, bounds, num_tokens, bias)
         else:
+            acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
+            for b in bias:
+                acc += b.float()
+            rows_f = rows.float()
             for b in range(NN):
                 lo, hi = bounds[b * P], bounds[(b + 1) * P]
                 if hi == lo:
@@ -463,7 +507,7 @@ class PortableEngine:
                         partial.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], rows_f[bounds[d]:bounds[d + 1]])
                 toks = torch.unique(tok_ids[lo:hi])
                 acc.index_add_(0, toks, partial[toks].to(x.dtype).float())
-        combined_x = acc.to(x.dtype)
+            combined_x = acc.to(x.dtype)
         combined_w = None
         if w_rows is not None:
             combined_w = torch.zeros((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=device)
