@@ -40,3 +40,34 @@ def test_blocked_combine_reduce_is_bit_identical(num_tokens, hidden, num_src, de
     want = _plain_reduce(rows, tok_ids, bounds, num_tokens, bias)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def _plain_ll_reduce(recv, row_token, row_k, row, weights, num_tokens, num_topk, hidden):
+    """The low-latency combine reduce before the rewrite: a full-size ``torch.where`` per k."""
+    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    if row.numel() == 0:
+        return acc.to(torch.bfloat16)
+    row_of = torch.full((num_tokens, num_topk), -1, dtype=torch.int64)
+    row_of[row_token, row_k] = row
+    for k in range(num_topk):
+        rows = row_of[:, k]
+        present = (rows >= 0).unsqueeze(1)
+        y = recv[rows.clamp(min=0)].to(torch.float32)
+        acc = torch.where(present, acc + weights[:, k:k + 1] * y, acc)
+    return acc.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_tokens,num_topk,hidden,density", [(128, 8, 2048, 0.9), (37, 3, 384, 0.5),
+                                                                (16, 4, 128, 0.0), (0, 2, 256, 1.0)])
+def test_ll_combine_reduce_is_bit_identical(num_tokens, num_topk, hidden, density):
+    from deep_ep.engines.portable_ll import PortableLowLatency
+    gen = torch.Generator().manual_seed(make_seed())
+    present = torch.rand((num_tokens, num_topk), generator=gen) < density
+    row_token, row_k = present.nonzero(as_tuple=True)
+    row = torch.randperm(row_token.numel(), generator=gen)
+    recv = (torch.randn((row.numel(), hidden), generator=gen) *
+            torch.exp(3 * torch.randn((row.numel(), 1), generator=gen))).to(torch.bfloat16)
+    weights = torch.randn((num_tokens, num_topk), generator=gen)
+    got = PortableLowLatency._reduce(recv, row_token, row_k, row, weights, num_tokens, num_topk, hidden)
+    want = _plain_ll_reduce(recv, row_token, row_k, row, weights, num_tokens, num_topk, hidden)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
