@@ -246,6 +246,7 @@ class Communicator:
         self._hb_thread: Optional[threading.Thread] = None
         self._diag_store = None
         self.pg = None
+        self.shm = None  # same-host shared-memory transport for CPU tensors (`enable_shm`), else gloo
 
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
@@ -584,6 +585,29 @@ class Communicator:
         gathered = self.all_gather(padded, op=op)
         return [pickle.loads(gathered[i, : sizes[i]].numpy().tobytes()) for i in range(self.size)]
 
+    # ------------------------------------------------------------------- shared-memory transport
+    def enable_shm(self, data_bytes: int) -> str:
+        """Collectively set up the same-host shared-memory transport for CPU tensors (`deep_ep._shm`) with
+        `data_bytes` of data area per rank, unless ``DEEP_EP_TRANSPORT=gloo``. Returns why the CPU
+        transport is what it is (for ``Buffer.engine_reason``); every rank gets the same outcome."""
+        from . import _shm
+        self.shm, reason = _shm.setup(self, data_bytes, _env.transport_override())
+        return reason
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"gloo"``: what moves CPU tensors."""
+        return "shm" if self.shm is not None else "gloo"
+
+    def send_buffer(self, num_bytes: int, op: str = "send buffer") -> Optional[torch.Tensor]:
+        """A uint8 tensor of `num_bytes` in this rank's shared-memory area for a sender to gather rows
+        into (the next `all_to_all_single` from it then moves them without another copy), or None
+        (no shared-memory transport, or too large). Valid until the next collective."""
+        if self.shm is None:
+            return None
+        self._check_open(op)
+        return self.shm.send_buffer(num_bytes, op)
+
     # ----------------------------------------------------------------------------- collectives
     def _cuda_native(self, t: torch.Tensor) -> bool:
         return t.is_cuda and self.user_group is not None and "nccl" in self._user_backend
@@ -632,6 +656,11 @@ class Communicator:
                 raise self.error(op, exc) from exc
             return _Work(self, op, work, native=True) if async_op else _Done()
         self._check_open(op)
+        if self.shm is not None and not out.is_cuda and not inp.is_cuda:
+            out_row, in_row = _row_bytes(out), _row_bytes(inp)
+            self.shm.all_to_all(_flat_bytes(out), _flat_bytes(inp), [n * out_row for n in out_splits],
+                                [n * in_row for n in in_splits], op)
+            return _Done()
         staged = out.is_cuda
         h_out = torch.empty(out.shape, dtype=out.dtype) if staged else out
         h_in = inp.cpu() if inp.is_cuda else inp
@@ -725,6 +754,9 @@ class Communicator:
             except Exception:
                 pass
         self._stop.set()
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         self.pg = None
         self._store = None
         self._diag_store = None
@@ -829,3 +861,20 @@ def _as_gloo(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool:
         return t.view(torch.uint8)
     return t
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one dim-0 row of `t`."""
+    n = t.element_size()
+    for d in t.shape[1:]:
+        n *= int(d)
+    return n
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's data as a flat uint8 tensor (same storage)."""
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if not t.is_contiguous():
+        raise ValueError("deep_ep: all-to-all tensors must be contiguous")
+    return t.reshape(-1).view(torch.uint8)

@@ -188,6 +188,9 @@ class Buffer:
         self._engine = PortableEngine(self._comm, self.num_ranks_per_node)
         self._cuda = None  # CudaEngine for normal mode on CUDA tensors, when every rank can run it
         self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
+        # CPU tensors: same-host shared memory when every rank is on this host, else gloo (deep_ep._shm).
+        self.transport_reason = self._comm.enable_shm(num_nvl_bytes + num_rdma_bytes)
+        self.engine_reason += f"; CPU tensors: {self.transport_reason}"
         self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
         self._ll = None
         self._ll_cuda = None  # CudaLowLatency for low-latency calls on CUDA tensors, when every rank can run it

@@ -160,7 +160,12 @@ class PortableEngine:
 
     def _staging(self, num_bytes: int, device: torch.device) -> torch.Tensor:
         """A reused send buffer (fresh large allocations cost a page fault per 4 KiB on every call).
-        Safe because every call finishes its collectives before it returns."""
+        Safe because every call finishes its collectives before it returns. With the shared-memory
+        transport it is this rank's shared data area, so the all-to-all from it copies nothing more."""
+        if device.type == "cpu":
+            shared = self.comm.send_buffer(num_bytes)  # same-host shared memory: no copy at send time
+            if shared is not None:
+                return shared
         buf = self._stage.get(device)
         if buf is None or buf.numel() < num_bytes:
             buf = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
