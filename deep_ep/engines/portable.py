@@ -228,55 +228,57 @@ class PortableEngine:
         has_topk = topk_idx is not None
         num_topk = topk_idx.size(1) if has_topk else 0
         num_scales = x_scales.size(1) if has_scales else 0
-        meta_parts = []  # (name, bytes per token)
+        # Per-token metadata as one row table [T, W] (scales | top-k ids | top-k weights | token index),
+        # gathered once by destination like the rows: no per-destination packing.
+        cols = []
         if has_scales:
-            meta_parts.append(("scales", num_scales * 4))
+            cols.append(("scales", _bytes(x_scales)))
         if has_topk:
-            meta_parts += [("topk_idx", num_topk * 4), ("topk_weights", num_topk * 4)]
-        meta_parts.append(("src_idx", 4))
-        if multi_node:
-            meta_parts.append(("nvl_bits", 4))
+            cols += [("topk_idx", _bytes(topk_idx.to(_I32))), ("topk_weights", _bytes(topk_weights))]
+        cols.append(("src_idx", _bytes(torch.arange(num_tokens, dtype=_I32, device=device).view(-1, 1))))
+        col_range, width = {}, 0
+        for name, t in cols + ([("nvl_bits", None)] if multi_node else []):
+            nbytes = 4 if t is None else t.size(1)
+            col_range[name] = (width, width + nbytes)
+            width += nbytes
 
         # ---- pack (local only): rows sorted by destination, then token, in a reused staging buffer
         n_send = ch_counts.sum(1).tolist()                                         # to each dst
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
         send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
         torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
-        packer = _Packer(R)
-        for d in range(R):
-            for name, nbytes in meta_parts:
-                packer.add(d, name, n_send[d] * nbytes)
-            # Forwarder section (several nodes): rank (b, i) learns which tokens of rank (a, i) need node b.
-            if multi_node and d % P == me % P:
-                packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
-        send_sizes, send_offsets = packer.layout()
-        per_token = {"src_idx": _bytes(tok_ids.to(_I32).view(-1, 1))}
-        if has_scales:
-            per_token["scales"] = _bytes(x_scales)[tok_ids]
-        if has_topk:
-            per_token["topk_idx"] = _bytes(topk_idx.to(_I32))[tok_ids]
-            per_token["topk_weights"] = _bytes(topk_weights)[tok_ids]
-        if multi_node:
+        table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
+        meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
+        if not multi_node:
+            meta_buf = meta_rows.view(-1)
+            send_sizes = [n * width for n in n_send]
+        else:
             bit_weights = 1 << torch.arange(P, device=device, dtype=torch.int64)
             # bits[t, b] = mask of the ranks (b, j) that receive token t
             bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
-            per_token["nvl_bits"] = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
-        meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
-        bounds = [0]
-        for n in n_send:
-            bounds.append(bounds[-1] + n)
-        for d in range(R):
-            for name, width in meta_parts:
-                off, nbytes = send_offsets[(d, name)]
+            nvl = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
+            meta_rows = torch.cat([meta_rows, nvl], dim=1)
+            packer = _Packer(R)
+            for d in range(R):
+                packer.add(d, "rows", n_send[d] * width)
+                # Forwarder section: rank (b, i) learns which tokens of rank (a, i) need node b.
+                if d % P == me % P:
+                    packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
+            send_sizes, send_offsets = packer.layout()
+            meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+            row = 0
+            for d in range(R):
+                off, nbytes = send_offsets[(d, "rows")]
                 if nbytes:
-                    meta_buf[off:off + nbytes].view(-1, width).copy_(per_token[name][bounds[d]:bounds[d + 1]])
-            if (d, "fwd") in send_offsets:
-                off, nbytes = send_offsets[(d, "fwd")]
-                if nbytes:
-                    b = d // P
-                    toks = in_node[:, b].nonzero().view(-1)
-                    pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
-                    meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
+                    meta_buf[off:off + nbytes].view(-1, width).copy_(meta_rows[row:row + n_send[d]])
+                row += n_send[d]
+                if (d, "fwd") in send_offsets:
+                    off, nbytes = send_offsets[(d, "fwd")]
+                    if nbytes:
+                        b = d // P
+                        toks = in_node[:, b].nonzero().view(-1)
+                        pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
+                        meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
 
         # ---- everybody's counts
         work_counts.wait()
@@ -300,13 +302,15 @@ class PortableEngine:
         n_recv = counts[:, me].tolist()                                            # from each src
         num_recv = sum(n_recv)
         num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
-        unpacker = _Packer(R)
-        for s in range(R):
-            for name, nbytes in meta_parts:
-                unpacker.add(s, name, n_recv[s] * nbytes)
-            if multi_node and s % P == me % P:
-                unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
-        recv_sizes, recv_offsets = unpacker.layout()
+        if not multi_node:
+            recv_sizes, recv_offsets = [n * width for n in n_recv], None
+        else:
+            unpacker = _Packer(R)
+            for s in range(R):
+                unpacker.add(s, "rows", n_recv[s] * width)
+                if s % P == me % P:
+                    unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
+            recv_sizes, recv_offsets = unpacker.layout()
 
         # ---- the data: rows straight into recv_x, metadata alongside
         recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
@@ -317,13 +321,16 @@ class PortableEngine:
         self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
         work_x.wait()
 
-        # ---- unpack the metadata
-        def gather_part(name: str, width: int) -> torch.Tensor:
-            pieces = []
-            for s in range(R):
-                off, nbytes = recv_offsets[(s, name)]
-                pieces.append(recv_buf[off:off + nbytes].view(-1, width))
-            return torch.cat(pieces, dim=0)
+        # ---- unpack the metadata: columns of the received row table
+        if not multi_node:
+            recv_meta = recv_buf.view(num_recv, width)
+        else:
+            recv_meta = torch.cat([recv_buf[off:off + nbytes].view(-1, width) for s in range(R)
+                                   for off, nbytes in [recv_offsets[(s, "rows")]]], dim=0)
+
+        def gather_part(name: str, _width: int) -> torch.Tensor:
+            lo, hi = col_range[name]
+            return recv_meta[:, lo:hi].contiguous()
 
         def padded(t: torch.Tensor, fill) -> torch.Tensor:
             if num_rows == num_recv:
