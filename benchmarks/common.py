@@ -113,11 +113,12 @@ def ll_bytes(num_selections: int, hidden: int, fp8: bool) -> int:
 # Baselines (plain torch.distributed)
 # ------------------------------------------------------------------------------------------------
 class RawAllToAll:
-    """One all_to_all_single of exactly the BF16 dispatch's bytes per (src, dst) pair, pre-arranged."""
+    """One all_to_all_single of exactly the BF16 dispatch's bytes per (src, dst) pair, pre-arranged
+    (`row_bytes` per row: ``hidden * 2`` unless given)."""
 
     def __init__(self, group, send_rows: List[int], recv_rows: List[int], hidden: int,
-                 device: torch.device = torch.device("cpu")) -> None:
-        row_bytes = hidden * 2
+                 device: torch.device = torch.device("cpu"), row_bytes: Optional[int] = None) -> None:
+        row_bytes = hidden * 2 if row_bytes is None else int(row_bytes)
         self.group = group
         self.in_splits = [r * row_bytes for r in send_rows]
         self.out_splits = [r * row_bytes for r in recv_rows]
@@ -126,6 +127,22 @@ class RawAllToAll:
 
     def __call__(self) -> None:
         dist.all_to_all_single(self.recv, self.send, self.out_splits, self.in_splits, group=self.group)
+
+
+class Memcpy:
+    """A plain copy of `num_bytes` (what one rank receives) from one buffer to another on every rank at
+    once: the physical floor of a same-host exchange (shared memory moves each byte at least once), run
+    under deep_ep's own thread cap so that it shares the cores the way deep_ep's calls do."""
+
+    def __init__(self, num_bytes: int, num_local_ranks: int) -> None:
+        from deep_ep._threads import ThreadCap
+        self.src = torch.randint(0, 255, (max(int(num_bytes), 1),), dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
+        self.cap = ThreadCap.for_local_ranks(num_local_ranks)
+
+    def __call__(self) -> None:
+        with self.cap:
+            self.dst.copy_(self.src)
 
 
 class NaiveDispatcher:
