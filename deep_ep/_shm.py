@@ -20,7 +20,8 @@ An all-to-all (``all_to_all``) is pull-based and synchronous:
   acknowledgement of the previous one).
 
 Synchronisation is by those counters in shared memory (x86-64 only: its stores are seen in program
-order, which the protocol relies on). Waiting spins briefly with ``sched_yield`` and then sleeps in
+order, and a locked instruction before each counter store orders the non-temporal stores of large
+copies too). Waiting spins briefly with ``sched_yield`` and then sleeps in
 growing steps (at most 0.5 ms). While it waits, the `Communicator`'s diagnosis runs as for gloo: a
 peer whose process is gone fails the call at once, and after ``DEEP_EP_TIMEOUT_S`` the error names
 the peers that did not answer (gone, frozen, or elsewhere) through the heartbeats.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import mmap
 import os
 import platform
+import threading
 import time
 import zlib
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
@@ -63,6 +65,16 @@ class _Layout:
         self.data = _round_up(self.text + _OP_TEXT_BYTES, _PAGE)
         self.data_bytes = _round_up(max(int(data_bytes), 1), _PAGE)
         self.total = self.data + self.data_bytes
+
+
+_FENCE = threading.Lock()
+
+
+def _store_fence() -> None:
+    """A full memory fence before a flag store: taking a lock runs a locked instruction, which on x86-64
+    also orders earlier non-temporal stores (large copies may use them), not only ordinary ones."""
+    with _FENCE:
+        pass
 
 
 def _op_tag(op: str) -> int:
@@ -180,6 +192,7 @@ class ShmTransport:
                     mine[_W_HI] = hi
                     mine[_W_TAG] = tag
                     self._posted += 1
+                    _store_fence()
                     mine[_W_POST] = self._posted      # the flag: everything above is visible before it
                     next_round += 1
                     progress = True
@@ -200,6 +213,7 @@ class ShmTransport:
                         dst = out_off[s] + (a - seg_off)
                         out[dst:dst + (b - a)].copy_(data[s][a - lo:b - lo])
                     self._acked[s] = post
+                    _store_fence()  # the copy out of the peer's area is done before the peer may reuse it
                     mine[lay.ack + s] = post
                     if k == k_total - 1:
                         pending.remove(s)
