@@ -201,6 +201,19 @@ class PortableLowLatency(DoubleBufferSlots):
             self._scratch[key] = buf
         return buf[:nbytes].view(dtype).view(shape)
 
+    def _send_area(self, slot: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   use_p2p: bool) -> torch.Tensor:
+        """Where to build the rows to send: this rank's shared-memory send area (same-host transport:
+        the exchange then copies nothing on the sending side), else a buffer reused per slot."""
+        if not use_p2p and device.type == "cpu":
+            numel = 1
+            for n in shape:
+                numel *= int(n)
+            area = self.comm.send_buffer(numel * torch.empty((), dtype=dtype).element_size())
+            if area is not None:
+                return area.view(dtype).view(shape)
+        return self._reused(slot, name, shape, dtype, device)
+
     def _exchange_rows(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int], peers: List[int],
                        use_p2p: bool, nothing_moves: bool, op: str, slot: int) -> Tuple[torch.Tensor, _Exchange]:
         """Start moving rows of `send` (grouped by destination) and return ``(recv buffer, exchange)``.
@@ -255,13 +268,14 @@ class PortableLowLatency(DoubleBufferSlots):
                           signature: Sequence[Tuple[int, str]]) -> None:
         """Raise the same error on every rank when the peers' headers disagree."""
         what = _KIND_NAMES[kind]
-        kinds = {p: int(table[p, _H_KIND]) for p in peers}
+        rows = table[:, :_HEADER_WORDS].tolist()  # one conversion, not one per word
+        kinds = {p: int(rows[p][_H_KIND]) for p in peers}
         if len(set(kinds.values())) > 1:
             calls = ", ".join(f"rank {p}: {_KIND_NAMES.get(k, f'kind {k}')}" for p, k in kinds.items())
             raise RuntimeError(f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency "
                                f"operations ({calls}); every rank must issue the same sequence of calls")
         for index, name in signature:
-            values = {p: int(table[p, index]) for p in peers}
+            values = {p: int(rows[p][index]) for p in peers}
             if len(set(values.values())) > 1:
                 listing = ", ".join(f"rank {p}: {v}" for p, v in values.items())
                 raise ValueError(f"deep_ep.Buffer.{what}: `{name}` must be the same on every rank, got {listing}")
@@ -370,7 +384,7 @@ class PortableLowLatency(DoubleBufferSlots):
         else:
             parts.append(_as_bytes(x).index_select(0, msg_token))
         width = sum(int(t.size(1)) for t in parts)
-        send_buf = self._reused(slot, "send", (int(msg_token.numel()), width), torch.uint8, device)
+        send_buf = self._send_area(slot, "send", (int(msg_token.numel()), width), torch.uint8, device, use_p2p)
         torch.cat(parts, dim=1, out=send_buf)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
                                                  int(counts.sum()) == 0, "low_latency_dispatch (data exchange)", slot)
@@ -498,9 +512,6 @@ class PortableLowLatency(DoubleBufferSlots):
         send_rows = (torch.repeat_interleave(begin_by_source, count_by_source)
                      + torch.arange(num_send, device=device)
                      - torch.repeat_interleave(_exclusive_cumsum(count_by_source), count_by_source))
-        send_buf = data.reshape(num_local * num_rows, hidden).index_select(0, send_rows)
-        if use_logfmt:
-            send_buf = logfmt10_round(send_buf)
         send_counts = block_count.sum(dim=0).tolist()
 
         # Receiver side: this rank's valid (token, k) pairs, sorted by expert (stable) = arrival order.
@@ -538,6 +549,14 @@ class PortableLowLatency(DoubleBufferSlots):
                 f"{int(expected[dst, src])}. Pass the handle of the dispatch of these very tokens and the same "
                 f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)")
         recv_counts = sent[:, rank].tolist()
+        # The rows to send, gathered straight into the shared-memory send area when there is one (after
+        # the header exchange, which used the area).
+        rows_src = data.reshape(num_local * num_rows, hidden)
+        if use_logfmt:
+            send_buf = logfmt10_round(rows_src.index_select(0, send_rows))
+        else:
+            send_buf = self._send_area(slot, "send_c", (num_send, hidden), torch.bfloat16, device, use_p2p)
+            torch.index_select(rows_src, 0, send_rows, out=send_buf)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
                                                  int(sent.sum()) == 0, "low_latency_combine (data exchange)", slot)
         weights = topk_weights.to(torch.float32)
