@@ -608,6 +608,25 @@ class Communicator:
         self._check_open(op)
         return self.shm.send_buffer(num_bytes, op)
 
+    def all_to_all_views(self, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                         op: str = "all_to_all") -> Optional[Tuple[List[torch.Tensor], Any]]:
+        """Shared-memory transport only (else None): the all-to-all of `all_to_all_single` without the
+        copy out: returns ``(per-source tensors [out_splits[s], *inp.shape[1:]], release)``, views into
+        the senders' shared areas where possible. Call ``release()`` once done with them and before the
+        next collective (the senders cannot reuse their areas until then)."""
+        if self.shm is None or inp.is_cuda:
+            return None
+        self._check_open(op)
+        row = _row_bytes(inp)
+        raw: List[torch.Tensor] = []
+        out_splits = [int(v) for v in out_splits]
+        self.shm.all_to_all(None, _flat_bytes(inp), [n * row for n in out_splits],
+                            [int(n) * row for n in in_splits], op, views=raw)
+        shape = tuple(inp.shape[1:])
+        segs = [(t if t.numel() else torch.empty(0, dtype=torch.uint8)).view(inp.dtype).view((n,) + shape)
+                for t, n in zip(raw, out_splits)]
+        return segs, self.shm.release_views
+
     # ----------------------------------------------------------------------------- collectives
     def _cuda_native(self, t: torch.Tensor) -> bool:
         return t.is_cuda and self.user_group is not None and "nccl" in self._user_backend

@@ -99,6 +99,7 @@ class ShmTransport:
         self._posted = 0                # this rank's post counter
         self._acked = [0] * self.size   # per sender: the post counter this rank consumed last
         self._broken: Optional[str] = None
+        self._held: List[Tuple[int, int]] = []  # (sender, post) read in place, not yet acknowledged
 
     # ---------------------------------------------------------------------------------- life cycle
     def close(self) -> None:
@@ -141,9 +142,14 @@ class ShmTransport:
             self.comm._end()
 
     # ------------------------------------------------------------------------------- all-to-all
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
-                   in_splits: Sequence[int], op: str) -> None:
-        """Uneven all-to-all of flat uint8 tensors (splits in bytes), finished when it returns."""
+    def all_to_all(self, out: Optional[torch.Tensor], inp: torch.Tensor, out_splits: Sequence[int],
+                   in_splits: Sequence[int], op: str, views: Optional[List[torch.Tensor]] = None) -> None:
+        """Uneven all-to-all of flat uint8 tensors (splits in bytes), finished when it returns.
+
+        With `views` (a list, filled with one uint8 tensor per source) nothing is copied out where it
+        can be avoided: a source's segment is a view into its shared area (its own segment a view of
+        `inp`), valid until `release_views`, which must follow before the next exchange; `out` is unused.
+        """
         if self._broken is not None:
             raise RuntimeError(f"deep_ep: `{op}`: the shared-memory transport failed earlier ({self._broken})")
         R, me, lay = self.size, self.rank, self.layout
@@ -159,7 +165,10 @@ class ShmTransport:
         if out_splits[me] != in_splits[me]:
             raise RuntimeError(f"deep_ep: `{op}`: rank {me} sends itself {in_splits[me]} bytes but expects "
                                f"{out_splits[me]}")
-        if in_splits[me]:
+        if views is not None:
+            views[:] = [None] * R
+            views[me] = inp[in_off[me]:in_off[me] + in_splits[me]]
+        elif in_splits[me]:
             out[out_off[me]:out_off[me] + in_splits[me]].copy_(inp[in_off[me]:in_off[me] + in_splits[me]])
         zero_copy = total > 0 and inp.data_ptr() == self._my_data.data_ptr() and total <= cap
         rounds = 1 if zero_copy else max(1, -(-total // cap))
@@ -209,7 +218,19 @@ class ShmTransport:
                         mismatch.append((s, seg_len, out_splits[s]))
                     a = max(lo, seg_off)
                     b = min(hi, seg_off + min(seg_len, out_splits[s]))
-                    if b > a:
+                    if views is not None and k_total == 1:
+                        # Read in place; acknowledged by release_views once the caller is done with it.
+                        views[s] = data[s][a - lo:a - lo + max(b - a, 0)]
+                        self._held.append((s, post))
+                        pending.remove(s)
+                        progress = True
+                        continue
+                    if views is not None:  # several rounds: collect the segment in a private buffer
+                        if views[s] is None:
+                            views[s] = torch.empty(out_splits[s], dtype=torch.uint8)
+                        if b > a:
+                            views[s][a - seg_off:b - seg_off].copy_(data[s][a - lo:b - lo])
+                    elif b > a:
                         dst = out_off[s] + (a - seg_off)
                         out[dst:dst + (b - a)].copy_(data[s][a - lo:b - lo])
                     self._acked[s] = post
@@ -235,6 +256,17 @@ class ShmTransport:
             raise
         finally:
             self.comm._end()
+
+    def release_views(self) -> None:
+        """Acknowledge the segments `all_to_all(..., views=...)` left in place (their senders may reuse
+        their areas from now on)."""
+        held, self._held = self._held, []
+        if not held or self._mine is None:
+            return
+        _store_fence()
+        for s, post in held:
+            self._acked[s] = post
+            self._mine[self.layout.ack + s] = post
 
     def _diverged(self, op: str, peer: int, seq: int, c) -> None:
         raw = bytes(memoryview(self._maps[peer])[self.layout.text:self.layout.text + _OP_TEXT_BYTES])

@@ -40,6 +40,10 @@ def test_blocked_combine_reduce_is_bit_identical(num_tokens, hidden, num_src, de
     want = _plain_reduce(rows, tok_ids, bounds, num_tokens, bias)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    # The same from per-source segments (how the shared-memory transport hands them over).
+    segs = [rows[bounds[d]:bounds[d + 1]].clone() for d in range(num_src)]
+    got_segs = reduce_rows_by_token(segs, tok_ids, bounds, num_tokens, bias, block_tokens=block)
+    assert torch.equal(got_segs.view(torch.int16), want.view(torch.int16))
 
 
 def _plain_ll_reduce(recv, row_token, row_k, row, weights, num_tokens, num_topk, hidden):

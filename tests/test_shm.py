@@ -40,6 +40,13 @@ def _exchanges(rank, num_ranks, group, seed):
             comm.all_to_all_single(want, rows, out_splits, in_splits, op=f"test exchange {case} (gloo)")
             comm.shm = shm
             assert torch.equal(got, want), (case, zero_copy)
+            # In place: per-source views into the senders' areas (or private copies when in rounds).
+            segs, release = comm.all_to_all_views(send, out_splits, in_splits, op=f"test exchange {case} (views)")
+            try:
+                assert [t.shape[0] for t in segs] == out_splits
+                assert torch.equal(torch.cat(segs), want), (case, zero_copy, "views")
+            finally:
+                release()
             checked.append((case, region is not None, sum(in_splits) * width > shm.data_bytes))
     info["checked"] = checked
     buf.destroy()

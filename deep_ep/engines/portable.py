@@ -70,7 +70,7 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
 _REDUCE_BLOCK_BYTES = 1 << 19
 
 
-def reduce_rows_by_token(rows: torch.Tensor, tok_ids: torch.Tensor, bounds: Sequence[int], num_tokens: int,
+def reduce_rows_by_token(rows, tok_ids: torch.Tensor, bounds: Sequence[int], num_tokens: int,
                          bias: Sequence[torch.Tensor] = (), block_tokens: int = 0) -> torch.Tensor:
     """``out[t] = dtype(bias_0[t] + bias_1[t] + ... + rows[i_0] + rows[i_1] + ...)`` in float32.
 
@@ -80,10 +80,14 @@ def reduce_rows_by_token(rows: torch.Tensor, tok_ids: torch.Tensor, bounds: Sequ
     ``acc = zeros; acc += bias.float() ...; acc.index_add_(0, tok_ids_d, rows_d.float()) for each d``,
     in the same order, so the result is bit-identical to it; the work goes one block of tokens at a
     time so that the float32 accumulator stays in cache and no full-size float32 copy of `rows` exists.
+    `rows` may also be the list of the segments themselves (e.g. views into the senders' shared memory).
     """
-    hidden = rows.size(1)
-    device = rows.device
-    out = torch.empty((num_tokens, hidden), dtype=rows.dtype, device=device)
+    segs = list(rows) if isinstance(rows, (list, tuple)) else \
+        [rows[bounds[d]:bounds[d + 1]] for d in range(len(bounds) - 1)]
+    hidden = segs[0].size(1) if segs else 0
+    dtype = segs[0].dtype if segs else torch.bfloat16
+    device = tok_ids.device
+    out = torch.empty((num_tokens, hidden), dtype=dtype, device=device)
     if num_tokens == 0:
         return out
     block = block_tokens or max(8, _REDUCE_BLOCK_BYTES // max(1, hidden * 4))
@@ -92,7 +96,7 @@ def reduce_rows_by_token(rows: torch.Tensor, tok_ids: torch.Tensor, bounds: Sequ
     cuts = []
     for d in range(len(bounds) - 1):
         if bounds[d + 1] > bounds[d]:
-            cuts.append((torch.searchsorted(tok_ids[bounds[d]:bounds[d + 1]], edge_t) + bounds[d]).tolist())
+            cuts.append((d, (torch.searchsorted(tok_ids[bounds[d]:bounds[d + 1]], edge_t) + bounds[d]).tolist()))
     acc_buf = torch.empty((min(block, num_tokens), hidden), dtype=torch.float32, device=device)
     conv_buf = torch.empty_like(acc_buf)
     for i in range(len(edges) - 1):
@@ -101,11 +105,11 @@ def reduce_rows_by_token(rows: torch.Tensor, tok_ids: torch.Tensor, bounds: Sequ
         acc.zero_()
         for b in bias:
             acc += b[t0:t1].float()
-        for cut in cuts:
+        for d, cut in cuts:
             lo, hi = cut[i], cut[i + 1]
             if hi > lo:
                 conv = conv_buf[:hi - lo]
-                conv.copy_(rows[lo:hi])
+                conv.copy_(segs[d][lo - bounds[d]:hi - bounds[d]])
                 acc.index_add_(0, tok_ids[lo:hi] - t0, conv)
         out[t0:t1].copy_(acc)
     return out
@@ -485,17 +489,21 @@ class PortableEngine:
         n_mine = channel_prefix[:, -1].tolist()                           # rows coming back from each dst
         hidden = x.size(1)
 
-        # ---- collective(s): the rows go back to their sources (x[:num_recv] is already ordered by source)
-        rows = torch.empty((sum(n_mine), hidden), dtype=x.dtype, device=device)
+        # ---- collective(s): the rows go back to their sources (x[:num_recv] is already ordered by source);
+        # the top-k weights first, so that the rows can then be reduced where they arrived (shared memory)
         send_x = x[:num_recv]
-        work = self.comm.all_to_all_single(rows, send_x, n_mine, n_back, op="combine (data)",
-                                           async_op=topk_weights is not None)
         w_rows = None
         if topk_weights is not None:
             w_rows = torch.empty((sum(n_mine), topk_weights.size(1)), dtype=torch.float32, device=device)
             self.comm.all_to_all_single(w_rows, topk_weights[:num_recv].contiguous(), n_mine, n_back,
                                         op="combine (top-k weights)")
-            work.wait()
+        in_place = self.comm.all_to_all_views(send_x, n_mine, n_back, op="combine (data)") \
+            if NN == 1 and device.type == "cpu" else None
+        if in_place is not None:
+            rows, release = in_place
+        else:
+            rows, release = torch.empty((sum(n_mine), hidden), dtype=x.dtype, device=device), None
+            self.comm.all_to_all_single(rows, send_x, n_mine, n_back, op="combine (data)")
 
         # ---- reduce in fp32, ranks ascending (per node first when there are several nodes)
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
@@ -503,7 +511,11 @@ class PortableEngine:
         for n in n_mine:
             bounds.append(bounds[-1] + n)
         if NN == 1:
-            combined_x = reduce_rows_by_token(rows, tok_ids, bounds, num_tokens, bias)
+            try:
+                combined_x = reduce_rows_by_token(rows, tok_ids, bounds, num_tokens, bias)
+            finally:
+                if release is not None:
+                    release()
         else:
             acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
             for b in bias:
