@@ -283,7 +283,7 @@ class _Waiter:
     # A few polls without giving up the core, then sleeps of growing length. Not sched_yield: on a
     # loaded host it parks the caller behind every runnable task (measured 6 ms per call at load 10 on
     # 2 cores), where a sleeper is woken promptly.
-    _SPINS = 16
+    _SPINS = 2
     _FIRST_SLEEP = 10e-6
     _MAX_SLEEP = 2e-4
 
