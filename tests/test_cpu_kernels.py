@@ -62,7 +62,8 @@ def _plain_ll_reduce(recv, row_token, row_k, row, weights, num_tokens, num_topk,
 
 
 @pytest.mark.parametrize("num_tokens,num_topk,hidden,density", [(128, 8, 2048, 0.9), (37, 3, 384, 0.5),
-                                                                (16, 4, 128, 0.0), (0, 2, 256, 1.0)])
+                                                                (16, 4, 128, 0.0), (0, 2, 256, 1.0),
+                                                                (64, 4, 256, 1.0), (8, 6, 128, 0.9)])
 def test_ll_combine_reduce_is_bit_identical(num_tokens, num_topk, hidden, density):
     from deep_ep.engines.portable_ll import PortableLowLatency
     gen = torch.Generator().manual_seed(make_seed())

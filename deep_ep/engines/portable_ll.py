@@ -594,16 +594,23 @@ class PortableLowLatency(DoubleBufferSlots):
             return acc.to(torch.bfloat16)
         row_of = torch.full((num_tokens, num_topk), -1, dtype=torch.int64, device=device)
         row_of[row_token, row_k] = row
+        all_present = (row_of >= 0).all(dim=0).tolist()
+        product = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device)
         for k in range(num_topk):
             rows = row_of[:, k]
+            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order). The
+            # bf16 rows are widened inside the multiply (exact), not in a separate pass.
+            if all_present[k]:
+                torch.mul(recv.index_select(0, rows), weights[:, k:k + 1], out=product)
+                acc += product
+                continue
             tokens = (rows >= 0).nonzero().view(-1)
             if tokens.numel() == 0:
                 continue
-            y = recv.index_select(0, rows.index_select(0, tokens)).to(torch.float32)
-            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order). Only
-            # the tokens with a row for this k are touched; each appears once, so index_add_ is acc + product.
-            product = weights[:, k:k + 1].index_select(0, tokens) * y
-            acc.index_add_(0, tokens, product)
+            # Only the tokens with a row for this k are touched; each appears once, so index_add_ is
+            # acc + product for them.
+            part = weights[:, k:k + 1].index_select(0, tokens) * recv.index_select(0, rows.index_select(0, tokens))
+            acc.index_add_(0, tokens, part)
         return acc.to(torch.bfloat16)
 
     # ------------------------------------------------------------------------------------------
