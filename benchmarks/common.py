@@ -296,8 +296,9 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "device": device,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         # Results and the page generated from them do not make the measured code dirty.
-        "git_tree_dirty": any(not (line[3:].startswith("benchmarks/results/") or line[3:] == "docs/performance.md")
-                              for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()),
+        "git_tree_dirty": any(not (path.startswith("benchmarks/results/") or path == "docs/performance.md")
+                              for path in (line.split(maxsplit=1)[-1] for line in
+                                           _git("status", "--porcelain", "--untracked-files=no").splitlines())),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv else "?"] + sys.argv[1:]),
     }
     if device == "cuda" and torch.cuda.is_available():
