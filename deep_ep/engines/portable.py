@@ -7,11 +7,16 @@ collectives per call (never one per peer or per token):
   the whole traffic matrix, computes every handle field and rejects a `num_worst_tokens` overflow on
   all ranks alike; it overlaps with packing the rows), then the
   token rows go by one all-to-all straight into ``recv_x`` while their metadata (scales, top-k,
-  source index) travels packed in a second, small all-to-all that overlaps with it. Writing the rows
+  source index: one row table gathered once) travels in a second, small all-to-all. Writing the rows
   in place saves a full copy of the received data, which costs more than one extra small collective;
 * cached dispatch: the counts come from the handle, so only the rows (and FP8 scales) move;
-* combine: the rows are already ordered by source rank, so ``x`` itself is sent (no packing), plus
-  one all-to-all for the top-k weights when given.
+* combine: the rows are already ordered by source rank, so ``x`` itself is sent (no packing), after
+  one all-to-all for the top-k weights when given; the reduce is token-blocked (`reduce_rows_by_token`).
+
+The collectives go through the `Communicator`: on one host its shared-memory transport
+(`deep_ep._shm`), where the dispatch gathers its rows straight into the shared send area
+(`Communicator.send_buffer`) and the combine reduces the rows where they arrived
+(`Communicator.all_to_all_views`); elsewhere gloo.
 
 Arguments arrive validated by `deep_ep.Buffer`.
 """

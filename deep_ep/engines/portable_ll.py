@@ -6,7 +6,8 @@ module does the work, with the exact outputs `docs/semantics.md` specifies ("Low
 
 Wire protocol (per call, at most two collectives):
 
-1. **Header exchange** (`all_gather`): every rank publishes one int64 vector ``[signature (10 words),
+1. **Header exchange** (one all-to-all round of the same vector to every rank; gloo's all-gather
+   would walk a ring): every rank publishes one int64 vector ``[signature (10 words),
    rows it sends to each rank (R), rows it expects from each rank (R)]``. The signature carries the
    call kind and its shape arguments, so ranks that diverged (different ``num_experts``, hidden,
    FP8 flags, or dispatch on one rank and combine on another) all raise the same error instead of
