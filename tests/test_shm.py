@@ -129,4 +129,4 @@ def test_destroy_unmaps_and_closes_everything():
         fds = [f for _, _, f in counts]
         # No descriptor left behind per Buffer (a leak grows by one per round; the rendezvous's own
         # sockets may come and go by one).
-        assert max(fds) - min(fds) <= 1, counts
+        assert max(fds) <= fds[0] + 1, counts
