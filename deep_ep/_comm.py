@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import _env
+from ._threads import ThreadCap
 
 __all__ = ["Communicator", "CommError", "P2PWork", "loopback_store"]
 
@@ -284,6 +285,7 @@ class Communicator:
         # Why this communicator can no longer be used ("" while it can); set by the first unrecoverable
         # failure (`error`, or deep_ep._agree for an exception that left peers in an exchange).
         self.failed = ""
+        self.shm = None  # same-host shared-memory transport for CPU tensors (`enable_shm`), else gloo
 
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
@@ -293,6 +295,8 @@ class Communicator:
         self.single_host = len(set(self.hostnames)) == 1
         self.pids: List[int] = [p for _, p, _ in ids]
         me = self.hostnames[self.rank]
+        # deep_ep's CPU calls cap torch's intra-op threads to this host's cores per local rank.
+        self.threads = ThreadCap.for_local_ranks(self.hostnames.count(me), _env.cpu_threads_override())
         # Peers whose process this rank can watch through /proc (same host, same PID namespace).
         self._local_peers: Dict[int, Tuple[int, str]] = {}
         for r, (host, p, start) in enumerate(ids):
@@ -682,6 +686,48 @@ class Communicator:
         gathered = self.all_gather(padded, op=op)
         return [pickle.loads(gathered[i, : sizes[i]].numpy().tobytes()) for i in range(self.size)]
 
+    # ------------------------------------------------------------------- shared-memory transport
+    def enable_shm(self, data_bytes: int) -> str:
+        """Collectively set up the same-host shared-memory transport for CPU tensors (`deep_ep._shm`) with
+        `data_bytes` of data area per rank, unless ``DEEP_EP_TRANSPORT=gloo``. Returns why the CPU
+        transport is what it is (for ``Buffer.engine_reason``); every rank gets the same outcome."""
+        from . import _shm
+        self.shm, reason = _shm.setup(self, data_bytes, _env.transport_override())
+        return reason
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"gloo"``: what moves CPU tensors."""
+        return "shm" if self.shm is not None else "gloo"
+
+    def send_buffer(self, num_bytes: int, op: str = "send buffer") -> Optional[torch.Tensor]:
+        """A uint8 tensor of `num_bytes` in this rank's shared-memory area for a sender to gather rows
+        into (the next `all_to_all_single` from it then moves them without another copy), or None
+        (no shared-memory transport, or too large). Valid until the next collective."""
+        if self.shm is None:
+            return None
+        self._check_open(op)
+        return self.shm.send_buffer(num_bytes, op)
+
+    def all_to_all_views(self, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                         op: str = "all_to_all") -> Optional[Tuple[List[torch.Tensor], Any]]:
+        """Shared-memory transport only (else None): the all-to-all of `all_to_all_single` without the
+        copy out: returns ``(per-source tensors [out_splits[s], *inp.shape[1:]], release)``, views into
+        the senders' shared areas where possible. Call ``release()`` once done with them and before the
+        next collective (the senders cannot reuse their areas until then)."""
+        if self.shm is None or inp.is_cuda:
+            return None
+        self._check_open(op)
+        row = _row_bytes(inp)
+        raw: List[torch.Tensor] = []
+        out_splits = [int(v) for v in out_splits]
+        self.shm.all_to_all(None, _flat_bytes(inp), [n * row for n in out_splits],
+                            [int(n) * row for n in in_splits], op, views=raw)
+        shape = tuple(inp.shape[1:])
+        segs = [(t if t.numel() else torch.empty(0, dtype=torch.uint8)).view(inp.dtype).view((n,) + shape)
+                for t, n in zip(raw, out_splits)]
+        return segs, self.shm.release_views
+
     # ----------------------------------------------------------------------------- collectives
     def _cuda_native(self, t: torch.Tensor) -> bool:
         return t.is_cuda and self.user_group is not None and "nccl" in self._user_backend
@@ -733,6 +779,11 @@ class Communicator:
                 raise self.error(op, exc) from exc
             return _Work(self, op, work, native=True) if async_op else _Done()
         self._check_open(op)
+        if self.shm is not None and not out.is_cuda and not inp.is_cuda:
+            out_row, in_row = _row_bytes(out), _row_bytes(inp)
+            self.shm.all_to_all(_flat_bytes(out), _flat_bytes(inp), [n * out_row for n in out_splits],
+                                [n * in_row for n in in_splits], op)
+            return _Done()
         staged = out.is_cuda
         h_out = torch.empty(out.shape, dtype=out.dtype) if staged else out
         h_in = inp.cpu() if inp.is_cuda else inp
@@ -834,6 +885,9 @@ class Communicator:
             timer.daemon = True
             timer.start()
             self._listen_sock = None
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         self.pg = None
         self._store = None
         self._diag_store = None
@@ -938,3 +992,20 @@ def _as_gloo(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool:
         return t.view(torch.uint8)
     return t
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one dim-0 row of `t`."""
+    n = t.element_size()
+    for d in t.shape[1:]:
+        n *= int(d)
+    return n
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's data as a flat uint8 tensor (same storage)."""
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if not t.is_contiguous():
+        raise ValueError("deep_ep: all-to-all tensors must be contiguous")
+    return t.reshape(-1).view(torch.uint8)

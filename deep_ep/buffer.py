@@ -57,6 +57,7 @@ class _Launch:
         self.cuda = on_comm_stream and any(t.is_cuda for t in self.inputs) and torch.cuda.is_available()
         self.buffer = buffer
         self._ctx = None
+        self._threads = None
 
     def __enter__(self) -> "_Launch":
         if self.cuda:
@@ -70,12 +71,18 @@ class _Launch:
             self._ctx.__enter__()
         elif self.previous_event is not None and self.previous_event.event is not None:
             self.previous_event.event.synchronize()
+        if not self.cuda:  # CPU work: cap torch's threads to this host's cores per local rank
+            self._threads = self.buffer._comm.threads
+            self._threads.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
             self._ctx = None
+        if self._threads is not None:
+            self._threads.__exit__(*exc)
+            self._threads = None
 
     def finish(self, outputs: Sequence[Any]) -> EventOverlap:
         tensors = _flatten_tensors(outputs)
@@ -193,6 +200,9 @@ class Buffer:
                                 ll_mode=low_latency_mode, shrink=enable_shrink)
                 _agree.exchange(self._comm, None, "__init__ (agreement)")
             self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
+            # CPU tensors: same-host shared memory when every rank is on this host, else gloo (deep_ep._shm).
+            self.transport_reason = self._comm.enable_shm(num_nvl_bytes + num_rdma_bytes)
+            self.engine_reason += f"; CPU tensors: {self.transport_reason}"
             self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
             self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"
             if low_latency_mode:

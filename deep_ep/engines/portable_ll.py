@@ -6,7 +6,8 @@ module does the work, with the exact outputs `docs/semantics.md` specifies ("Low
 
 Wire protocol (per call, at most two collectives):
 
-1. **Header exchange** (`all_gather`): every rank publishes one int64 vector ``[signature (10 words),
+1. **Header exchange** (one all-to-all round of the same vector to every rank; gloo's all-gather
+   would walk a ring): every rank publishes one int64 vector ``[signature (10 words),
    rows it sends to each rank (R), rows it expects from each rank (R)]``. The signature carries the
    call kind and its shape arguments, so ranks that diverged (different ``num_experts``, hidden,
    FP8 flags, or dispatch on one rank and combine on another) all raise the same error instead of
@@ -139,6 +140,7 @@ class PortableLowLatency(DoubleBufferSlots):
         # (a hook remembers its slot's use count and detects reuse by comparing).
         self._init_slots()
         self._mask = torch.zeros(comm.size, dtype=torch.int32)
+        self._scratch = {}  # (slot, name, device) -> uint8 buffer reused by that slot's calls
 
     # ------------------------------------------------------------------------------------------
     # Routing (the double buffer is DoubleBufferSlots)
@@ -182,15 +184,44 @@ class PortableLowLatency(DoubleBufferSlots):
         table[gone] = 0
         return table, [p for p in peers if p not in gone]
 
+    def _reused(self, slot: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A tensor of `shape` kept per double-buffer slot and reused by the slot's next call (fresh large
+        allocations page-fault on every call). Safe: a slot's results are invalid once the slot is reused
+        (docs/semantics.md, "Double buffer"), and a hook of a reused slot refuses to run."""
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        key = (slot, name, device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+            self._scratch[key] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def _send_area(self, slot: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   use_p2p: bool) -> torch.Tensor:
+        """Where to build the rows to send: this rank's shared-memory send area (same-host transport:
+        the exchange then copies nothing on the sending side), else a buffer reused per slot."""
+        if not use_p2p and device.type == "cpu":
+            numel = 1
+            for n in shape:
+                numel *= int(n)
+            area = self.comm.send_buffer(numel * torch.empty((), dtype=dtype).element_size())
+            if area is not None:
+                return area.view(dtype).view(shape)
+        return self._reused(slot, name, shape, dtype, device)
+
     def _exchange_rows(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int], peers: List[int],
-                       use_p2p: bool, nothing_moves: bool, op: str) -> Tuple[torch.Tensor, _Exchange]:
+                       use_p2p: bool, nothing_moves: bool, op: str, slot: int) -> Tuple[torch.Tensor, _Exchange]:
         """Start moving rows of `send` (grouped by destination) and return ``(recv buffer, exchange)``.
 
         The receive buffer is filled once the exchange's `wait()` returns (rows from peers it reports
         gone are left unfilled). `nothing_moves` (no rank sends anything, known to all ranks from the
         header table) skips the collective.
         """
-        recv = torch.empty((sum(recv_counts),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
+        recv = self._reused(slot, "recv", (sum(recv_counts),) + tuple(send.shape[1:]), send.dtype, send.device)
         if not use_p2p:
             if nothing_moves:
                 return recv, _Exchange()
@@ -244,7 +275,8 @@ class PortableLowLatency(DoubleBufferSlots):
                           signature: Sequence[Tuple[int, str]]) -> None:
         """Raise the same error on every rank when the peers' headers disagree."""
         what = _KIND_NAMES[kind]
-        kinds = {p: int(table[p, _H_KIND]) for p in peers}
+        rows = table[:, :_HEADER_WORDS].tolist()  # one conversion, not one per word
+        kinds = {p: int(rows[p][_H_KIND]) for p in peers}
         failed = [p for p, k in kinds.items() if k == _KIND_FAILED]
         if failed:  # shrink mode: a rank raised before its header exchange; its message is in the store
             errors = [(p, *_agree.read_error(self.comm, p)) for p in failed]
@@ -258,7 +290,7 @@ class PortableLowLatency(DoubleBufferSlots):
                 f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency operations ({calls}); "
                 f"every rank must issue the same sequence of calls"))
         for index, name in signature:
-            values = {p: int(table[p, index]) for p in peers}
+            values = {p: int(rows[p][index]) for p in peers}
             if len(set(values.values())) > 1:
                 listing = ", ".join(f"rank {p}: {v}" for p, v in values.items())
                 raise _agree.coordinated(
@@ -308,7 +340,7 @@ class PortableLowLatency(DoubleBufferSlots):
 
         # Outputs (allocated now so that hook mode can return them before the data arrives).
         if use_fp8:
-            recv_x = torch.empty((num_local, num_rows, hidden), dtype=torch.float8_e4m3fn, device=device)
+            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), torch.float8_e4m3fn, device)
             if use_ue8m0:
                 num_packed = (num_scales + 3) // 4
                 scales = torch.empty((num_local, num_packed, num_rows), dtype=torch.int32,
@@ -317,7 +349,7 @@ class PortableLowLatency(DoubleBufferSlots):
                 scales = torch.empty((num_local, num_scales, num_rows), dtype=torch.float32,
                                      device=device).transpose(1, 2)
         else:
-            recv_x = torch.empty((num_local, num_rows, hidden), dtype=torch.bfloat16, device=device)
+            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), torch.bfloat16, device)
             scales = None
         recv_count = torch.zeros(num_local, dtype=torch.int32, device=device)
         src_info = torch.full((num_local, num_rows), -1, dtype=torch.int32, device=device)
@@ -360,15 +392,18 @@ class PortableLowLatency(DoubleBufferSlots):
         recv_counts = counts[:, rank].tolist()
 
         # Pack: [src index | top-k ids | payload] as bytes.
-        parts = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)), _as_bytes(topk[msg_token].to(torch.int32))]
+        parts = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)),
+                 _as_bytes(topk.to(torch.int32).index_select(0, msg_token))]
         if use_fp8:
             x_fp8, scale_inv = per_token_cast_to_fp8(x, round_scale)
-            parts += [x_fp8[msg_token].view(torch.uint8), _as_bytes(scale_inv[msg_token])]
+            parts += [x_fp8.view(torch.uint8).index_select(0, msg_token), _as_bytes(scale_inv.index_select(0, msg_token))]
         else:
-            parts.append(_as_bytes(x[msg_token]))
-        send_buf = torch.cat(parts, dim=1)
+            parts.append(_as_bytes(x).index_select(0, msg_token))
+        width = sum(int(t.size(1)) for t in parts)
+        send_buf = self._send_area(slot, "send", (int(msg_token.numel()), width), torch.uint8, device, use_p2p)
+        torch.cat(parts, dim=1, out=send_buf)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
-                                                 int(counts.sum()) == 0, "low_latency_dispatch (data exchange)")
+                                                 int(counts.sum()) == 0, "low_latency_dispatch (data exchange)", slot)
 
         def finish() -> None:
             wait_start = time.perf_counter_ns()
@@ -414,18 +449,24 @@ class PortableLowLatency(DoubleBufferSlots):
         flat_row = expert_sorted * num_rows + position
 
         payload_begin = topk_end
+        # Expert j's rows are recv_x[j, :count_j] in sorted order: one index_select per expert straight
+        # from the received bytes into the output.
+        row_bytes = hidden if use_fp8 else 2 * hidden
+        payload = recv_buf[:, payload_begin:payload_begin + row_bytes]
+        out_bytes = recv_x.view(torch.uint8).view(num_local, num_rows, row_bytes)
+        start = 0
+        for j, count in enumerate(per_expert.tolist()):
+            if count:
+                torch.index_select(payload, 0, msg_sorted[start:start + count], out=out_bytes[j, :count])
+            start += count
         if use_fp8:
-            payload = recv_buf[:, payload_begin:payload_begin + hidden]
-            recv_x.view(torch.uint8).view(-1, hidden)[flat_row] = payload[msg_sorted]
-            scale_inv = _from_bytes(recv_buf, payload_begin + hidden,
-                                    payload_begin + hidden + 4 * (hidden // GROUP_SIZE), torch.float32)
+            scale_begin = payload_begin + hidden
+            scale_inv = recv_buf[:, scale_begin:scale_begin + 4 * (hidden // GROUP_SIZE)].index_select(
+                0, msg_sorted).view(torch.float32)
             if use_ue8m0:
                 scale_inv = pack_ue8m0(scale_inv)
-            scales[expert_sorted, position] = scale_inv[msg_sorted]
-        else:
-            payload = _from_bytes(recv_buf, payload_begin, payload_begin + 2 * hidden, torch.bfloat16)
-            recv_x.view(-1, hidden)[flat_row] = payload[msg_sorted]
-        src_info.view(-1)[flat_row] = src_token[msg_sorted]
+            scales[expert_sorted, position] = scale_inv
+        src_info.view(-1)[flat_row] = src_token.index_select(0, msg_sorted)
         recv_count.copy_(per_expert.to(torch.int32))
         block = torch.bincount(pair_expert * size + msg_source[pair_msg], minlength=num_local * size)
         block = block.view(num_local, size)
@@ -487,9 +528,6 @@ class PortableLowLatency(DoubleBufferSlots):
         send_rows = (torch.repeat_interleave(begin_by_source, count_by_source)
                      + torch.arange(num_send, device=device)
                      - torch.repeat_interleave(_exclusive_cumsum(count_by_source), count_by_source))
-        send_buf = data.reshape(num_local * num_rows, hidden)[send_rows]
-        if use_logfmt:
-            send_buf = logfmt10_round(send_buf)
         send_counts = block_count.sum(dim=0).tolist()
 
         # Receiver side: this rank's valid (token, k) pairs, sorted by expert (stable) = arrival order.
@@ -527,8 +565,16 @@ class PortableLowLatency(DoubleBufferSlots):
                 f"{int(expected[dst, src])}. Pass the handle of the dispatch of these very tokens and the same "
                 f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)"))
         recv_counts = sent[:, rank].tolist()
+        # The rows to send, gathered straight into the shared-memory send area when there is one (after
+        # the header exchange, which used the area).
+        rows_src = data.reshape(num_local * num_rows, hidden)
+        if use_logfmt:
+            send_buf = logfmt10_round(rows_src.index_select(0, send_rows))
+        else:
+            send_buf = self._send_area(slot, "send_c", (num_send, hidden), torch.bfloat16, device, use_p2p)
+            torch.index_select(rows_src, 0, send_rows, out=send_buf)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
-                                                 int(sent.sum()) == 0, "low_latency_combine (data exchange)")
+                                                 int(sent.sum()) == 0, "low_latency_combine (data exchange)", slot)
         weights = topk_weights.to(torch.float32)
 
         def finish() -> None:
@@ -564,13 +610,23 @@ class PortableLowLatency(DoubleBufferSlots):
             return acc.to(torch.bfloat16)
         row_of = torch.full((num_tokens, num_topk), -1, dtype=torch.int64, device=device)
         row_of[row_token, row_k] = row
+        all_present = (row_of >= 0).all(dim=0).tolist()
+        product = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device)
         for k in range(num_topk):
             rows = row_of[:, k]
-            present = (rows >= 0).unsqueeze(1)
-            y = recv[rows.clamp(min=0)].to(torch.float32)
-            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order).
-            product = weights[:, k:k + 1] * y
-            acc = torch.where(present, acc + product, acc)
+            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order). The
+            # bf16 rows are widened inside the multiply (exact), not in a separate pass.
+            if all_present[k]:
+                torch.mul(recv.index_select(0, rows), weights[:, k:k + 1], out=product)
+                acc += product
+                continue
+            tokens = (rows >= 0).nonzero().view(-1)
+            if tokens.numel() == 0:
+                continue
+            # Only the tokens with a row for this k are touched; each appears once, so index_add_ is
+            # acc + product for them.
+            part = weights[:, k:k + 1].index_select(0, tokens) * recv.index_select(0, rows.index_select(0, tokens))
+            acc.index_add_(0, tokens, part)
         return acc.to(torch.bfloat16)
 
     # ------------------------------------------------------------------------------------------
@@ -596,7 +652,8 @@ class PortableLowLatency(DoubleBufferSlots):
                     except Exception:
                         pass
                     self._check_slot(slot, use, what)
-                finish()
+                with self.comm.threads:  # the hook's CPU work is capped like the call's
+                    finish()
             except Exception as exc:
                 state["error"] = exc  # a failed or refused hook keeps failing: its outputs are invalid
                 raise
