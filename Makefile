@@ -43,7 +43,8 @@ CORE_SRCS := build_core.py $(shell find csrc -path csrc/python -prune -o -type f
 export CUDA_HOME ?= /usr/local/cuda
 
 help:
-	@echo "make bench   - set up .venv if needed, run benchmarks/bench_ep.py (BENCH_ARGS=...)"
+	@echo "make bench   - set up .venv if needed, run benchmarks/bench_ep.py (BENCH_ARGS=...), write"
+	@echo "               benchmarks/results/cpu_bench_ep.* and docs/performance.md"
 	@echo "make test    - set up .venv if needed, build the CUDA core if nvcc is found, run the test suite"
 	@echo "               (pytest -m 'not slow'; PYTEST_ARGS=...)"
 	@echo "make test-all - the same plus the slow random sweeps"
@@ -86,8 +87,10 @@ emu: setup
 	$(VENV_PY) build_emu.py --jobs 2
 	@$(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) bindings
 
+# Writes benchmarks/results/cpu_bench_ep.{json,txt} (with the commit measured) and regenerates
+# docs/performance.md from the results there.
 bench: setup
-	$(VENV_PY) benchmarks/bench_ep.py $(BENCH_ARGS)
+	$(VENV_PY) benchmarks/bench_ep.py --results benchmarks/results --markdown docs/performance.md $(BENCH_ARGS)
 
 test: setup core emu
 	$(VENV_PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)

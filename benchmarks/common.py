@@ -117,11 +117,12 @@ def ll_bytes(num_selections: int, hidden: int, fp8: bool) -> int:
 # Baselines (plain torch.distributed)
 # ------------------------------------------------------------------------------------------------
 class RawAllToAll:
-    """One all_to_all_single of exactly the BF16 dispatch's bytes per (src, dst) pair, pre-arranged."""
+    """One all_to_all_single of exactly the BF16 dispatch's bytes per (src, dst) pair, pre-arranged
+    (`row_bytes` per row: ``hidden * 2`` unless given)."""
 
     def __init__(self, group, send_rows: List[int], recv_rows: List[int], hidden: int,
-                 device: torch.device = torch.device("cpu")) -> None:
-        row_bytes = hidden * 2
+                 device: torch.device = torch.device("cpu"), row_bytes: Optional[int] = None) -> None:
+        row_bytes = hidden * 2 if row_bytes is None else int(row_bytes)
         self.group = group
         self.in_splits = [r * row_bytes for r in send_rows]
         self.out_splits = [r * row_bytes for r in recv_rows]
@@ -130,6 +131,22 @@ class RawAllToAll:
 
     def __call__(self) -> None:
         dist.all_to_all_single(self.recv, self.send, self.out_splits, self.in_splits, group=self.group)
+
+
+class Memcpy:
+    """A plain copy of `num_bytes` (what one rank receives) from one buffer to another on every rank at
+    once: the physical floor of a same-host exchange (shared memory moves each byte at least once), run
+    under deep_ep's own thread cap so that it shares the cores the way deep_ep's calls do."""
+
+    def __init__(self, num_bytes: int, num_local_ranks: int) -> None:
+        from deep_ep._threads import ThreadCap
+        self.src = torch.randint(0, 255, (max(int(num_bytes), 1),), dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
+        self.cap = ThreadCap.for_local_ranks(num_local_ranks)
+
+    def __call__(self) -> None:
+        with self.cap:
+            self.dst.copy_(self.src)
 
 
 class NaiveDispatcher:
@@ -282,7 +299,10 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "python": platform.python_version(),
         "device": device,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # Results and the page generated from them do not make the measured code dirty.
+        "git_tree_dirty": any(not (path.startswith("benchmarks/results/") or path == "docs/performance.md")
+                              for path in (line.split(maxsplit=1)[-1] for line in
+                                           _git("status", "--porcelain", "--untracked-files=no").splitlines())),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv else "?"] + sys.argv[1:]),
     }
     if device == "cuda" and torch.cuda.is_available():
@@ -329,6 +349,9 @@ def add_launch_args(p: argparse.ArgumentParser, default_ranks: int = 4, with_dev
         g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                        help="where the tensors live; cuda uses GPU local_rank %% device_count and NCCL baselines")
     g.add_argument("--timeout", type=float, default=300, help="seconds before a stuck collective raises")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads per rank (CPU); 0: torch's default, as a user gets it (deep_ep "
+                        "caps its own calls to the cores per local rank)")
 
 
 def resolve_launch(args) -> str:
@@ -375,9 +398,11 @@ class _Rendezvous:
 
 def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, args, launch_kind: str,
                device_kind: str) -> RankContext:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if device_kind == "cpu":
-        torch.set_num_threads(1)
+    threads = int(getattr(args, "threads", 0) or 0)
+    if threads > 0:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        if device_kind == "cpu":
+            torch.set_num_threads(threads)
     timeout = datetime.timedelta(seconds=args.timeout)
     if rdv.kind == "env":
         # torchrun's agent already hosts the store on MASTER_ADDR:MASTER_PORT: join it as a client (what
@@ -460,7 +485,8 @@ def launch(worker: Callable[[RankContext, argparse.Namespace], object], args, pr
     if args.ranks_per_node:
         overrides["DEEP_EP_RANKS_PER_NODE"] = str(args.ranks_per_node)
     os.environ.update(overrides)  # children (spawn) inherit it; MPI ranks read it in-process
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if int(getattr(args, "threads", 0) or 0) > 0:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if kind == "spawn":
         port = free_port()
         if not quiet:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from . import _env
+from ._threads import ThreadCap
 
 __all__ = ["Communicator", "CommError", "P2PWork", "loopback_store"]
 
@@ -100,12 +101,32 @@ def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300
                          master_listen_fd=sock.detach())
 
 
+_SETUP_OPS = ("CUDA ", "__init__", "all_gather_object", "NVSHMEM")
+
+
 def _where(op: str) -> str:
-    """``"cached dispatch (data)"`` -> ``"deep_ep.Buffer.dispatch"``."""
+    """``"cached dispatch (data)"`` -> ``"deep_ep.Buffer.dispatch"``; set-up steps -> ``deep_ep.Buffer.__init__``."""
+    if op.startswith(_SETUP_OPS) and not op.startswith("CUDA engine destroy") and \
+            not op.startswith("CUDA LL engine destroy"):
+        return "deep_ep.Buffer.__init__"
+    if "destroy" in op:
+        return "deep_ep.Buffer.destroy"
     name = op.split(" (")[0].strip()
     if name.startswith("cached "):
         name = name[len("cached "):]
     return f"deep_ep.Buffer.{name}" if name.isidentifier() else "deep_ep"
+
+
+def public_op(op: str) -> str:
+    """The public call an internal operation belongs to, for messages about peers:
+    ``"dispatch (count exchange)"`` -> ``"`deep_ep.Buffer.dispatch`"``, ``"CUDA engine probe"`` ->
+    ``"`deep_ep.Buffer(...)` (its set-up)"``. Internal step names never explain anything to users."""
+    where = _where(op)
+    if where == "deep_ep.Buffer.__init__":
+        return "`deep_ep.Buffer(...)` (its set-up)"
+    if where == "deep_ep":
+        return "a deep_ep call"
+    return f"`{where}`" + (" (cached)" if op.startswith("cached ") else "")
 
 
 def _c10d_slice_timeout(exc: BaseException) -> bool:
@@ -141,7 +162,7 @@ class _Activity:
     """What this rank is doing in deep_ep, read by the heartbeat thread (plain attributes: no lock,
     a torn read only makes one heartbeat slightly stale)."""
 
-    __slots__ = ("beat", "seq", "op", "inflight", "failed", "closed")
+    __slots__ = ("beat", "seq", "op", "inflight", "failed", "closed", "call", "error", "broken")
 
     def __init__(self) -> None:
         self.beat = 0         # heartbeats sent
@@ -150,10 +171,16 @@ class _Activity:
         self.inflight = 0     # operations started and not finished
         self.failed = ""      # "rank,rank" this rank blamed when `op` failed ("-" for nobody), else ""
         self.closed = False   # the Buffer was destroyed or collected
+        self.call = 0         # Buffer calls begun (deep_ep._agree numbers them alike on every rank)
+        self.error = ""       # "Type: message" of an exception this rank raised in its own call, else ""
+        self.broken = False   # that exception left this rank out of an exchange its peers are in
 
     def encode(self, pid: int) -> str:
-        state = "F" if self.failed else "C" if self.closed else "B" if self.inflight > 0 else "I"
-        return "\t".join((str(self.beat), str(pid), str(self.seq), state, self.op, self.failed))
+        state = "F" if self.failed else "E" if self.error else "C" if self.closed else \
+            "B" if self.inflight > 0 else "I"
+        error = " ".join(self.error.split())[:1500]
+        return "\t".join((str(self.beat), str(pid), str(self.seq), state, self.op, self.failed, str(self.call),
+                          "1" if self.broken else "0", error))
 
 
 def _heartbeat_loop(store: dist.Store, key: str, period: float, activity: _Activity, pid: int,
@@ -173,15 +200,18 @@ def _heartbeat_loop(store: dist.Store, key: str, period: float, activity: _Activ
 class _PeerState:
     """One peer as seen through its last heartbeat."""
 
-    __slots__ = ("beat", "pid", "seq", "state", "op", "blamed", "changed_at")
+    __slots__ = ("beat", "pid", "seq", "state", "op", "blamed", "changed_at", "call", "broken", "error")
 
     def __init__(self, value: str, now: float) -> None:
-        parts = value.split("\t")
+        parts = value.split("\t", 8)
         self.beat, self.pid, self.seq, self.state = int(parts[0]), int(parts[1]), int(parts[2]), parts[3]
         self.op = parts[4]
         self.blamed = [int(v) for v in parts[5].split(",") if v.strip().lstrip("-").isdigit()] \
             if len(parts) > 5 and parts[5] not in ("", "-") else []
         self.changed_at = now
+        self.call = int(parts[6]) if len(parts) > 6 and parts[6].isdigit() else 0
+        self.broken = len(parts) > 7 and parts[7] == "1"
+        self.error = parts[8] if len(parts) > 8 else ""
 
     @property
     def busy(self) -> bool:
@@ -195,19 +225,26 @@ class _PeerState:
     def closed(self) -> bool:
         return self.state == "C"
 
+    @property
+    def raised(self) -> bool:
+        """It raised an exception in its own deep_ep call (`error`)."""
+        return self.state == "E"
+
     def doing(self) -> str:
+        if self.raised:
+            return f"it raised an error in its own call to {public_op(self.op)} and left it: {self.error}"
         if self.closed and self.seq == 0:
             return "it closed its deep_ep Buffer (destroyed or garbage-collected) without using it"
         if self.seq == 0:
             return "it has made no deep_ep call since set-up"
         if self.busy:
-            return f"it is in `{self.op}` (its call #{self.seq})"
+            return f"it is in {public_op(self.op)} (its operation #{self.seq})"
         if self.closed:
-            return (f"it closed its deep_ep Buffer (destroyed or garbage-collected) after `{self.op}` (its call "
-                    f"#{self.seq})")
+            return (f"it closed its deep_ep Buffer (destroyed or garbage-collected) after {public_op(self.op)} (its "
+                    f"operation #{self.seq})")
         if self.failed:
-            return f"it failed in `{self.op}` (its call #{self.seq})"
-        return f"it is between calls, its last one was `{self.op}` (its call #{self.seq}), finished"
+            return f"it failed in {public_op(self.op)} (its operation #{self.seq})"
+        return f"it is between calls, its last one was {public_op(self.op)} (its operation #{self.seq}), finished"
 
 
 class Communicator:
@@ -245,6 +282,10 @@ class Communicator:
         self._hb_thread: Optional[threading.Thread] = None
         self._diag_store = None
         self.pg = None
+        # Why this communicator can no longer be used ("" while it can); set by the first unrecoverable
+        # failure (`error`, or deep_ep._agree for an exception that left peers in an exchange).
+        self.failed = ""
+        self.shm = None  # same-host shared-memory transport for CPU tensors (`enable_shm`), else gloo
 
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
@@ -254,6 +295,8 @@ class Communicator:
         self.single_host = len(set(self.hostnames)) == 1
         self.pids: List[int] = [p for _, p, _ in ids]
         me = self.hostnames[self.rank]
+        # deep_ep's CPU calls cap torch's intra-op threads to this host's cores per local rank.
+        self.threads = ThreadCap.for_local_ranks(self.hostnames.count(me), _env.cpu_threads_override())
         # Peers whose process this rank can watch through /proc (same host, same PID namespace).
         self._local_peers: Dict[int, Tuple[int, str]] = {}
         for r, (host, p, start) in enumerate(ids):
@@ -365,9 +408,45 @@ class Communicator:
                                f"host unreachable; pid {self.pids[p]} on {self.hostnames[p]})")
         return gone
 
+    def _raised(self, peers: Sequence[int]) -> Dict[int, str]:
+        """Peers (from their last heartbeat) that raised an exception in their own deep_ep call and will not
+        join the operation this rank waits in: one whose exception left it out of an exchange (its Buffer is
+        broken), or one that raised in this very call or a later one."""
+        out: Dict[int, str] = {}
+        for p in peers:
+            state = self._peer_states.get(p)
+            if state is not None and state.raised and (state.broken or state.call >= self._activity.call):
+                out[p] = state.doing()
+        return out
+
+    def publish_error(self, method: str, exc: BaseException, broken: bool) -> None:
+        """Tell the peers, through this rank's heartbeat key, that this rank raised `exc` in its own call to
+        `method` (``"dispatch"``); ``broken``: it left them in an exchange (this communicator is unusable).
+        Peers waiting for this rank then fail within one heartbeat period instead of at the timeout."""
+        act = self._activity
+        act.op = method
+        act.error = f"{type(exc).__name__}: {exc}"
+        act.broken = broken
+        self._push_heartbeat()
+
+    def clear_error(self) -> None:
+        """A new call began: an earlier published (non-breaking) error no longer concerns the peers."""
+        if self._activity.error and not self._activity.broken:
+            self._activity.error = ""
+            self._push_heartbeat()
+
+    def _push_heartbeat(self) -> None:
+        if self._diag_store is None or self._store_lost:
+            return
+        try:
+            self._diag_store.set(self._hb_prefix + str(self.rank), self._activity.encode(os.getpid()))
+        except Exception:
+            self._store_lost = True
+
     # ------------------------------------------------------------------------------- errors
     def error(self, op: str, exc: Optional[BaseException], peers: Optional[Sequence[int]] = None,
-              started: Optional[float] = None, gone: Optional[Dict[int, str]] = None) -> CommError:
+              started: Optional[float] = None, gone: Optional[Dict[int, str]] = None,
+              raised: Optional[Dict[int, str]] = None) -> CommError:
         """A `CommError` for `op` that names the peers that did not answer and why.
 
         Args:
@@ -377,8 +456,15 @@ class Communicator:
             started: ``time.monotonic()`` when the operation started (default: when this rank's latest
                 operation started).
             gone: peers already known to be gone, with the reason.
+            raised: peers that raised an exception in their own call, with what they published.
         """
         peers = [p for p in (range(self.size) if peers is None else peers) if p != self.rank]
+        if not raised and not (gone and any(p in gone for p in peers)):
+            # A peer that raised in its own call (and then went on, closing connections) explains it all.
+            self._read_peers(peers)
+            raised = self._raised(peers)
+        if raised:
+            return self._raised_error(op, peers, started, raised)
         if started is None:
             started = self._op_started
         elapsed = time.monotonic() - started
@@ -478,15 +564,31 @@ class Communicator:
         parts += [echoes[p] for p in sorted(echoes)]
         if same and (missing or echoes):
             parts.append(f"Peer rank(s) {sorted(same)} are alive and in this operation")
-        parts.append(f"This rank's call #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
+        parts.append(f"This rank's operation #{self._activity.seq}; timeout {self.timeout_s:g} s (DEEP_EP_TIMEOUT_S)")
         message = head + ": " + ". ".join(parts) + "."
         if cause:
             message += f" Cause: {cause}"
         message += (" The Buffer cannot be used after this error: create a new one (in shrink mode, low-latency "
                     "calls mask the ranks that are gone instead).")
         self._publish_failure(op, missing)
+        self.failed = self.failed or message.split(" The Buffer cannot be used after this error")[0]
         return CommError(message, op=op, rank=self.rank, missing_ranks=missing,
                          gone_ranks=[p for p in missing if p in gone])
+
+    def _raised_error(self, op: str, peers: Sequence[int], started: Optional[float],
+                      raised: Dict[int, str]) -> CommError:
+        """The `CommError` for an operation that peers left because they raised in their own call."""
+        elapsed = time.monotonic() - (self._op_started if started is None else started)
+        missing = sorted(raised)
+        head = (f"{_where(op)}: failed on rank {self.rank} of {self.size} after {elapsed:.1f} s: peer rank(s) "
+                f"{missing} raised an error in their own call and will not join this one")
+        parts = [f"Rank {p}: {raised[p]}" for p in missing]
+        message = head + ". " + ". ".join(p.rstrip(".") for p in parts) + "."
+        self._publish_failure(op, missing)
+        self.failed = self.failed or message
+        after = " No Buffer was created." if _where(op) == "deep_ep.Buffer.__init__" else \
+            " The Buffer cannot be used after this error: create a new one."
+        return CommError(message + after, op=op, rank=self.rank, missing_ranks=missing)
 
     def _publish_failure(self, op: str, blamed: Sequence[int]) -> None:
         """Tell the peers (through this rank's heartbeat key) that `op` failed here and whom it blamed."""
@@ -553,6 +655,9 @@ class Communicator:
             if gone:
                 raise self.error(op, None, peers, started, gone)
             self._read_peers(watch)  # heartbeats of this host's peers too: a stalled one means frozen
+            raised = self._raised(watch)
+            if raised:
+                raise self.error(op, None, peers, started, raised=raised)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self.error(op, TimeoutError(f"no answer within {self.timeout_s:g} s"), peers, started)
@@ -581,11 +686,56 @@ class Communicator:
         gathered = self.all_gather(padded, op=op)
         return [pickle.loads(gathered[i, : sizes[i]].numpy().tobytes()) for i in range(self.size)]
 
+    # ------------------------------------------------------------------- shared-memory transport
+    def enable_shm(self, data_bytes: int) -> str:
+        """Collectively set up the same-host shared-memory transport for CPU tensors (`deep_ep._shm`) with
+        `data_bytes` of data area per rank, unless ``DEEP_EP_TRANSPORT=gloo``. Returns why the CPU
+        transport is what it is (for ``Buffer.engine_reason``); every rank gets the same outcome."""
+        from . import _shm
+        self.shm, reason = _shm.setup(self, data_bytes, _env.transport_override())
+        return reason
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"gloo"``: what moves CPU tensors."""
+        return "shm" if self.shm is not None else "gloo"
+
+    def send_buffer(self, num_bytes: int, op: str = "send buffer") -> Optional[torch.Tensor]:
+        """A uint8 tensor of `num_bytes` in this rank's shared-memory area for a sender to gather rows
+        into (the next `all_to_all_single` from it then moves them without another copy), or None
+        (no shared-memory transport, or too large). Valid until the next collective."""
+        if self.shm is None:
+            return None
+        self._check_open(op)
+        return self.shm.send_buffer(num_bytes, op)
+
+    def all_to_all_views(self, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
+                         op: str = "all_to_all") -> Optional[Tuple[List[torch.Tensor], Any]]:
+        """Shared-memory transport only (else None): the all-to-all of `all_to_all_single` without the
+        copy out: returns ``(per-source tensors [out_splits[s], *inp.shape[1:]], release)``, views into
+        the senders' shared areas where possible. Call ``release()`` once done with them and before the
+        next collective (the senders cannot reuse their areas until then)."""
+        if self.shm is None or inp.is_cuda:
+            return None
+        self._check_open(op)
+        row = _row_bytes(inp)
+        raw: List[torch.Tensor] = []
+        out_splits = [int(v) for v in out_splits]
+        self.shm.all_to_all(None, _flat_bytes(inp), [n * row for n in out_splits],
+                            [int(n) * row for n in in_splits], op, views=raw)
+        shape = tuple(inp.shape[1:])
+        segs = [(t if t.numel() else torch.empty(0, dtype=torch.uint8)).view(inp.dtype).view((n,) + shape)
+                for t, n in zip(raw, out_splits)]
+        return segs, self.shm.release_views
+
     # ----------------------------------------------------------------------------- collectives
     def _cuda_native(self, t: torch.Tensor) -> bool:
         return t.is_cuda and self.user_group is not None and "nccl" in self._user_backend
 
     def _check_open(self, op: str) -> None:
+        if self.failed:
+            raise CommError(f"{_where(op)}: this Buffer failed earlier: {self.failed.rstrip('.')}; create a new Buffer",
+                            op=op, rank=self.rank)
         if self.pg is None:
             raise CommError(f"{_where(op)}: `{op}` on rank {self.rank}: deep_ep's communicator was closed "
                             f"(the Buffer was destroyed)", op=op, rank=self.rank)
@@ -629,6 +779,11 @@ class Communicator:
                 raise self.error(op, exc) from exc
             return _Work(self, op, work, native=True) if async_op else _Done()
         self._check_open(op)
+        if self.shm is not None and not out.is_cuda and not inp.is_cuda:
+            out_row, in_row = _row_bytes(out), _row_bytes(inp)
+            self.shm.all_to_all(_flat_bytes(out), _flat_bytes(inp), [n * out_row for n in out_splits],
+                                [n * in_row for n in in_splits], op)
+            return _Done()
         staged = out.is_cuda
         h_out = torch.empty(out.shape, dtype=out.dtype) if staged else out
         h_in = inp.cpu() if inp.is_cuda else inp
@@ -722,6 +877,17 @@ class Communicator:
             except Exception:
                 pass
         self._stop.set()
+        if self.rank == 0 and self._store is not None and (self.failed or self._activity.error):
+            # The peers may still be diagnosing this failure through the store this rank hosts: keep it
+            # serving a little longer (a daemon timer holds it; nothing blocks the process from exiting).
+            held = [self._store, self._listen_sock]
+            timer = threading.Timer(max(2.0, 3.0 * self._period), held.clear)
+            timer.daemon = True
+            timer.start()
+            self._listen_sock = None
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         self.pg = None
         self._store = None
         self._diag_store = None
@@ -826,3 +992,20 @@ def _as_gloo(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool:
         return t.view(torch.uint8)
     return t
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one dim-0 row of `t`."""
+    n = t.element_size()
+    for d in t.shape[1:]:
+        n *= int(d)
+    return n
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's data as a flat uint8 tensor (same storage)."""
+    if t.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if not t.is_contiguous():
+        raise ValueError("deep_ep: all-to-all tensors must be contiguous")
+    return t.reshape(-1).view(torch.uint8)

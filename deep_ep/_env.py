@@ -3,7 +3,8 @@
 import os
 from typing import Optional
 
-__all__ = ["timeout_s", "ranks_per_node_override", "engine_override", "store_addr_override"]
+__all__ = ["timeout_s", "ranks_per_node_override", "engine_override", "store_addr_override", "cpu_threads_override",
+           "transport_override"]
 
 
 def _int_env(name: str, default: Optional[int]) -> Optional[int]:
@@ -55,3 +56,24 @@ def store_addr_override() -> Optional[str]:
     use 127.0.0.1."""
     value = os.environ.get("DEEP_EP_STORE_ADDR") or os.environ.get("MASTER_ADDR")
     return value or None
+
+
+def cpu_threads_override() -> Optional[int]:
+    """``DEEP_EP_CPU_THREADS``: torch intra-op threads inside deep_ep's CPU calls (default: the host's cores
+    divided by the ranks on it, at least 1; ``0``: leave the caller's setting alone)."""
+    value = _int_env("DEEP_EP_CPU_THREADS", None)
+    if value is not None and value < 0:
+        raise ValueError(f"deep_ep: DEEP_EP_CPU_THREADS must be >= 0, got {value}")
+    return value
+
+
+def transport_override() -> Optional[str]:
+    """``DEEP_EP_TRANSPORT``: ``gloo`` forces the gloo transport for CPU tensors, ``shm`` requires the
+    same-host shared-memory one (an error when it cannot be set up); unset or ``auto``: shared memory
+    when every rank runs on this host and it can be set up, else gloo."""
+    value = os.environ.get("DEEP_EP_TRANSPORT", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("gloo", "shm"):
+        raise ValueError(f"deep_ep: DEEP_EP_TRANSPORT must be 'gloo', 'shm' or 'auto', got {value!r}")
+    return value

@@ -13,9 +13,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import _env
+from . import _agree, _env
 from ._checks import ArgChecker, all_same_device
-from ._comm import Communicator
+from ._comm import CommError, Communicator
 from ._sizes import check_normal_buffer
 from .config import (Config, LowLatencyLayout, get_combine_config as _get_combine_config,
                      get_dispatch_config as _get_dispatch_config,
@@ -57,6 +57,7 @@ class _Launch:
         self.cuda = on_comm_stream and any(t.is_cuda for t in self.inputs) and torch.cuda.is_available()
         self.buffer = buffer
         self._ctx = None
+        self._threads = None
 
     def __enter__(self) -> "_Launch":
         if self.cuda:
@@ -70,12 +71,18 @@ class _Launch:
             self._ctx.__enter__()
         elif self.previous_event is not None and self.previous_event.event is not None:
             self.previous_event.event.synchronize()
+        if not self.cuda:  # CPU work: cap torch's threads to this host's cores per local rank
+            self._threads = self.buffer._comm.threads
+            self._threads.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._ctx is not None:
             self._ctx.__exit__(*exc)
             self._ctx = None
+        if self._threads is not None:
+            self._threads.__exit__(*exc)
+            self._threads = None
 
     def finish(self, outputs: Sequence[Any]) -> EventOverlap:
         tensors = _flatten_tensors(outputs)
@@ -182,16 +189,35 @@ class Buffer:
 
         self._engine = PortableEngine(self._comm, self.num_ranks_per_node)
         self._cuda = None  # CudaEngine for normal mode on CUDA tensors, when every rank can run it
-        self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
-        self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
         self._ll = None
         self._ll_cuda = None  # CudaLowLatency for low-latency calls on CUDA tensors, when every rank can run it
-        self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"
-        if low_latency_mode:
-            self.ll_engine, self.ll_engine_reason = self._choose_ll_engine()
-            self.engine_reason += f"; low-latency mode: {self.ll_engine} engine ({self.ll_engine_reason})"
-        self._comm_stream = None
         self._destroyed = False
+        try:
+            # Every rank checks that all ranks passed the same sizes and modes (one small exchange); a rank
+            # that raises from here on (engine probes, set-up) tells its peers through its heartbeat.
+            with _agree.guard(self, "__init__"):
+                _agree.describe(self._comm, portable=True, nvl_bytes=num_nvl_bytes, rdma_bytes=num_rdma_bytes,
+                                ll_mode=low_latency_mode, shrink=enable_shrink)
+                _agree.exchange(self._comm, None, "__init__ (agreement)")
+            self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
+            # CPU tensors: same-host shared memory when every rank is on this host, else gloo (deep_ep._shm).
+            self.transport_reason = self._comm.enable_shm(num_nvl_bytes + num_rdma_bytes)
+            self.engine_reason += f"; CPU tensors: {self.transport_reason}"
+            self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
+            self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"
+            if low_latency_mode:
+                self.ll_engine, self.ll_engine_reason = self._choose_ll_engine()
+                self.engine_reason += f"; low-latency mode: {self.ll_engine} engine ({self.ll_engine_reason})"
+        except BaseException as exc:
+            if not isinstance(exc, CommError) and not getattr(exc, "deep_ep_coordinated", False):
+                self._comm.publish_error("__init__", exc, broken=True)
+            self._destroyed = True
+            for engine in (self._cuda, self._ll_cuda):
+                if engine is not None:
+                    engine.destroy(collective=False)
+            self._comm.close()
+            raise
+        self._comm_stream = None
 
     def _choose_engine(self, num_nvl_bytes: int) -> Tuple[str, str]:
         """Collective: the CUDA engine when every rank can run it (core built, CUDA device, one host whose
@@ -296,15 +322,35 @@ class Buffer:
     def _alive(self, where: str) -> None:
         if self._destroyed:
             raise RuntimeError(f"deep_ep.Buffer.{where}: this buffer was destroyed")
+        if self._comm.failed:
+            raise CommError(f"deep_ep.Buffer.{where}: this Buffer failed earlier: {self._comm.failed.rstrip('.')}; "
+                            f"create a new Buffer", op=where, rank=self.rank)
+
+    def _failure_exchange(self, method: str, ll: bool) -> None:
+        """This rank raised before its call's first exchange: take part in it, flagged (deep_ep._agree)."""
+        if ll and self._ll is not None:
+            self._ll._begin_call()  # the peers' portable low-latency engines took a double-buffer slot
+        if ll and self.enable_shrink:
+            # Low-latency calls in shrink mode exchange point to point, not through the common exchange.
+            if method == "clean_low_latency_buffer":
+                raise RuntimeError("no header exchange to take part in")  # the peers learn it from the heartbeat
+            self._ll_engine().failure_exchange(f"{method} (header exchange)")
+            return
+        _agree.exchange(self._comm, None, f"{method} (agreement)")
 
     def destroy(self) -> None:
         """Release the buffer's resources (requires ``explicitly_destroy=True``); it is unusable afterwards."""
         if not self.explicitly_destroy:
             raise RuntimeError("deep_ep.Buffer.destroy: `explicitly_destroy` must be True to call destroy(); "
                                "without it resources are released when the Buffer is garbage-collected")
-        self._alive("destroy")
+        if self._destroyed:
+            raise RuntimeError("deep_ep.Buffer.destroy: this buffer was destroyed")
+        if self._comm.failed:  # no collective can succeed any more: release this rank's resources only
+            self._release()
+            return
         try:
-            self._comm.barrier(op="destroy")
+            with _agree.guard(self, "destroy"):
+                _agree.exchange(self._comm, None, "destroy")
             if self._cuda is not None:
                 # waits for this GPU, then for every rank, before freeing peer-mapped memory
                 self._cuda.destroy(collective=True)
@@ -531,6 +577,7 @@ class Buffer:
             chk.fail("handle", f"was made for {is_token_in_rank.size(0)} tokens, but `x` has {num_tokens}")
         return handle
 
+    @_agree.collective("dispatch")
     def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], handle: Optional[Tuple] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
                  num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
@@ -589,8 +636,12 @@ class Buffer:
                                    "only in the first dispatch")
             self._check_handle(chk, handle, num_tokens)
             self._check_sizes("dispatch", data, config, combine=False)
+            engine = self._engine_for(data)
+            key = handle[0] if len(handle) == 6 else handle[1]  # a tensor each dispatch creates (deep_ep._agree)
+            _agree.describe(self._comm, "cached dispatch", portable=engine is self._engine, device=data.device,
+                            hidden=data.size(1), x_dtype=data.dtype, scale_dtype=None if scales is None else scales.dtype,
+                            scale_cols=0 if scales is None else scales.size(1), handle=_agree.handle_id(self._comm, key))
             with _Launch(self, [data, scales, *_flatten_tensors(handle)], previous_event, async_finish) as launch:
-                engine = self._engine_for(data)
                 recv = engine.cached_dispatch(data, scales, handle, **self._config_kw(engine, config))
             recv_x = recv
             return recv_x, None, None, None, None, launch.finish([recv_x])
@@ -618,16 +669,23 @@ class Buffer:
             chk.fail("x", "and the other tensor arguments must all be on one device")
         self._check_sizes("dispatch", data, config, combine=False)
         config = config if config is not None else self.get_dispatch_config(R)
+        engine = self._engine_for(data)
+        _agree.describe(self._comm, portable=engine is self._engine, device=data.device, hidden=data.size(1),
+                        x_dtype=data.dtype, scale_dtype=None if scales is None else scales.dtype,
+                        scale_cols=0 if scales is None else scales.size(1),
+                        topk=0 if topk_idx is None else topk_idx.size(1), experts=num_experts,
+                        channels=config.num_channels, worst=num_worst_tokens)
 
         with _Launch(self, [data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
                             num_tokens_per_rank, num_tokens_per_rdma_rank], previous_event, async_finish) as launch:
-            engine = self._engine_for(data)
             recv_x, recv_topk_idx, recv_topk_weights, counts, handle = engine.dispatch(
                 data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, expert_alignment,
                 num_worst_tokens, config.num_channels, **self._config_kw(engine, config))
+        _agree.note_handle(self._comm, handle[0] if len(handle) == 6 else handle[1])
         event = launch.finish([recv_x, recv_topk_idx, recv_topk_weights, handle])
         return recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event
 
+    @_agree.collective("combine")
     def combine(self, x: torch.Tensor, handle: Tuple, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
@@ -676,9 +734,12 @@ class Buffer:
         for b in biases:
             chk.tensor("bias", b, dtypes=(x.dtype,), shape=(num_tokens, x.size(1)))
         self._check_sizes("combine", x, config, combine=True)
+        engine = self._engine_for(x)
+        _agree.describe(self._comm, portable=engine is self._engine, device=x.device, hidden=x.size(1),
+                        x_dtype=x.dtype, weights=0 if topk_weights is None else topk_weights.size(1),
+                        handle=_agree.handle_id(self._comm, handle[0] if len(handle) == 6 else handle[1]))
         with _Launch(self, [x, topk_weights, *biases, *_flatten_tensors(handle)], previous_event,
                      async_finish) as launch:
-            engine = self._engine_for(x)
             combined_x, combined_w = engine.combine(x, handle, topk_weights, biases, **self._config_kw(engine, config))
         return combined_x, combined_w, launch.finish([combined_x, combined_w])
 
@@ -723,6 +784,7 @@ class Buffer:
                                        f"({num_max_dispatch_tokens_per_rank}, {hidden}, {self.group_size}, "
                                        f"{num_experts})")
 
+    @_agree.collective("low_latency_dispatch", ll=True)
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
                              dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
@@ -782,11 +844,16 @@ class Buffer:
             chk.fail("return_recv_hook", "cannot be combined with `async_finish=True`")
         if all_same_device([x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
+        ll_engine = self._ll_engine(x)
+        _agree.describe(self._comm, portable=ll_engine is not self._ll_cuda, device=x.device, hidden=hidden,
+                        x_dtype=x.dtype, tmax=num_max_dispatch_tokens_per_rank, experts=num_experts,
+                        topk=topk_idx.size(1), fp8=use_fp8, round=round_scale, ue8m0=use_ue8m0)
         with _Launch(self, [x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats], None,
                      async_finish, on_comm_stream=async_finish) as launch:
-            recv_x, recv_count, handle, hook = self._ll_engine(x).dispatch(
+            recv_x, recv_count, handle, hook = ll_engine.dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
                 dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, return_recv_hook)
+        _agree.note_handle(self._comm, handle[0])
         event = launch.finish([recv_x, recv_count, handle])
         if async_finish:
             event.extra_tensors = tuple(_flatten_tensors([x, topk_idx, recv_x, recv_count, handle]))
@@ -809,6 +876,7 @@ class Buffer:
                                f"layout_range {tuple(layout_range.shape)}")
         return t_max, hidden, num_experts
 
+    @_agree.collective("low_latency_combine", ll=True)
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: tuple, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False,
@@ -857,15 +925,20 @@ class Buffer:
                        shape=(R,))
         if all_same_device([x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats]) is None:
             chk.fail("x", "and the other tensor arguments must all be on one device")
+        ll_engine = self._ll_engine(topk_idx)
+        _agree.describe(self._comm, portable=ll_engine is not self._ll_cuda, device=topk_idx.device, hidden=hidden,
+                        x_dtype=x.dtype, tmax=t_max, experts=num_experts, logfmt=use_logfmt,
+                        handle=_agree.handle_id(self._comm, handle[0]))
         with _Launch(self, [x, topk_idx, topk_weights, out, combine_wait_recv_cost_stats, *_flatten_tensors(handle)],
                      None, async_finish, on_comm_stream=async_finish) as launch:
-            combined_x, hook = self._ll_engine(topk_idx).combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+            combined_x, hook = ll_engine.combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
                                                          return_recv_hook, out, combine_wait_recv_cost_stats)
         event = launch.finish([combined_x])
         if async_finish:
             event.extra_tensors = tuple(_flatten_tensors([x, topk_idx, topk_weights, combined_x, handle]))
         return combined_x, event, hook
 
+    @_agree.collective("clean_low_latency_buffer", ll=True)
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency buffers' signalling state on every rank (collective)."""
         self._alive("clean_low_latency_buffer")
@@ -874,6 +947,11 @@ class Buffer:
         if hidden % 128 != 0:
             chk.fail("hidden", f"must be a multiple of 128, got {hidden}")
         self._check_ll_common(chk, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        # Shrink mode exchanges point to point among the unmasked ranks only (a dead rank must not block).
+        _agree.describe(self._comm, portable=not self.enable_shrink, tmax=num_max_dispatch_tokens_per_rank,
+                        hidden=hidden, experts=num_experts)
+        if not self.enable_shrink:
+            _agree.exchange(self._comm, None, "clean_low_latency_buffer (agreement)")
         # Every LL engine in use (the portable one allocates a host RDMA buffer: only when already used).
         for engine in [e for e in (self._ll, self._ll_cuda) if e is not None] or [self._ll_engine()]:
             engine.clean_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)

@@ -111,7 +111,7 @@ def _worker(rank: int, num_ranks: int, port: int, env: Dict[str, str], fn: Calla
 
 
 def run_ranks(fn: Callable, num_ranks: int, *args: Any, ranks_per_node: Optional[int] = None,
-              timeout_s: float = 240, env: Optional[Dict[str, str]] = None) -> List[Any]:
+              timeout_s: float = 240, env: Optional[Dict[str, str]] = None, check_exit: bool = False) -> List[Any]:
     """Run ``fn(rank, num_ranks, group, *args)`` on `num_ranks` spawned processes.
 
     Args:
@@ -121,6 +121,7 @@ def run_ranks(fn: Callable, num_ranks: int, *args: Any, ranks_per_node: Optional
         ranks_per_node: when given, exported as ``DEEP_EP_RANKS_PER_NODE`` (multi-node layouts on one box).
         timeout_s: wall-clock limit for the whole run; stragglers are killed after it.
         env: extra environment variables for the ranks.
+        check_exit: also fail when a rank that reported does not exit by itself with code 0 within 5 s.
 
     Returns:
         ``[fn's return value on rank 0, on rank 1, ...]``.
@@ -176,6 +177,10 @@ def run_ranks(fn: Callable, num_ranks: int, *args: Any, ranks_per_node: Optional
         for process in processes:
             process.join(timeout=max(0.0, min(5.0, deadline - time.monotonic())) if not failures else 0.5)
         for rank, process in enumerate(processes):
+            if check_exit and rank in results and process.is_alive():
+                process.join(timeout=5)
+                if process.is_alive():
+                    failures[rank] = "reported its result but did not exit by itself within 5 s (killed)"
             if process.is_alive():
                 process.kill()
                 process.join(timeout=5)
@@ -185,6 +190,8 @@ def run_ranks(fn: Callable, num_ranks: int, *args: Any, ranks_per_node: Optional
         for rank in range(num_ranks):
             if rank not in results and rank not in failures:
                 failures[rank] = f"no result (exit code {processes[rank].exitcode})"
+            elif check_exit and rank not in failures and processes[rank].exitcode != 0:
+                failures[rank] = f"reported its result, then exited with code {processes[rank].exitcode}"
         result_queue.close()
 
     if failures:

@@ -131,6 +131,32 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def check_faults(buffer, rank, num_ranks, inputs, num_experts):
+    """Issue 14 under mpirun: a rank that passes another dtype, or an out-of-range expert id, makes every rank
+    raise the same clear ValueError before any data moves, and the Buffer stays usable."""
+    x, topk_idx, weights = inputs[rank]
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    last = num_ranks - 1
+    for kind in ("dtype", "local"):
+        arg_x, arg_idx = x, topk_idx
+        if rank == last and kind == "dtype":
+            arg_x = x.to(torch.float16)
+        if rank == last and kind == "local":
+            arg_idx = topk_idx.clone()
+            arg_idx[0, 0] = num_experts + 3
+        try:
+            buffer.dispatch(arg_x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                            num_tokens_per_expert=per_expert, topk_idx=arg_idx, topk_weights=weights)
+        except ValueError as exc:
+            text = str(exc)
+        else:
+            raise AssertionError(f"{kind}: no error on rank {rank}")
+        want = "the dtype of `x`" if kind == "dtype" else \
+            ("`topk_idx` holds expert ids outside" if rank == last else f"rank {last} raised ValueError")
+        if want not in text:
+            raise AssertionError(f"{kind}: rank {rank} raised {text!r}, expected it to contain {want!r}")
+
+
 def run_mode(mode, comm):
     rank, size = comm.Get_rank(), comm.Get_size()
     import deep_ep
@@ -162,6 +188,8 @@ def run_mode(mode, comm):
         raise AssertionError(f"buffer.group_size {buffer.group_size}, expected {size}")
     engine = buffer.engine
     check_normal(buffer, rank, size, inputs, num_experts)
+    check_faults(buffer, rank, size, inputs, num_experts)
+    check_normal(buffer, rank, size, inputs, num_experts)  # the Buffer is still usable
     buffer.destroy()
 
     ll_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(LL_MAX_TOKENS, HIDDEN, size, num_experts)

@@ -45,6 +45,12 @@ SCENARIOS: Dict[str, tuple] = {
     "ll_combine-before-raise": (3, 1, "ll_combine", "before", "raise", False),
     "ll_combine-during-exit": (3, 2, "ll_combine", "during", "exit", False),
     "shrink-ll_dispatch-during-sigkill": (4, 3, "ll_dispatch", "during", "kill", True),
+    # Killed while gathering its rows into its shared-memory area (same-host transport), peers waiting.
+    "dispatch-midgather-sigkill": (3, 1, "dispatch", "midgather", "kill", False),
+    # The gloo transport (DEEP_EP_TRANSPORT=gloo; the scenarios above run on the default, shared memory).
+    "dispatch-during-exit@gloo": (4, 2, "dispatch", "during", "exit", False),
+    "dispatch-during-sigstop@gloo": (3, 1, "dispatch", "during", "stop", False),
+    "ll_dispatch-during-sigkill@gloo": (3, 1, "ll_dispatch", "during", "kill", False),
 }
 
 # The collective inside each operation at which a "during" victim dies: the operation has already
@@ -131,7 +137,8 @@ def _ll_reference(x_all, topk_all, w_all, rank, alive):
 
 def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None:
     import datetime
-    os.environ.update({"DEEP_EP_TIMEOUT_S": str(TIMEOUT_S), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    os.environ.update({"DEEP_EP_TIMEOUT_S": str(TIMEOUT_S), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+                       "DEEP_EP_TRANSPORT": "gloo" if name.endswith("@gloo") else "auto"})
     import torch
     import torch.distributed as dist
     import deep_ep
@@ -161,6 +168,20 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
                 return original(op)
 
             comm._begin = begin
+
+        if rank == victim and when == "midgather":
+            assert buf._comm.transport == "shm", buf.engine_reason
+            comm = buf._comm
+            original_send_buffer = comm.send_buffer
+
+            def send_buffer(num_bytes, op="send buffer"):
+                if armed[0] and started[0] is not None:
+                    view = original_send_buffer(num_bytes, op)
+                    view[: num_bytes // 2].fill_(7)  # half-way through writing its rows
+                    _die(how)
+                return original_send_buffer(num_bytes, op)
+
+            comm.send_buffer = send_buffer
 
         def hook(op: str) -> None:
             if op == operation:
@@ -205,8 +226,15 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
         results.put((rank, "shrink-ok", {"masks": masks, "rounds": checked}))
     except BaseException as exc:  # noqa: BLE001 - report everything
         elapsed = time.monotonic() - started[0] if started[0] is not None else None
+        later = ""
+        if "buf" in locals():  # the Buffer failed: every later call raises at once, naming the cause
+            t0 = time.monotonic()
+            try:
+                buf.get_dispatch_layout(torch.zeros((1, TOPK), dtype=torch.int64), 2 * num_ranks)
+            except Exception as again:  # noqa: BLE001
+                later = f"{type(again).__name__} after {time.monotonic() - t0:.2f} s: {again}"
         results.put((rank, "error", {"type": type(exc).__name__, "text": str(exc), "elapsed": elapsed,
-                                     "missing": list(getattr(exc, "missing_ranks", [])),
+                                     "missing": list(getattr(exc, "missing_ranks", [])), "later": later,
                                      "traceback": traceback.format_exc()}))
     finally:
         try:
@@ -285,11 +313,17 @@ def run_scenarios(names: List[str], deadline_s: float = 90.0) -> Dict[str, Dict[
     return runs
 
 
+def _our_shm_files() -> List[str]:
+    return sorted(f for f in os.listdir("/dev/shm") if "deep_ep" in f) if os.path.isdir("/dev/shm") else []
+
+
 @pytest.fixture(scope="module")
 def fault_runs():
     names = [n for n, s in SCENARIOS.items() if not s[5] or shrink_supported()]
     t0 = time.monotonic()
     runs = run_scenarios(names)
+    for run in runs.values():
+        run["shm_left"] = _our_shm_files()
     print(f"[test_faults] {len(names)} scenarios in {time.monotonic() - t0:.1f} s")
     return runs
 
@@ -315,6 +349,7 @@ def test_fault_is_reported_by_every_other_rank(fault_runs, name):
     for r, pid in run["pids"].items():
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", \
             f"rank {r} (pid {pid}) is still there\n{info}"
+    assert not run["shm_left"], f"files left in /dev/shm: {run['shm_left']}"
     if how in ("kill", "stop"):
         assert run["exit"][victim] == -signal.SIGKILL, info
     elif how == "exit":
@@ -346,6 +381,9 @@ def test_fault_is_reported_by_every_other_rank(fault_runs, name):
         if how in ("exit", "kill"):
             # A dead peer is noticed long before the timeout (its process is watched).
             assert elapsed < TIMEOUT_S, (elapsed, text)
+        later = payload["later"]
+        assert later.startswith("CommError after 0.0") and "this Buffer failed earlier: " in later and \
+            "create a new Buffer" in later, later
         # Every survivor exits soon after its error.
     assert all(code == 0 for r, code in run["exit"].items() if r != victim), info
 

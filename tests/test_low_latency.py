@@ -22,6 +22,7 @@ Each test spawns one set of gloo ranks and runs many cases in it (spawning domin
 from __future__ import annotations
 
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import pytest
@@ -490,6 +491,8 @@ def _main_suite(rank: int, num_ranks: int, group, seed: int) -> str:
     specs = main_specs(num_ranks)
     buffer = deep_ep.Buffer(group, 0, num_rdma_bytes=rdma_hint(specs, num_ranks), low_latency_mode=True,
                             num_qps_per_rank=max(s["E"] for s in specs) // num_ranks)
+    want = "gloo" if os.environ.get("DEEP_EP_TRANSPORT") == "gloo" else "shm"
+    assert buffer._comm.transport == want, buffer.engine_reason
     tracker = _Tracker()
     for index, spec in enumerate(specs):
         case = make_case(seed, index, num_ranks, spec)
@@ -843,6 +846,12 @@ def test_quant_matches_reference():
 def _suite(rank: int, num_ranks: int, group, seed: int, extra: Optional[str]) -> str:
     """One spawn per rank count (spawning dominates the run time): the main cases, then `extra`."""
     _main_suite(rank, num_ranks, group, seed)
+    if num_ranks == 4:  # the main cases once more over the gloo transport (the default is shared memory)
+        os.environ["DEEP_EP_TRANSPORT"] = "gloo"
+        try:
+            _main_suite(rank, num_ranks, group, seed + 1)
+        finally:
+            os.environ["DEEP_EP_TRANSPORT"] = "auto"
     if extra == "bad_inputs":
         _bad_inputs_suite(rank, num_ranks, group, seed)
     elif extra == "shrink":

@@ -398,6 +398,8 @@ def normal_mode_worker(rank: int, world_size: int, world_group, topologies, seed
                 os.environ.pop("DEEP_EP_RANKS_PER_NODE", None)
             else:
                 os.environ["DEEP_EP_RANKS_PER_NODE"] = str(ranks_per_node)
+            # "-gloo" topologies force the gloo transport; the others use the default (shared memory).
+            os.environ["DEEP_EP_TRANSPORT"] = "gloo" if name.endswith("-gloo") else "auto"
             try:
                 results[name] = _run_topology(rank, group, num_ranks, ranks_per_node, seed, cases)
             except Exception:  # noqa: BLE001 - report and keep the other topologies running
@@ -416,7 +418,8 @@ def _adapt(case: Case, num_ranks: int) -> Case:
 
 
 # (id, ranks, ranks per node or None for one node)
-TOPOLOGIES = [("R2", 2, None), ("R4", 4, None), ("R8", 8, None), ("R4-2nodes", 4, 2), ("R8-4nodes", 8, 2)]
+TOPOLOGIES = [("R2", 2, None), ("R4", 4, None), ("R8", 8, None), ("R4-2nodes", 4, 2), ("R8-4nodes", 8, 2),
+              ("R4-gloo", 4, None), ("R4-2nodes-gloo", 4, 2)]
 WORLD_SIZE = max(num_ranks for _, num_ranks, _ in TOPOLOGIES)
 
 

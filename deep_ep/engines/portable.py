@@ -7,11 +7,16 @@ collectives per call (never one per peer or per token):
   the whole traffic matrix, computes every handle field and rejects a `num_worst_tokens` overflow on
   all ranks alike; it overlaps with packing the rows), then the
   token rows go by one all-to-all straight into ``recv_x`` while their metadata (scales, top-k,
-  source index) travels packed in a second, small all-to-all that overlaps with it. Writing the rows
+  source index: one row table gathered once) travels in a second, small all-to-all. Writing the rows
   in place saves a full copy of the received data, which costs more than one extra small collective;
 * cached dispatch: the counts come from the handle, so only the rows (and FP8 scales) move;
-* combine: the rows are already ordered by source rank, so ``x`` itself is sent (no packing), plus
-  one all-to-all for the top-k weights when given.
+* combine: the rows are already ordered by source rank, so ``x`` itself is sent (no packing), after
+  one all-to-all for the top-k weights when given; the reduce is token-blocked (`reduce_rows_by_token`).
+
+The collectives go through the `Communicator`: on one host its shared-memory transport
+(`deep_ep._shm`), where the dispatch gathers its rows straight into the shared send area
+(`Communicator.send_buffer`) and the combine reduces the rows where they arrived
+(`Communicator.all_to_all_views`); elsewhere gloo.
 
 Arguments arrive validated by `deep_ep.Buffer`.
 """
@@ -22,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _agree
 from .._comm import Communicator
 
 __all__ = ["PortableEngine"]
@@ -63,6 +69,56 @@ def _slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
 
 def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cumsum(t, dim=dim, dtype=_I32) - t.to(_I32)
+
+
+# Bytes of the fp32 accumulator block of the combine reduce: small enough to stay in cache while every
+# source's rows for its tokens are added (the whole [T, H] fp32 accumulator does not).
+_REDUCE_BLOCK_BYTES = 1 << 19
+
+
+def reduce_rows_by_token(rows, tok_ids: torch.Tensor, bounds: Sequence[int], num_tokens: int,
+                         bias: Sequence[torch.Tensor] = (), block_tokens: int = 0) -> torch.Tensor:
+    """``out[t] = dtype(bias_0[t] + bias_1[t] + ... + rows[i_0] + rows[i_1] + ...)`` in float32.
+
+    Segment ``d`` of `rows` (``rows[bounds[d]:bounds[d + 1]]``) holds rows for the tokens
+    ``tok_ids[bounds[d]:bounds[d + 1]]`` (ascending, no repeats inside a segment); a token's rows are
+    added segment by segment in ascending order, after the biases. The additions per token are those of
+    ``acc = zeros; acc += bias.float() ...; acc.index_add_(0, tok_ids_d, rows_d.float()) for each d``,
+    in the same order, so the result is bit-identical to it; the work goes one block of tokens at a
+    time so that the float32 accumulator stays in cache and no full-size float32 copy of `rows` exists.
+    `rows` may also be the list of the segments themselves (e.g. views into the senders' shared memory).
+    """
+    segs = list(rows) if isinstance(rows, (list, tuple)) else \
+        [rows[bounds[d]:bounds[d + 1]] for d in range(len(bounds) - 1)]
+    hidden = segs[0].size(1) if segs else 0
+    dtype = segs[0].dtype if segs else torch.bfloat16
+    device = tok_ids.device
+    out = torch.empty((num_tokens, hidden), dtype=dtype, device=device)
+    if num_tokens == 0:
+        return out
+    block = block_tokens or max(8, _REDUCE_BLOCK_BYTES // max(1, hidden * 4))
+    edges = list(range(0, num_tokens, block)) + [num_tokens]
+    edge_t = torch.tensor(edges, dtype=tok_ids.dtype, device=tok_ids.device)
+    cuts = []
+    for d in range(len(bounds) - 1):
+        if bounds[d + 1] > bounds[d]:
+            cuts.append((d, (torch.searchsorted(tok_ids[bounds[d]:bounds[d + 1]], edge_t) + bounds[d]).tolist()))
+    acc_buf = torch.empty((min(block, num_tokens), hidden), dtype=torch.float32, device=device)
+    conv_buf = torch.empty_like(acc_buf)
+    for i in range(len(edges) - 1):
+        t0, t1 = edges[i], edges[i + 1]
+        acc = acc_buf[:t1 - t0]
+        acc.zero_()
+        for b in bias:
+            acc += b[t0:t1].float()
+        for d, cut in cuts:
+            lo, hi = cut[i], cut[i + 1]
+            if hi > lo:
+                conv = conv_buf[:hi - lo]
+                conv.copy_(segs[d][lo - bounds[d]:hi - bounds[d]])
+                acc.index_add_(0, tok_ids[lo:hi] - t0, conv)
+        out[t0:t1].copy_(acc)
+    return out
 
 
 class _Packer:
@@ -114,7 +170,12 @@ class PortableEngine:
 
     def _staging(self, num_bytes: int, device: torch.device) -> torch.Tensor:
         """A reused send buffer (fresh large allocations cost a page fault per 4 KiB on every call).
-        Safe because every call finishes its collectives before it returns."""
+        Safe because every call finishes its collectives before it returns. With the shared-memory
+        transport it is this rank's shared data area, so the all-to-all from it copies nothing more."""
+        if device.type == "cpu":
+            shared = self.comm.send_buffer(num_bytes)  # same-host shared memory: no copy at send time
+            if shared is not None:
+                return shared
         buf = self._stage.get(device)
         if buf is None or buf.numel() < num_bytes:
             buf = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
@@ -164,11 +225,9 @@ class PortableEngine:
             payload.append(node_ch_counts.view(-1))
         payload.append(torch.tensor([num_tokens], dtype=_I32, device=device))
         payload = torch.cat(payload).cpu()
-        width = payload.numel()
-        gathered = torch.empty(R * width, dtype=_I32)
-        work_counts = self.comm.all_to_all_single(gathered, payload.repeat(R), [width] * R, [width] * R,
-                                                  op="dispatch (count exchange)", async_op=True)
-        gathered = gathered.view(R, width)
+        # The counts ride in the call's agreement exchange (deep_ep._agree): every rank checks that all
+        # ranks passed the same shapes, dtypes and flags before any row moves.
+        work_counts = _agree.exchange(self.comm, payload, "dispatch (count exchange)", async_op=True)
 
         # ---- what travels per token: the rows go straight into recv_x (one all-to-all), the per-token
         # metadata travels packed in a second, small one that overlaps with it.
@@ -177,58 +236,60 @@ class PortableEngine:
         has_topk = topk_idx is not None
         num_topk = topk_idx.size(1) if has_topk else 0
         num_scales = x_scales.size(1) if has_scales else 0
-        meta_parts = []  # (name, bytes per token)
+        # Per-token metadata as one row table [T, W] (scales | top-k ids | top-k weights | token index),
+        # gathered once by destination like the rows: no per-destination packing.
+        cols = []
         if has_scales:
-            meta_parts.append(("scales", num_scales * 4))
+            cols.append(("scales", _bytes(x_scales)))
         if has_topk:
-            meta_parts += [("topk_idx", num_topk * 4), ("topk_weights", num_topk * 4)]
-        meta_parts.append(("src_idx", 4))
-        if multi_node:
-            meta_parts.append(("nvl_bits", 4))
+            cols += [("topk_idx", _bytes(topk_idx.to(_I32))), ("topk_weights", _bytes(topk_weights))]
+        cols.append(("src_idx", _bytes(torch.arange(num_tokens, dtype=_I32, device=device).view(-1, 1))))
+        col_range, width = {}, 0
+        for name, t in cols + ([("nvl_bits", None)] if multi_node else []):
+            nbytes = 4 if t is None else t.size(1)
+            col_range[name] = (width, width + nbytes)
+            width += nbytes
 
         # ---- pack (local only): rows sorted by destination, then token, in a reused staging buffer
         n_send = ch_counts.sum(1).tolist()                                         # to each dst
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
         send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
         torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
-        packer = _Packer(R)
-        for d in range(R):
-            for name, nbytes in meta_parts:
-                packer.add(d, name, n_send[d] * nbytes)
-            # Forwarder section (several nodes): rank (b, i) learns which tokens of rank (a, i) need node b.
-            if multi_node and d % P == me % P:
-                packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
-        send_sizes, send_offsets = packer.layout()
-        per_token = {"src_idx": _bytes(tok_ids.to(_I32).view(-1, 1))}
-        if has_scales:
-            per_token["scales"] = _bytes(x_scales)[tok_ids]
-        if has_topk:
-            per_token["topk_idx"] = _bytes(topk_idx.to(_I32))[tok_ids]
-            per_token["topk_weights"] = _bytes(topk_weights)[tok_ids]
-        if multi_node:
+        table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
+        meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
+        if not multi_node:
+            meta_buf = meta_rows.view(-1)
+            send_sizes = [n * width for n in n_send]
+        else:
             bit_weights = 1 << torch.arange(P, device=device, dtype=torch.int64)
             # bits[t, b] = mask of the ranks (b, j) that receive token t
             bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
-            per_token["nvl_bits"] = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
-        meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
-        bounds = [0]
-        for n in n_send:
-            bounds.append(bounds[-1] + n)
-        for d in range(R):
-            for name, width in meta_parts:
-                off, nbytes = send_offsets[(d, name)]
+            nvl = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
+            meta_rows = torch.cat([meta_rows, nvl], dim=1)
+            packer = _Packer(R)
+            for d in range(R):
+                packer.add(d, "rows", n_send[d] * width)
+                # Forwarder section: rank (b, i) learns which tokens of rank (a, i) need node b.
+                if d % P == me % P:
+                    packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
+            send_sizes, send_offsets = packer.layout()
+            meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+            row = 0
+            for d in range(R):
+                off, nbytes = send_offsets[(d, "rows")]
                 if nbytes:
-                    meta_buf[off:off + nbytes].view(-1, width).copy_(per_token[name][bounds[d]:bounds[d + 1]])
-            if (d, "fwd") in send_offsets:
-                off, nbytes = send_offsets[(d, "fwd")]
-                if nbytes:
-                    b = d // P
-                    toks = in_node[:, b].nonzero().view(-1)
-                    pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
-                    meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
+                    meta_buf[off:off + nbytes].view(-1, width).copy_(meta_rows[row:row + n_send[d]])
+                row += n_send[d]
+                if (d, "fwd") in send_offsets:
+                    off, nbytes = send_offsets[(d, "fwd")]
+                    if nbytes:
+                        b = d // P
+                        toks = in_node[:, b].nonzero().view(-1)
+                        pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
+                        meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
 
         # ---- everybody's counts
-        work_counts.wait()
+        gathered = work_counts.wait()
         o = 0
         all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
         all_ne = gathered[:, o:o + num_experts]; o += num_experts                  # [src, E]
@@ -242,20 +303,22 @@ class PortableEngine:
             over = (recv_per_rank > num_worst_tokens).nonzero().view(-1).tolist()
             if over:
                 d = over[0]
-                raise RuntimeError(
+                raise _agree.coordinated(RuntimeError(
                     f"deep_ep.Buffer.dispatch: rank {d} would receive {int(recv_per_rank[d])} tokens, more than "
                     f"`num_worst_tokens`={num_worst_tokens} (ranks over the limit: {over}); raise "
-                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}")
+                    f"`num_worst_tokens` to at least {int(recv_per_rank.max())}"))
         n_recv = counts[:, me].tolist()                                            # from each src
         num_recv = sum(n_recv)
         num_rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
-        unpacker = _Packer(R)
-        for s in range(R):
-            for name, nbytes in meta_parts:
-                unpacker.add(s, name, n_recv[s] * nbytes)
-            if multi_node and s % P == me % P:
-                unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
-        recv_sizes, recv_offsets = unpacker.layout()
+        if not multi_node:
+            recv_sizes, recv_offsets = [n * width for n in n_recv], None
+        else:
+            unpacker = _Packer(R)
+            for s in range(R):
+                unpacker.add(s, "rows", n_recv[s] * width)
+                if s % P == me % P:
+                    unpacker.add(s, "fwd", int(fwd_counts[s, me // P]) * 8)
+            recv_sizes, recv_offsets = unpacker.layout()
 
         # ---- the data: rows straight into recv_x, metadata alongside
         recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
@@ -266,13 +329,16 @@ class PortableEngine:
         self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
         work_x.wait()
 
-        # ---- unpack the metadata
-        def gather_part(name: str, width: int) -> torch.Tensor:
-            pieces = []
-            for s in range(R):
-                off, nbytes = recv_offsets[(s, name)]
-                pieces.append(recv_buf[off:off + nbytes].view(-1, width))
-            return torch.cat(pieces, dim=0)
+        # ---- unpack the metadata: columns of the received row table
+        if not multi_node:
+            recv_meta = recv_buf.view(num_recv, width)
+        else:
+            recv_meta = torch.cat([recv_buf[off:off + nbytes].view(-1, width) for s in range(R)
+                                   for off, nbytes in [recv_offsets[(s, "rows")]]], dim=0)
+
+        def gather_part(name: str, _width: int) -> torch.Tensor:
+            lo, hi = col_range[name]
+            return recv_meta[:, lo:hi].contiguous()
 
         def padded(t: torch.Tensor, fill) -> torch.Tensor:
             if num_rows == num_recv:
@@ -393,6 +459,10 @@ class PortableEngine:
         col = col.tolist()
         n_recv = [col[0]] + [col[s] - col[s - 1] for s in range(1, R)]
         num_recv = sum(n_recv)
+        # Agreement first (deep_ep._agree): same shapes and dtypes everywhere, and the row counts of the
+        # handles match pairwise, so the all-to-alls below get consistent sizes on every rank.
+        _agree.exchange(self.comm, torch.tensor(n_send + n_recv, dtype=torch.int64), "cached dispatch (agreement)",
+                        pairs=True)
 
         row_bytes = x.size(1) * x.element_size()
         _, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
@@ -426,33 +496,40 @@ class PortableEngine:
         num_recv = sum(n_back)
         n_mine = channel_prefix[:, -1].tolist()                           # rows coming back from each dst
         hidden = x.size(1)
+        _agree.exchange(self.comm, torch.tensor(n_back + n_mine, dtype=torch.int64), "combine (agreement)", pairs=True)
 
-        # ---- collective(s): the rows go back to their sources (x[:num_recv] is already ordered by source)
-        rows = torch.empty((sum(n_mine), hidden), dtype=x.dtype, device=device)
+        # ---- collective(s): the rows go back to their sources (x[:num_recv] is already ordered by source);
+        # the top-k weights first, so that the rows can then be reduced where they arrived (shared memory)
         send_x = x[:num_recv]
-        work = self.comm.all_to_all_single(rows, send_x, n_mine, n_back, op="combine (data)",
-                                           async_op=topk_weights is not None)
         w_rows = None
         if topk_weights is not None:
             w_rows = torch.empty((sum(n_mine), topk_weights.size(1)), dtype=torch.float32, device=device)
             self.comm.all_to_all_single(w_rows, topk_weights[:num_recv].contiguous(), n_mine, n_back,
                                         op="combine (top-k weights)")
-            work.wait()
+        in_place = self.comm.all_to_all_views(send_x, n_mine, n_back, op="combine (data)") \
+            if NN == 1 and device.type == "cpu" else None
+        if in_place is not None:
+            rows, release = in_place
+        else:
+            rows, release = torch.empty((sum(n_mine), hidden), dtype=x.dtype, device=device), None
+            self.comm.all_to_all_single(rows, send_x, n_mine, n_back, op="combine (data)")
 
         # ---- reduce in fp32, ranks ascending (per node first when there are several nodes)
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
-        acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
-        for b in bias:
-            acc += b.float()
-        rows_f = rows.float()
         bounds = [0]
         for n in n_mine:
             bounds.append(bounds[-1] + n)
         if NN == 1:
-            for d in range(R):
-                if n_mine[d]:
-                    acc.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], rows_f[bounds[d]:bounds[d + 1]])
+            try:
+                combined_x = reduce_rows_by_token(rows, tok_ids, bounds, num_tokens, bias)
+            finally:
+                if release is not None:
+                    release()
         else:
+            acc = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=device)
+            for b in bias:
+                acc += b.float()
+            rows_f = rows.float()
             for b in range(NN):
                 lo, hi = bounds[b * P], bounds[(b + 1) * P]
                 if hi == lo:
@@ -463,7 +540,7 @@ class PortableEngine:
                         partial.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], rows_f[bounds[d]:bounds[d + 1]])
                 toks = torch.unique(tok_ids[lo:hi])
                 acc.index_add_(0, toks, partial[toks].to(x.dtype).float())
-        combined_x = acc.to(x.dtype)
+            combined_x = acc.to(x.dtype)
         combined_w = None
         if w_rows is not None:
             combined_w = torch.zeros((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=device)

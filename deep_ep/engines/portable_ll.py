@@ -6,7 +6,8 @@ module does the work, with the exact outputs `docs/semantics.md` specifies ("Low
 
 Wire protocol (per call, at most two collectives):
 
-1. **Header exchange** (`all_gather`): every rank publishes one int64 vector ``[signature (10 words),
+1. **Header exchange** (one all-to-all round of the same vector to every rank; gloo's all-gather
+   would walk a ring): every rank publishes one int64 vector ``[signature (10 words),
    rows it sends to each rank (R), rows it expects from each rank (R)]``. The signature carries the
    call kind and its shape arguments, so ranks that diverged (different ``num_experts``, hidden,
    FP8 flags, or dispatch on one rank and combine on another) all raise the same error instead of
@@ -42,6 +43,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import _agree
 from .._comm import Communicator
 from ..config import LowLatencyLayout
 from ..quant import GROUP_SIZE, logfmt10_round, pack_ue8m0, per_token_cast_to_fp8
@@ -59,6 +61,7 @@ _DISPATCH_SIGNATURE = ((_H_TMAX, "num_max_dispatch_tokens_per_rank"), (_H_HIDDEN
                        (_H_ROUND, "round_scale"), (_H_UE8M0, "use_ue8m0"))
 _COMBINE_SIGNATURE = ((_H_TMAX, "handle (num_max_dispatch_tokens_per_rank)"), (_H_HIDDEN, "handle (hidden)"),
                       (_H_EXPERTS, "handle (num_experts)"))
+_KIND_FAILED = 3  # shrink mode: this rank raised before its header exchange (deep_ep._agree)
 _KIND_NAMES = {_KIND_DISPATCH: "low_latency_dispatch", _KIND_COMBINE: "low_latency_combine"}
 
 # Point-to-point tags, one per phase of a call. They are constants on purpose: gloo matches the messages
@@ -137,6 +140,7 @@ class PortableLowLatency(DoubleBufferSlots):
         # (a hook remembers its slot's use count and detects reuse by comparing).
         self._init_slots()
         self._mask = torch.zeros(comm.size, dtype=torch.int32)
+        self._scratch = {}  # (slot, name, device) -> uint8 buffer reused by that slot's calls
 
     # ------------------------------------------------------------------------------------------
     # Routing (the double buffer is DoubleBufferSlots)
@@ -172,23 +176,52 @@ class PortableLowLatency(DoubleBufferSlots):
         gone is masked instead of failing the call.
         """
         size = self.comm.size
-        if not use_p2p:
-            return self.comm.all_gather(vec, op=op).view(size, -1), peers
+        if not use_p2p:  # the call's agreement exchange carries the header (deep_ep._agree)
+            return _agree.exchange(self.comm, vec, op), peers
         table = torch.zeros(size, vec.numel(), dtype=torch.int64)
         work = self.comm.p2p({p: vec for p in peers}, {p: table[p] for p in peers}, _TAG_BASE + _PHASE_HEADER, op)
         gone = self._mask_gone(work.wait(tolerate_gone=self.enable_shrink))
         table[gone] = 0
         return table, [p for p in peers if p not in gone]
 
+    def _reused(self, slot: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A tensor of `shape` kept per double-buffer slot and reused by the slot's next call (fresh large
+        allocations page-fault on every call). Safe: a slot's results are invalid once the slot is reused
+        (docs/semantics.md, "Double buffer"), and a hook of a reused slot refuses to run."""
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        key = (slot, name, device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+            self._scratch[key] = buf
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def _send_area(self, slot: int, name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   use_p2p: bool) -> torch.Tensor:
+        """Where to build the rows to send: this rank's shared-memory send area (same-host transport:
+        the exchange then copies nothing on the sending side), else a buffer reused per slot."""
+        if not use_p2p and device.type == "cpu":
+            numel = 1
+            for n in shape:
+                numel *= int(n)
+            area = self.comm.send_buffer(numel * torch.empty((), dtype=dtype).element_size())
+            if area is not None:
+                return area.view(dtype).view(shape)
+        return self._reused(slot, name, shape, dtype, device)
+
     def _exchange_rows(self, send: torch.Tensor, send_counts: List[int], recv_counts: List[int], peers: List[int],
-                       use_p2p: bool, nothing_moves: bool, op: str) -> Tuple[torch.Tensor, _Exchange]:
+                       use_p2p: bool, nothing_moves: bool, op: str, slot: int) -> Tuple[torch.Tensor, _Exchange]:
         """Start moving rows of `send` (grouped by destination) and return ``(recv buffer, exchange)``.
 
         The receive buffer is filled once the exchange's `wait()` returns (rows from peers it reports
         gone are left unfilled). `nothing_moves` (no rank sends anything, known to all ranks from the
         header table) skips the collective.
         """
-        recv = torch.empty((sum(recv_counts),) + tuple(send.shape[1:]), dtype=send.dtype, device=send.device)
+        recv = self._reused(slot, "recv", (sum(recv_counts),) + tuple(send.shape[1:]), send.dtype, send.device)
         if not use_p2p:
             if nothing_moves:
                 return recv, _Exchange()
@@ -212,6 +245,14 @@ class PortableLowLatency(DoubleBufferSlots):
         work = self.comm.p2p({p: token for p in peers}, sinks, _TAG_BASE + _PHASE_BARRIER, op)
         self._mask_gone(work.wait(tolerate_gone=self.enable_shrink))
 
+    def failure_exchange(self, op: str) -> None:
+        """Shrink mode: this rank raised before its header exchange; send the peers a header that says so
+        (its message is in the store, deep_ep._agree), so that they raise it at once."""
+        participating, peers, use_p2p = self._route()
+        if participating:
+            size = self.comm.size
+            self._gather_header(self._header(_KIND_FAILED, (), [0] * size, [0] * size), peers, use_p2p, op)
+
     def _mask_gone(self, gone: List[int]) -> List[int]:
         """Shrink mode: mask the peers whose process is gone (as DeepEP masks ranks that time out)."""
         for peer in gone:
@@ -234,16 +275,26 @@ class PortableLowLatency(DoubleBufferSlots):
                           signature: Sequence[Tuple[int, str]]) -> None:
         """Raise the same error on every rank when the peers' headers disagree."""
         what = _KIND_NAMES[kind]
-        kinds = {p: int(table[p, _H_KIND]) for p in peers}
+        rows = table[:, :_HEADER_WORDS].tolist()  # one conversion, not one per word
+        kinds = {p: int(rows[p][_H_KIND]) for p in peers}
+        failed = [p for p, k in kinds.items() if k == _KIND_FAILED]
+        if failed:  # shrink mode: a rank raised before its header exchange; its message is in the store
+            errors = [(p, *_agree.read_error(self.comm, p)) for p in failed]
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(errors[0][1], RuntimeError)
+            texts = "; ".join(f"rank {p} raised {kind}: {text}" for p, kind, text in errors)
+            raise _agree.coordinated(cls(f"deep_ep.Buffer.{what}: {texts} (no data moved on any rank, and the "
+                                         f"Buffer is still usable)"))
         if len(set(kinds.values())) > 1:
             calls = ", ".join(f"rank {p}: {_KIND_NAMES.get(k, f'kind {k}')}" for p, k in kinds.items())
-            raise RuntimeError(f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency "
-                               f"operations ({calls}); every rank must issue the same sequence of calls")
+            raise _agree.coordinated(RuntimeError(
+                f"deep_ep.Buffer.{what}: ranks diverged, they called different low-latency operations ({calls}); "
+                f"every rank must issue the same sequence of calls"))
         for index, name in signature:
-            values = {p: int(table[p, index]) for p in peers}
+            values = {p: int(rows[p][index]) for p in peers}
             if len(set(values.values())) > 1:
                 listing = ", ".join(f"rank {p}: {v}" for p, v in values.items())
-                raise ValueError(f"deep_ep.Buffer.{what}: `{name}` must be the same on every rank, got {listing}")
+                raise _agree.coordinated(
+                    ValueError(f"deep_ep.Buffer.{what}: `{name}` must be the same on every rank, got {listing}"))
 
     # ------------------------------------------------------------------------------------------
     # Dispatch
@@ -289,7 +340,7 @@ class PortableLowLatency(DoubleBufferSlots):
 
         # Outputs (allocated now so that hook mode can return them before the data arrives).
         if use_fp8:
-            recv_x = torch.empty((num_local, num_rows, hidden), dtype=torch.float8_e4m3fn, device=device)
+            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), torch.float8_e4m3fn, device)
             if use_ue8m0:
                 num_packed = (num_scales + 3) // 4
                 scales = torch.empty((num_local, num_packed, num_rows), dtype=torch.int32,
@@ -298,7 +349,7 @@ class PortableLowLatency(DoubleBufferSlots):
                 scales = torch.empty((num_local, num_scales, num_rows), dtype=torch.float32,
                                      device=device).transpose(1, 2)
         else:
-            recv_x = torch.empty((num_local, num_rows, hidden), dtype=torch.bfloat16, device=device)
+            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), torch.bfloat16, device)
             scales = None
         recv_count = torch.zeros(num_local, dtype=torch.int32, device=device)
         src_info = torch.full((num_local, num_rows), -1, dtype=torch.int32, device=device)
@@ -333,23 +384,26 @@ class PortableLowLatency(DoubleBufferSlots):
         self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
         overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
         if overflowing:
-            raise RuntimeError(
+            raise _agree.coordinated(RuntimeError(
                 f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
                 f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
-                f"same expert several times); a rank's block per expert holds at most {t_max} rows")
+                f"same expert several times); a rank's block per expert holds at most {t_max} rows"))
         counts = table[:, _HEADER_WORDS:_HEADER_WORDS + size]
         recv_counts = counts[:, rank].tolist()
 
         # Pack: [src index | top-k ids | payload] as bytes.
-        parts = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)), _as_bytes(topk[msg_token].to(torch.int32))]
+        parts = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)),
+                 _as_bytes(topk.to(torch.int32).index_select(0, msg_token))]
         if use_fp8:
             x_fp8, scale_inv = per_token_cast_to_fp8(x, round_scale)
-            parts += [x_fp8[msg_token].view(torch.uint8), _as_bytes(scale_inv[msg_token])]
+            parts += [x_fp8.view(torch.uint8).index_select(0, msg_token), _as_bytes(scale_inv.index_select(0, msg_token))]
         else:
-            parts.append(_as_bytes(x[msg_token]))
-        send_buf = torch.cat(parts, dim=1)
+            parts.append(_as_bytes(x).index_select(0, msg_token))
+        width = sum(int(t.size(1)) for t in parts)
+        send_buf = self._send_area(slot, "send", (int(msg_token.numel()), width), torch.uint8, device, use_p2p)
+        torch.cat(parts, dim=1, out=send_buf)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
-                                                 int(counts.sum()) == 0, "low_latency_dispatch (data exchange)")
+                                                 int(counts.sum()) == 0, "low_latency_dispatch (data exchange)", slot)
 
         def finish() -> None:
             wait_start = time.perf_counter_ns()
@@ -395,18 +449,24 @@ class PortableLowLatency(DoubleBufferSlots):
         flat_row = expert_sorted * num_rows + position
 
         payload_begin = topk_end
+        # Expert j's rows are recv_x[j, :count_j] in sorted order: one index_select per expert straight
+        # from the received bytes into the output.
+        row_bytes = hidden if use_fp8 else 2 * hidden
+        payload = recv_buf[:, payload_begin:payload_begin + row_bytes]
+        out_bytes = recv_x.view(torch.uint8).view(num_local, num_rows, row_bytes)
+        start = 0
+        for j, count in enumerate(per_expert.tolist()):
+            if count:
+                torch.index_select(payload, 0, msg_sorted[start:start + count], out=out_bytes[j, :count])
+            start += count
         if use_fp8:
-            payload = recv_buf[:, payload_begin:payload_begin + hidden]
-            recv_x.view(torch.uint8).view(-1, hidden)[flat_row] = payload[msg_sorted]
-            scale_inv = _from_bytes(recv_buf, payload_begin + hidden,
-                                    payload_begin + hidden + 4 * (hidden // GROUP_SIZE), torch.float32)
+            scale_begin = payload_begin + hidden
+            scale_inv = recv_buf[:, scale_begin:scale_begin + 4 * (hidden // GROUP_SIZE)].index_select(
+                0, msg_sorted).view(torch.float32)
             if use_ue8m0:
                 scale_inv = pack_ue8m0(scale_inv)
-            scales[expert_sorted, position] = scale_inv[msg_sorted]
-        else:
-            payload = _from_bytes(recv_buf, payload_begin, payload_begin + 2 * hidden, torch.bfloat16)
-            recv_x.view(-1, hidden)[flat_row] = payload[msg_sorted]
-        src_info.view(-1)[flat_row] = src_token[msg_sorted]
+            scales[expert_sorted, position] = scale_inv
+        src_info.view(-1)[flat_row] = src_token.index_select(0, msg_sorted)
         recv_count.copy_(per_expert.to(torch.int32))
         block = torch.bincount(pair_expert * size + msg_source[pair_msg], minlength=num_local * size)
         block = block.view(num_local, size)
@@ -468,9 +528,6 @@ class PortableLowLatency(DoubleBufferSlots):
         send_rows = (torch.repeat_interleave(begin_by_source, count_by_source)
                      + torch.arange(num_send, device=device)
                      - torch.repeat_interleave(_exclusive_cumsum(count_by_source), count_by_source))
-        send_buf = data.reshape(num_local * num_rows, hidden)[send_rows]
-        if use_logfmt:
-            send_buf = logfmt10_round(send_buf)
         send_counts = block_count.sum(dim=0).tolist()
 
         # Receiver side: this rank's valid (token, k) pairs, sorted by expert (stable) = arrival order.
@@ -502,14 +559,22 @@ class PortableLowLatency(DoubleBufferSlots):
         if not torch.equal(sub_sent, sub_expected):
             bad = (sub_sent != sub_expected).nonzero().tolist()
             src, dst = peers[bad[0][0]], peers[bad[0][1]]
-            raise RuntimeError(
+            raise _agree.coordinated(RuntimeError(
                 f"deep_ep.Buffer.low_latency_combine: `topk_idx`/`handle` do not match the dispatch: rank {src} "
                 f"returns {int(sent[src, dst])} rows to rank {dst}, whose `topk_idx` expects "
                 f"{int(expected[dst, src])}. Pass the handle of the dispatch of these very tokens and the same "
-                f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)")
+                f"`topk_idx` (and keep the shrink mask unchanged between them, or identical on every rank)"))
         recv_counts = sent[:, rank].tolist()
+        # The rows to send, gathered straight into the shared-memory send area when there is one (after
+        # the header exchange, which used the area).
+        rows_src = data.reshape(num_local * num_rows, hidden)
+        if use_logfmt:
+            send_buf = logfmt10_round(rows_src.index_select(0, send_rows))
+        else:
+            send_buf = self._send_area(slot, "send_c", (num_send, hidden), torch.bfloat16, device, use_p2p)
+            torch.index_select(rows_src, 0, send_rows, out=send_buf)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
-                                                 int(sent.sum()) == 0, "low_latency_combine (data exchange)")
+                                                 int(sent.sum()) == 0, "low_latency_combine (data exchange)", slot)
         weights = topk_weights.to(torch.float32)
 
         def finish() -> None:
@@ -545,13 +610,23 @@ class PortableLowLatency(DoubleBufferSlots):
             return acc.to(torch.bfloat16)
         row_of = torch.full((num_tokens, num_topk), -1, dtype=torch.int64, device=device)
         row_of[row_token, row_k] = row
+        all_present = (row_of >= 0).all(dim=0).tolist()
+        product = torch.empty((num_tokens, hidden), dtype=torch.float32, device=device)
         for k in range(num_topk):
             rows = row_of[:, k]
-            present = (rows >= 0).unsqueeze(1)
-            y = recv[rows.clamp(min=0)].to(torch.float32)
-            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order).
-            product = weights[:, k:k + 1] * y
-            acc = torch.where(present, acc + product, acc)
+            # Multiply, then add: two roundings, never a fused multiply-add (the contract's order). The
+            # bf16 rows are widened inside the multiply (exact), not in a separate pass.
+            if all_present[k]:
+                torch.mul(recv.index_select(0, rows), weights[:, k:k + 1], out=product)
+                acc += product
+                continue
+            tokens = (rows >= 0).nonzero().view(-1)
+            if tokens.numel() == 0:
+                continue
+            # Only the tokens with a row for this k are touched; each appears once, so index_add_ is
+            # acc + product for them.
+            part = weights[:, k:k + 1].index_select(0, tokens) * recv.index_select(0, rows.index_select(0, tokens))
+            acc.index_add_(0, tokens, part)
         return acc.to(torch.bfloat16)
 
     # ------------------------------------------------------------------------------------------
@@ -577,7 +652,8 @@ class PortableLowLatency(DoubleBufferSlots):
                     except Exception:
                         pass
                     self._check_slot(slot, use, what)
-                finish()
+                with self.comm.threads:  # the hook's CPU work is capped like the call's
+                    finish()
             except Exception as exc:
                 state["error"] = exc  # a failed or refused hook keeps failing: its outputs are invalid
                 raise

@@ -1,0 +1,389 @@
+"""Same-host shared-memory transport for CPU tensors: the all-to-all of deep_ep's CPU paths without gloo.
+
+When every rank of a Buffer is a process on this host, each rank maps one anonymous shared-memory
+region per rank (``memfd_create``; the peers map it through ``/proc/<pid>/fd``). Nothing is ever
+created in ``/dev/shm`` or any file system, so a normal exit, a crash or a SIGKILL of any rank leaves
+nothing behind: the kernel frees a region when its last mapping goes away.
+
+Region of rank ``r``: a control block (its posting and its acknowledgements, 8-byte words, each
+written only by ``r``), then its data area of ``num_nvl_bytes + num_rdma_bytes`` bytes (the sizes the
+user gave the Buffer, like the GPU path's buffers; at least `MIN_DATA_BYTES`).
+
+An all-to-all (``all_to_all``) is pull-based and synchronous:
+
+* the sender puts its send buffer into its own data area (the engines gather their rows straight into
+  it, `send_buffer`; anything else is copied in), writes the per-destination offsets and lengths, and
+  then publishes a new post counter;
+* every receiver copies its segment straight out of the sender's data area into its output tensor and
+  acknowledges the post counter;
+* a send larger than the data area goes in several rounds (each waits for every peer's
+  acknowledgement of the previous one).
+
+Synchronisation is by those counters in shared memory (x86-64 only: its stores are seen in program
+order, and a locked instruction before each counter store orders the non-temporal stores of large
+copies too). Waiting polls a few times and then sleeps in growing steps
+(at most 0.2 ms). While it waits, the `Communicator`'s diagnosis runs as for gloo: a
+peer whose process is gone fails the call at once, and after ``DEEP_EP_TIMEOUT_S`` the error names
+the peers that did not answer (gone, frozen, or elsewhere) through the heartbeats.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import threading
+import time
+import zlib
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._comm import Communicator
+
+__all__ = ["ShmTransport", "MIN_DATA_BYTES", "setup"]
+
+MIN_DATA_BYTES = 4 << 20
+_PAGE = 4096
+# Control words of one region (int64). The posting words are written by the owner before the post
+# counter; the acknowledgement words (one per sender) start on their own cache line.
+_W_POST, _W_SEQ, _W_ROUND, _W_ROUNDS, _W_LO, _W_HI, _W_TAG, _W_ALIVE = range(8)
+_W_SEGS = 8                      # [_W_SEGS, +R): offset of each destination's segment; [+R, +2R): length
+_OP_TEXT_BYTES = 128             # the op's name, for a readable divergence error
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class _Layout:
+    def __init__(self, size: int, data_bytes: int) -> None:
+        self.size = size
+        self.ack = _round_up(_W_SEGS + 2 * size, 8)          # first ack word
+        self.text = (self.ack + _round_up(size, 8)) * 8       # byte offset of the op text
+        self.data = _round_up(self.text + _OP_TEXT_BYTES, _PAGE)
+        self.data_bytes = _round_up(max(int(data_bytes), 1), _PAGE)
+        self.total = self.data + self.data_bytes
+
+
+_FENCE = threading.Lock()
+
+
+def _store_fence() -> None:
+    """A full memory fence before a flag store: taking a lock runs a locked instruction, which on x86-64
+    also orders earlier non-temporal stores (large copies may use them), not only ordinary ones."""
+    with _FENCE:
+        pass
+
+
+def _op_tag(op: str) -> int:
+    return zlib.crc32(op.encode("utf-8", "replace"))
+
+
+class ShmTransport:
+    """The mapped regions of all ranks and the all-to-all over them (see the module docstring)."""
+
+    def __init__(self, comm: "Communicator", layout: _Layout, maps: List[mmap.mmap]) -> None:
+        self.comm = comm
+        self.rank, self.size = comm.rank, comm.size
+        self.layout = layout
+        self.data_bytes = layout.data_bytes
+        self._maps = maps
+        self._ctrl = [memoryview(m)[:layout.data].cast("q") for m in maps]
+        self._data = [torch.frombuffer(m, dtype=torch.uint8, offset=layout.data, count=layout.data_bytes)
+                      for m in maps]
+        self._mine = self._ctrl[self.rank]
+        self._my_data = self._data[self.rank]
+        self._seq = 0                   # shared-memory all-to-alls so far (the same on every rank)
+        self._posted = 0                # this rank's post counter
+        self._acked = [0] * self.size   # per sender: the post counter this rank consumed last
+        self._broken: Optional[str] = None
+        self._held: List[Tuple[int, int]] = []  # (sender, post) read in place, not yet acknowledged
+
+    # ---------------------------------------------------------------------------------- life cycle
+    def close(self) -> None:
+        """Drop this rank's mappings (the memory goes once every rank has dropped them)."""
+        self._ctrl = []
+        self._data = []
+        self._mine = None
+        self._my_data = None
+        maps, self._maps = self._maps, []
+        for m in maps:
+            try:
+                m.close()
+            except (BufferError, ValueError):
+                pass  # a view still exported (a tensor handed out): the mapping goes with its last user
+
+    # ------------------------------------------------------------------------------------ sending
+    def send_buffer(self, num_bytes: int, op: str) -> Optional[torch.Tensor]:
+        """This rank's data area as a uint8 tensor of `num_bytes`, for a sender to gather its rows into
+        (the next `all_to_all` then moves them without another copy), or None when they do not fit.
+        Waits until every peer consumed this rank's previous posting."""
+        if num_bytes > self.data_bytes or self._my_data is None:
+            return None
+        self._wait_acks(op)
+        return self._my_data[:num_bytes]
+
+    def _all_acked(self) -> bool:
+        me, posted = self.rank, self._posted
+        ack = self.layout.ack
+        return all(self._ctrl[r][ack + me] == posted for r in range(self.size) if r != me)
+
+    def _wait_acks(self, op: str) -> None:
+        if self._all_acked():
+            return
+        started = self.comm._begin(op)
+        try:
+            waiter = _Waiter(self.comm, op, started)
+            while not self._all_acked():
+                waiter.idle()
+        finally:
+            self.comm._end()
+
+    # ------------------------------------------------------------------------------- all-to-all
+    def all_to_all(self, out: Optional[torch.Tensor], inp: torch.Tensor, out_splits: Sequence[int],
+                   in_splits: Sequence[int], op: str, views: Optional[List[torch.Tensor]] = None) -> None:
+        """Uneven all-to-all of flat uint8 tensors (splits in bytes), finished when it returns.
+
+        With `views` (a list, filled with one uint8 tensor per source) nothing is copied out where it
+        can be avoided: a source's segment is a view into its shared area (its own segment a view of
+        `inp`), valid until `release_views`, which must follow before the next exchange; `out` is unused.
+        """
+        if self._broken is not None:
+            raise RuntimeError(f"deep_ep: `{op}`: the shared-memory transport failed earlier ({self._broken})")
+        R, me, lay = self.size, self.rank, self.layout
+        cap = self.data_bytes
+        self._seq += 1
+        seq, tag = self._seq, _op_tag(op)
+        in_off = [0] * R
+        out_off = [0] * R
+        for d in range(1, R):
+            in_off[d] = in_off[d - 1] + in_splits[d - 1]
+            out_off[d] = out_off[d - 1] + out_splits[d - 1]
+        total = in_off[-1] + in_splits[-1]
+        if out_splits[me] != in_splits[me]:
+            raise RuntimeError(f"deep_ep: `{op}`: rank {me} sends itself {in_splits[me]} bytes but expects "
+                               f"{out_splits[me]}")
+        if views is not None:
+            views[:] = [None] * R
+            views[me] = inp[in_off[me]:in_off[me] + in_splits[me]]
+        elif in_splits[me]:
+            out[out_off[me]:out_off[me] + in_splits[me]].copy_(inp[in_off[me]:in_off[me] + in_splits[me]])
+        zero_copy = total > 0 and inp.data_ptr() == self._my_data.data_ptr() and total <= cap
+        rounds = 1 if zero_copy else max(1, -(-total // cap))
+        mine, ctrl, data = self._mine, self._ctrl, self._data
+        started = self.comm._begin(op)
+        waiter = None
+        try:
+            next_round = 0
+            pending = [s for s in range(R) if s != me]
+            mismatch: List[Tuple[int, int, int]] = []
+            while True:
+                progress = False
+                if next_round < rounds and self._all_acked():
+                    lo = next_round * cap
+                    hi = min(total, lo + cap)
+                    if not zero_copy and hi > lo:
+                        self._my_data[:hi - lo].copy_(inp[lo:hi])
+                    if next_round == 0:
+                        for d in range(R):
+                            mine[_W_SEGS + d] = in_off[d]
+                            mine[_W_SEGS + R + d] = in_splits[d]
+                        text = op.encode("utf-8", "replace")[:_OP_TEXT_BYTES - 1]
+                        raw = memoryview(self._maps[me])
+                        raw[lay.text:lay.text + _OP_TEXT_BYTES] = text.ljust(_OP_TEXT_BYTES, b"\0")
+                        del raw
+                    mine[_W_SEQ] = seq
+                    mine[_W_ROUND] = next_round
+                    mine[_W_ROUNDS] = rounds
+                    mine[_W_LO] = lo
+                    mine[_W_HI] = hi
+                    mine[_W_TAG] = tag
+                    self._posted += 1
+                    _store_fence()
+                    mine[_W_POST] = self._posted      # the flag: everything above is visible before it
+                    next_round += 1
+                    progress = True
+                for s in list(pending):
+                    c = ctrl[s]
+                    post = c[_W_POST]
+                    if post == self._acked[s]:
+                        continue
+                    if c[_W_SEQ] != seq or c[_W_TAG] != tag:
+                        self._diverged(op, s, seq, c)
+                    k, k_total, lo, hi = c[_W_ROUND], c[_W_ROUNDS], c[_W_LO], c[_W_HI]
+                    seg_off, seg_len = c[_W_SEGS + me], c[_W_SEGS + R + me]
+                    if k == 0 and seg_len != out_splits[s]:
+                        mismatch.append((s, seg_len, out_splits[s]))
+                    a = max(lo, seg_off)
+                    b = min(hi, seg_off + min(seg_len, out_splits[s]))
+                    if views is not None and k_total == 1:
+                        # Read in place; acknowledged by release_views once the caller is done with it.
+                        views[s] = data[s][a - lo:a - lo + max(b - a, 0)]
+                        self._held.append((s, post))
+                        pending.remove(s)
+                        progress = True
+                        continue
+                    if views is not None:  # several rounds: collect the segment in a private buffer
+                        if views[s] is None:
+                            views[s] = torch.empty(out_splits[s], dtype=torch.uint8)
+                        if b > a:
+                            views[s][a - seg_off:b - seg_off].copy_(data[s][a - lo:b - lo])
+                    elif b > a:
+                        dst = out_off[s] + (a - seg_off)
+                        out[dst:dst + (b - a)].copy_(data[s][a - lo:b - lo])
+                    self._acked[s] = post
+                    _store_fence()  # the copy out of the peer's area is done before the peer may reuse it
+                    mine[lay.ack + s] = post
+                    if k == k_total - 1:
+                        pending.remove(s)
+                    progress = True
+                if next_round == rounds and not pending:
+                    break
+                if not progress:
+                    if waiter is None:
+                        waiter = _Waiter(self.comm, op, started)
+                    waiter.idle()
+                elif waiter is not None:
+                    waiter.progressed()
+            if mismatch:
+                s, sent, expected = mismatch[0]
+                raise RuntimeError(f"deep_ep: `{op}`: rank {s} sent {sent} bytes to rank {me}, which expected "
+                                   f"{expected} (ranks disagree on the traffic: different arguments?)")
+        except BaseException as exc:
+            self._broken = f"`{op}`: {type(exc).__name__}"
+            raise
+        finally:
+            self.comm._end()
+
+    def release_views(self) -> None:
+        """Acknowledge the segments `all_to_all(..., views=...)` left in place (their senders may reuse
+        their areas from now on)."""
+        held, self._held = self._held, []
+        if not held or self._mine is None:
+            return
+        _store_fence()
+        for s, post in held:
+            self._acked[s] = post
+            self._mine[self.layout.ack + s] = post
+
+    def _diverged(self, op: str, peer: int, seq: int, c) -> None:
+        raw = bytes(memoryview(self._maps[peer])[self.layout.text:self.layout.text + _OP_TEXT_BYTES])
+        their = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        raise RuntimeError(
+            f"deep_ep: `{op}` on rank {self.rank} (its shared-memory exchange #{seq}): rank {peer} is in "
+            f"`{their}` (its exchange #{c[_W_SEQ]}): the ranks diverged; every rank must issue the same "
+            f"sequence of deep_ep calls with matching arguments")
+
+
+class _Waiter:
+    """Backoff while waiting for a peer, with the Communicator's liveness checks and timeout."""
+
+    # A few polls without giving up the core, then sleeps of growing length. Not sched_yield: on a
+    # loaded host it parks the caller behind every runnable task (measured 6 ms per call at load 10 on
+    # 2 cores), where a sleeper is woken promptly.
+    _SPINS = 2
+    _FIRST_SLEEP = 10e-6
+    _MAX_SLEEP = 2e-4
+
+    def __init__(self, comm: "Communicator", op: str, started: float) -> None:
+        self.comm, self.op, self.started = comm, op, started
+        self.idles = 0
+        self.sleep = self._FIRST_SLEEP
+        self.next_check = time.monotonic() + comm._period
+        self.deadline = started + comm.timeout_s
+
+    def progressed(self) -> None:
+        self.idles = 0
+        self.sleep = self._FIRST_SLEEP
+
+    def idle(self) -> None:
+        self.idles += 1
+        if self.idles > self._SPINS:
+            time.sleep(self.sleep)
+            self.sleep = min(self.sleep * 1.5, self._MAX_SLEEP)
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.comm._period
+        comm = self.comm
+        comm._activity.op = self.op
+        watch = [p for p in range(comm.size) if p != comm.rank]
+        gone = comm._gone(watch)
+        if gone:
+            raise comm.error(self.op, None, None, self.started, gone)
+        comm._read_peers(watch)
+        if now >= self.deadline:
+            raise comm.error(self.op, TimeoutError(f"no answer within {comm.timeout_s:g} s"), None, self.started)
+
+
+def _open_region(num_bytes: int) -> Tuple[int, mmap.mmap]:
+    fd = os.memfd_create("deep_ep", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, num_bytes)
+        return fd, mmap.mmap(fd, num_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def setup(comm: "Communicator", data_bytes: int, forced: Optional[str]) -> Tuple[Optional[ShmTransport], str]:
+    """Collectively set up the transport (every rank calls it and every rank gets the same outcome).
+
+    Returns ``(transport or None, reason)``; `forced` is ``"gloo"``, ``"shm"`` or None (automatic).
+    Raises when ``"shm"`` is forced and it cannot be set up.
+    """
+    if forced == "gloo":
+        return None, "gloo transport (forced by DEEP_EP_TRANSPORT=gloo)"
+    size, rank = comm.size, comm.rank
+    layout = _Layout(size, max(int(data_bytes), MIN_DATA_BYTES))
+    why = ""
+    if not comm.single_host:
+        why = "the ranks span several hosts"
+    elif platform.machine().lower() not in ("x86_64", "amd64"):
+        why = f"the shared-memory protocol needs x86-64's store order, this is {platform.machine()}"
+    elif not hasattr(os, "memfd_create"):
+        why = "os.memfd_create is not available"
+    elif len(comm._local_peers) != size - 1:
+        why = "some peer processes are not visible through /proc (another PID namespace?)"
+    fd, own = -1, None
+    if not why:
+        try:
+            fd, own = _open_region(layout.total)
+        except OSError as exc:
+            why = f"memfd_create/mmap of {layout.total} bytes failed: {exc}"
+    answers = comm.all_gather_object((why, os.getpid(), fd), op="__init__ (shared-memory set-up)")
+    failed = [(r, w) for r, (w, _, _) in enumerate(answers) if w]
+    maps: List[Optional[mmap.mmap]] = [None] * size
+    if not failed:
+        maps[rank] = own
+        for r, (_, pid, peer_fd) in enumerate(answers):
+            if r == rank:
+                continue
+            try:
+                pfd = os.open(f"/proc/{pid}/fd/{peer_fd}", os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    maps[r] = mmap.mmap(pfd, layout.total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(pfd)
+            except (OSError, ValueError) as exc:
+                why = f"could not map rank {r}'s region through /proc/{pid}/fd: {exc}"
+                break
+        answers = comm.all_gather_object(why, op="__init__ (shared-memory set-up)")
+        failed = [(r, w) for r, w in enumerate(answers) if w]
+    if fd >= 0:
+        os.close(fd)  # every rank has mapped it (or gave up): the mappings keep the memory
+    if failed:
+        for m in maps:
+            if m is not None:
+                m.close()
+        if own is not None and not own.closed:
+            own.close()
+        r, w = failed[0]
+        reason = f"gloo transport (shared memory unavailable on rank {r}: {w})"
+        if forced == "shm":
+            raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_TRANSPORT=shm, but {reason[len('gloo transport ('):-1]}")
+        return None, reason
+    return ShmTransport(comm, layout, maps), (f"same-host shared-memory transport ({layout.data_bytes} bytes per "
+                                              f"rank, memfd)")
