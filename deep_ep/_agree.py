@@ -38,6 +38,8 @@ import torch
 
 from ._comm import CommError, Communicator
 
+_MATCH = "deep_ep agreement exchange"  # the transport pairs agreement exchanges by this name
+
 __all__ = ["exchange", "describe", "coordinated", "guard", "collective", "note_handle", "handle_id"]
 
 # Descriptor words (int64).
@@ -291,7 +293,10 @@ def exchange(comm: Communicator, payload: Optional[torch.Tensor], op: str, async
     if payload is not None and inline:
         vec[D:D + width] = payload.view(-1).to(torch.int64)
     out = torch.empty(R * (D + cap), dtype=torch.int64)
-    work = comm.all_to_all_single(out, vec.repeat(R), [D + cap] * R, [D + cap] * R, op=op, async_op=True)
+    # match: every agreement exchange pairs with any other (a failing rank joins its peers' exchange
+    # under its own name; the descriptor, not the transport, tells the calls apart)
+    work = comm.all_to_all_single(out, vec.repeat(R), [D + cap] * R, [D + cap] * R, op=op, async_op=True,
+                                  match=_MATCH)
     pending = _Pending(st, call, work, out, payload, inline, op, cap)
     return pending if async_op else pending.wait()
 

@@ -768,8 +768,11 @@ class Communicator:
         return out.to(t.device) if t.is_cuda else out
 
     def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, out_splits: Sequence[int],
-                          in_splits: Sequence[int], op: str = "all_to_all", async_op: bool = False):
-        """Uneven all-to-all along dim 0. Returns a work handle with ``wait()`` when ``async_op``."""
+                          in_splits: Sequence[int], op: str = "all_to_all", async_op: bool = False,
+                          match: Optional[str] = None):
+        """Uneven all-to-all along dim 0. Returns a work handle with ``wait()`` when ``async_op``.
+        ``match``: the name the shared-memory transport pairs the ranks' exchanges by (default `op`;
+        its divergence check); gloo pairs by order only."""
         out_splits, in_splits = [int(v) for v in out_splits], [int(v) for v in in_splits]
         if self._cuda_native(out):
             try:
@@ -782,7 +785,7 @@ class Communicator:
         if self.shm is not None and not out.is_cuda and not inp.is_cuda:
             out_row, in_row = _row_bytes(out), _row_bytes(inp)
             self.shm.all_to_all(_flat_bytes(out), _flat_bytes(inp), [n * out_row for n in out_splits],
-                                [n * in_row for n in in_splits], op)
+                                [n * in_row for n in in_splits], op, match=match)
             return _Done()
         staged = out.is_cuda
         h_out = torch.empty(out.shape, dtype=out.dtype) if staged else out

@@ -143,19 +143,21 @@ class ShmTransport:
 
     # ------------------------------------------------------------------------------- all-to-all
     def all_to_all(self, out: Optional[torch.Tensor], inp: torch.Tensor, out_splits: Sequence[int],
-                   in_splits: Sequence[int], op: str, views: Optional[List[torch.Tensor]] = None) -> None:
+                   in_splits: Sequence[int], op: str, views: Optional[List[torch.Tensor]] = None,
+                   match: Optional[str] = None) -> None:
         """Uneven all-to-all of flat uint8 tensors (splits in bytes), finished when it returns.
 
         With `views` (a list, filled with one uint8 tensor per source) nothing is copied out where it
         can be avoided: a source's segment is a view into its shared area (its own segment a view of
         `inp`), valid until `release_views`, which must follow before the next exchange; `out` is unused.
+        `match` (default `op`) is what every rank's exchange must agree on (else "the ranks diverged").
         """
         if self._broken is not None:
             raise RuntimeError(f"deep_ep: `{op}`: the shared-memory transport failed earlier ({self._broken})")
         R, me, lay = self.size, self.rank, self.layout
         cap = self.data_bytes
         self._seq += 1
-        seq, tag = self._seq, _op_tag(op)
+        seq, tag = self._seq, _op_tag(match or op)
         in_off = [0] * R
         out_off = [0] * R
         for d in range(1, R):
@@ -314,6 +316,9 @@ class _Waiter:
         if gone:
             raise comm.error(self.op, None, None, self.started, gone)
         comm._read_peers(watch)
+        raised = comm._raised(watch)  # a peer left its call with an error (published in its heartbeat)
+        if raised:
+            raise comm.error(self.op, None, None, self.started, raised=raised)
         if now >= self.deadline:
             raise comm.error(self.op, TimeoutError(f"no answer within {comm.timeout_s:g} s"), None, self.started)
 

@@ -52,6 +52,7 @@ def _cpu_engine(num_ranks: int, num_rdma_bytes: int, rank: int = 0) -> CudaLowLa
     eng.enable_shrink = False
     eng.transport = "peer"
     eng.device = torch.device("cpu")
+    eng.emulated = True  # CPU tensors, no CUDA stream or capture to consult
     eng.timeout_s = 1.0
     eng.num_sms = 132
     eng._rt = eng._nv = None

@@ -228,6 +228,11 @@ class PortableEngine:
         # The counts ride in the call's agreement exchange (deep_ep._agree): every rank checks that all
         # ranks passed the same shapes, dtypes and flags before any row moves.
         work_counts = _agree.exchange(self.comm, payload, "dispatch (count exchange)", async_op=True)
+        gathered = None
+        if x.device.type == "cpu" and self.comm.transport == "shm":
+            # The rows are staged in this rank's shared send area below, and the exchange may still need
+            # a round through that area (counts wider than its inline room): finish it first.
+            gathered = work_counts.wait()
 
         # ---- what travels per token: the rows go straight into recv_x (one all-to-all), the per-token
         # metadata travels packed in a second, small one that overlaps with it.
@@ -289,7 +294,8 @@ class PortableEngine:
                         meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
 
         # ---- everybody's counts
-        gathered = work_counts.wait()
+        if gathered is None:
+            gathered = work_counts.wait()
         o = 0
         all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
         all_ne = gathered[:, o:o + num_experts]; o += num_experts                  # [src, E]
