@@ -1,8 +1,9 @@
-"""The buffer-size rule of normal mode is the same on every engine (`deep_ep._sizes`).
+"""The buffer-size rules are the same on every engine (`deep_ep._sizes`).
 
 A Buffer too small for a dispatch or combine raises, on CPU as on GPU, a ValueError that names
-`num_nvl_bytes` and the size hint to call, on every rank, before any communication; a Buffer sized
-with the hints runs. (That the CUDA kernels never need more than the hint is checked against the
+`num_nvl_bytes` (across nodes also `num_rdma_bytes`) and the size hint to call, on every rank, before
+any communication; likewise a low-latency call whose layout does not fit `num_rdma_bytes`. A Buffer
+sized with the hints runs. (That the CUDA kernels never need more than the hint is checked against the
 compiled core in tests/test_core_host.py and tests/test_core_host_internode.py.)
 """
 
