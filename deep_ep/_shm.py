@@ -77,7 +77,15 @@ def _store_fence() -> None:
         pass
 
 
+_FIRST_EXCHANGES = (" (agreement)", " (count exchange)", " (header exchange)")
+
+
 def _op_tag(op: str) -> int:
+    # A call's first exchange (deep_ep._agree) checks the method and call number itself, and a rank whose
+    # argument check failed joins it under its own label ("dispatch (agreement)" while its peers are in
+    # "dispatch (count exchange)"): one tag for all of them, so that they all raise that rank's error.
+    if op.endswith(_FIRST_EXCHANGES):
+        op = "(first exchange)"
     return zlib.crc32(op.encode("utf-8", "replace"))
 
 
