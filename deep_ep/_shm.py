@@ -322,6 +322,9 @@ class _Waiter:
         if gone:
             raise comm.error(self.op, None, None, self.started, gone)
         comm._read_peers(watch)
+        raised = comm._raised(watch)  # a peer that raised in its own call will not come (as over gloo)
+        if raised:
+            raise comm.error(self.op, None, None, self.started, raised=raised)
         if now >= self.deadline:
             raise comm.error(self.op, TimeoutError(f"no answer within {comm.timeout_s:g} s"), None, self.started)
 
