@@ -22,7 +22,9 @@ def worker(rank, R, group, shapes, iters):
     import torch.distributed as dist
     import deep_ep
     from deep_ep import _agree
-    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    nvl = max(c.get_nvl_buffer_size_hint(max(h for _, h in shapes) * 2, R)
+              for c in (deep_ep.Buffer.get_dispatch_config(R), deep_ep.Buffer.get_combine_config(R)))
+    buf = deep_ep.Buffer(group, num_nvl_bytes=nvl)
     rows = []
     for tokens, hidden in shapes:
         g = torch.Generator().manual_seed(rank)

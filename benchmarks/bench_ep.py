@@ -74,7 +74,7 @@ import torch.distributed as dist  # noqa: E402
 # Launch, inputs, baselines and timing are shared with the other benchmarks (benchmarks/common.py).
 from common import (FP8_FACTOR, FP8_MAX, LaunchError, Memcpy, NaiveDispatcher, RawAllToAll,  # noqa: E402,F401
                     add_launch_args, bench_round_robin, launch, machine_info, make_inputs, mean_over_ranks,
-                    per_token_cast_to_fp8)
+                    normal_buffer_bytes, per_token_cast_to_fp8)
 
 
 
@@ -296,11 +296,8 @@ def make_buffer(deep_ep, group, low_latency: bool, args, num_ranks: int):
             args.ll_max_tokens, args.hidden, num_ranks, args.num_experts)
         return deep_ep.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
                               num_qps_per_rank=max(1, args.num_experts // num_ranks), explicitly_destroy=True)
-    hidden_bytes = args.hidden * 2
-    num_nvl_bytes = 0
-    for cfg in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)):
-        num_nvl_bytes = max(num_nvl_bytes, cfg.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))
-    return deep_ep.Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=0, explicitly_destroy=True)
+    num_nvl_bytes, num_rdma_bytes = normal_buffer_bytes(deep_ep, num_ranks, args.num_local_ranks, args.hidden * 2)
+    return deep_ep.Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, explicitly_destroy=True)
 
 
 def run_normal(deep_ep, group, bench_group, rank, num_ranks, args, log) -> Dict[str, object]:
@@ -462,6 +459,7 @@ def run_low_latency(deep_ep, group, bench_group, rank, num_ranks, args, log) -> 
 def rank_main(ctx, args) -> Dict[str, object]:
     """One rank of the main job (run by common.launch): normal mode, then low-latency mode."""
     rank, num_ranks, group, bench_group = ctx.rank, ctx.num_ranks, ctx.group, ctx.bench_group
+    args.num_local_ranks = ctx.num_local_ranks  # sizes the Buffer across nodes (make_buffer)
     torch.manual_seed(args.seed)
 
     def log(msg: str) -> None:

@@ -96,6 +96,19 @@ def normal_bytes(num_recv_rows: int, hidden: int) -> int:
     return num_recv_rows * hidden * 2
 
 
+def normal_buffer_bytes(deep_ep, num_ranks: int, num_local_ranks: int, hidden_bytes: int) -> Tuple[int, int]:
+    """``(num_nvl_bytes, num_rdma_bytes)`` for a normal-mode Buffer: the larger of the default dispatch and
+    combine configs' hints, across nodes with ``num_ranks_per_node`` (``DEEP_EP_RANKS_PER_NODE`` when set,
+    else the ranks on this host, as the Buffer detects it); ``num_rdma_bytes`` is 0 on one node."""
+    per_node = int(os.environ.get("DEEP_EP_RANKS_PER_NODE") or num_local_ranks)
+    per_node = per_node if per_node < num_ranks else None
+    configs = (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks))
+    nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks, num_ranks_per_node=per_node) for c in configs)
+    rdma = 0 if per_node is None else \
+        max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, num_ranks_per_node=per_node) for c in configs)
+    return nvl, rdma
+
+
 def rdma_token_count(topk_idx: torch.Tensor, experts_per_rank: int, ranks_per_node: int) -> int:
     """Multi-node normal dispatch: (token, destination node) pairs, the local node included."""
     valid = topk_idx >= 0

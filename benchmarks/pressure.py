@@ -271,8 +271,14 @@ def pressure_rank(rank: int, num_ranks: int, group, iters: int, seed: int, repea
     if dev.type == "cuda":
         dev = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
-    ll_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(LL_TOKENS, LL_HIDDEN, num_ranks, num_ranks * 2)
-    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 28, num_rdma_bytes=ll_bytes, low_latency_mode=True)  # >= the hints
+    rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(LL_TOKENS, LL_HIDDEN, num_ranks, num_ranks * 2)
+    per_node = int(os.environ.get("DEEP_EP_RANKS_PER_NODE") or num_ranks)
+    if per_node < num_ranks:  # across nodes normal mode needs the RDMA hint of every config drawn (hidden <= 1024)
+        configs = (deep_ep.Config(24), deep_ep.Buffer.get_dispatch_config(num_ranks),
+                   deep_ep.Buffer.get_combine_config(num_ranks))
+        rdma_bytes = max([rdma_bytes] + [c.get_rdma_buffer_size_hint(1024 * 2, num_ranks, num_ranks_per_node=per_node)
+                                         for c in configs])
+    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 28, num_rdma_bytes=rdma_bytes, low_latency_mode=True)  # >= the hints
     warm = max(1, int(iters * WARMUP_FRACTION))
     result: Dict[str, Any] = {"digests": [], "per_iter": [], "seconds": []}
     snap_warm = None

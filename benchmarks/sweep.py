@@ -56,8 +56,8 @@ import torch.distributed as dist  # noqa: E402
 import bench_ep as ref  # noqa: E402  (references and checks of the main job)
 from common import (FP8_FACTOR, LaunchError, NaiveDispatcher, Progress, RawAllToAll,  # noqa: E402
                     add_launch_args, bench_round_robin, launch, ll_bytes, machine_info, make_inputs,
-                    mean_over_ranks, normal_bytes, per_token_cast_to_fp8, rdma_token_count, resolve_device,
-                    resolve_launch)
+                    mean_over_ranks, normal_buffer_bytes, normal_bytes, per_token_cast_to_fp8, rdma_token_count,
+                    resolve_device, resolve_launch)
 
 NORMAL_OPS = ("dispatch BF16", "dispatch FP8", "combine BF16", "raw all_to_all_single", "naive dispatcher")
 SHORT = {"raw all_to_all_single": "raw all-to-all", "naive dispatcher": "naive", "LL dispatch BF16": "dispatch BF16",
@@ -101,10 +101,9 @@ def normal_worker(ctx, args) -> List[dict]:
     experts_per_rank = args.num_experts // num_ranks
     progress = _progress(ctx, args)
     rows = []
-    hidden_bytes = args.hidden * 2
-    num_nvl_bytes = max(cfg.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for cfg in
-                        (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
-    buffer = deep_ep.Buffer(ctx.group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=0, explicitly_destroy=True)
+    num_nvl_bytes, num_rdma_bytes = normal_buffer_bytes(deep_ep, num_ranks, ctx.num_local_ranks, args.hidden * 2)
+    buffer = deep_ep.Buffer(ctx.group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
+                            explicitly_destroy=True)
     try:
         rpn = getattr(buffer, "num_ranks_per_node", None) or num_ranks
         for tokens in args.tokens:

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from . import _agree, _env
 from ._checks import ArgChecker, all_same_device
 from ._comm import CommError, Communicator
-from ._sizes import check_normal_buffer
-from .config import (Config, LowLatencyLayout, get_combine_config as _get_combine_config,
+from ._sizes import check_low_latency_buffer, check_normal_buffer
+from .config import (Config, get_combine_config as _get_combine_config,
                      get_dispatch_config as _get_dispatch_config,
                      get_low_latency_rdma_size_hint as _ll_size_hint)
 from .engines.local_buffers import LocalBuffers
@@ -123,7 +123,8 @@ class Buffer:
             even with CUDA tensors). ``None`` to bootstrap from ``comm`` instead.
         num_nvl_bytes: bytes of the intranode (NVLink) buffer; a multiple of 128.
         num_rdma_bytes: bytes of the RDMA buffer (internode normal mode and all low-latency mode); a
-            multiple of 128. Low-latency mode needs `get_low_latency_rdma_size_hint` bytes.
+            multiple of 128. Low-latency mode needs `get_low_latency_rdma_size_hint` bytes; normal mode across
+            nodes `Config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, num_ranks_per_node=P)` (every engine).
         low_latency_mode: enables the low-latency methods.
         num_qps_per_rank: RDMA queue pairs per peer (CUDA engine; ignored by the portable engine).
         allow_nvlink_for_low_latency_mode: let low-latency traffic use NVLink between peers that have it.
@@ -750,7 +751,8 @@ class Buffer:
         if config is None:
             config = self.get_combine_config(R) if combine else self.get_dispatch_config(R)
         check_normal_buffer(f"deep_ep.Buffer.{method}", self.num_nvl_bytes,
-                            x.size(1) * max(x.element_size(), 2), R, self.num_ranks_per_node, config, name)
+                            x.size(1) * max(x.element_size(), 2), R, self.num_ranks_per_node, config, name,
+                            num_rdma_bytes=self.num_rdma_bytes)
 
     def internode_dispatch(self, *args, **kwargs):
         """DeepEP's internode entry point; `dispatch` routes multi-node layouts itself."""
@@ -777,12 +779,8 @@ class Buffer:
                                          "low-latency methods", RuntimeError)
         chk.integer("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
         self._check_num_experts(chk, num_experts)
-        needed = LowLatencyLayout(num_max_dispatch_tokens_per_rank, hidden, num_experts).total_bytes
-        if needed > self.num_rdma_bytes:
-            chk.fail("num_rdma_bytes", f"is {self.num_rdma_bytes}, but the low-latency layout needs {needed} bytes; "
-                                       f"size it with Buffer.get_low_latency_rdma_size_hint"
-                                       f"({num_max_dispatch_tokens_per_rank}, {hidden}, {self.group_size}, "
-                                       f"{num_experts})")
+        check_low_latency_buffer(chk.where, self.num_rdma_bytes, num_max_dispatch_tokens_per_rank, hidden,
+                                 self.group_size, num_experts)
 
     @_agree.collective("low_latency_dispatch", ll=True)
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,

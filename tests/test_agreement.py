@@ -79,7 +79,9 @@ def _good_round(buf, rank, R, seed, step, num_experts=None) -> None:
 def _new_buffer(group, R):
     import deep_ep
     rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, BIG_HIDDEN, R, 4 * R)
-    return deep_ep.Buffer(group, num_nvl_bytes=1 << 28, num_rdma_bytes=rdma, low_latency_mode=True,
+    nvl = max(c.get_nvl_buffer_size_hint(BIG_HIDDEN * 2, R)
+              for c in (deep_ep.Buffer.get_dispatch_config(R), deep_ep.Buffer.get_combine_config(R)))
+    return deep_ep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True,
                           explicitly_destroy=True)
 
 

@@ -72,7 +72,7 @@ def test_gloo_forced_by_env():
 
 def _diverge(rank, num_ranks, group):
     import deep_ep
-    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 28, explicitly_destroy=True)
+    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 20, explicitly_destroy=True)
     t = torch.zeros(num_ranks, dtype=torch.int64)
     try:
         buf._comm.all_to_all_single(torch.empty_like(t), t, [1] * num_ranks, [1] * num_ranks,
@@ -105,9 +105,11 @@ def _create_destroy(rank, num_ranks, group, rounds):
     def fds():
         return len(os.listdir("/proc/self/fd"))
 
+    nvl = max(c.get_nvl_buffer_size_hint(128 * 2, num_ranks)
+              for c in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
     counts = []
     for i in range(rounds):
-        buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 28, explicitly_destroy=True)
+        buf = deep_ep.Buffer(group, num_nvl_bytes=nvl, explicitly_destroy=True)
         x = torch.randn(16, 128).to(torch.bfloat16)
         topk = torch.stack([torch.randperm(2 * num_ranks)[:2] for _ in range(16)])
         per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, 2 * num_ranks)

@@ -55,7 +55,9 @@ def _threads_inside_calls(rank, num_ranks, group):
     spy(portable_ll.PortableLowLatency, "_unpack_dispatch")
     torch.set_num_threads(7)
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(8, 128, num_ranks, 4)
-    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 28, num_rdma_bytes=hint, low_latency_mode=True,
+    nvl = max(c.get_nvl_buffer_size_hint(128 * 2, num_ranks)
+              for c in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
+    buf = deep_ep.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=hint, low_latency_mode=True,
                          explicitly_destroy=True)
     x = torch.randn(8, 128).to(torch.bfloat16)
     topk = torch.stack([torch.randperm(4)[:2] for _ in range(8)])

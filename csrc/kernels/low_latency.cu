@@ -36,7 +36,8 @@ __device__ __forceinline__ void cast_token(const deep_ep_ll_call& c, int t) {
             if (active) reinterpret_cast<int4*>(payload)[g * 16 + l16] = v;
             continue;
         }
-        const uint16_t* h = reinterpret_cast<const uint16_t*>(&v);
+        uint16_t h[8];
+        memcpy(h, &v, sizeof(h));  // no pointer pun (defined behaviour in C++)
         float f[8];
         float amax = 0.0f;
 #pragma unroll
@@ -288,7 +289,8 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(const __grid_con
         for (int k = 0; k < c.num_topk; ++k) {
             if (s_offset[k] < 0) continue;
             const int4 v = ptx::ld_na_global_v4(reinterpret_cast<const int4*>(local + s_offset[k]) + q);
-            const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+            __nv_bfloat16 h[8];
+            memcpy(h, &v, sizeof(h));  // defined behaviour in C++ (no pointer pun), free under nvcc
             const float w = s_weight[k];
 #pragma unroll
             for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, __bfloat162float(h[i])));

@@ -265,7 +265,8 @@ __host__ __device__ __forceinline__ uint16_t logfmt10_element(uint16_t bits, con
 // arithmetic of deep_ep.quant.logfmt10_encode/decode. All 32 lanes must call it (the shuffles stay
 // inside each half). Returns the rounded bf16 values, packed.
 __device__ __forceinline__ int4 logfmt10_round_half(int4 packed) {
-    const uint16_t* bits = reinterpret_cast<const uint16_t*>(&packed);
+    uint16_t bits[8];
+    memcpy(bits, &packed, sizeof(bits));  // no pointer pun (defined behaviour in C++)
     float amax = 0.0f, amin = __int_as_float(0x7f800000);
     int nonfinite = 0;
 #pragma unroll
@@ -283,10 +284,11 @@ __device__ __forceinline__ int4 logfmt10_round_half(int4 packed) {
     }
     const LogfmtGroup g = logfmt10_group(amin, amax, nonfinite != 0);
     if (g.passthrough) return packed;
-    int4 out;
-    uint16_t* o = reinterpret_cast<uint16_t*>(&out);
+    uint16_t o[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[i] = logfmt10_element(bits[i], g);
+    int4 out;
+    memcpy(&out, o, sizeof(out));
     return out;
 }
 

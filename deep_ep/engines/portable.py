@@ -228,11 +228,9 @@ class PortableEngine:
         # The counts ride in the call's agreement exchange (deep_ep._agree): every rank checks that all
         # ranks passed the same shapes, dtypes and flags before any row moves.
         work_counts = _agree.exchange(self.comm, payload, "dispatch (count exchange)", async_op=True)
-        gathered = None
-        if x.device.type == "cpu" and self.comm.transport == "shm":
-            # The rows are staged in this rank's shared send area below, and the exchange may still need
-            # a round through that area (counts wider than its inline room): finish it first.
-            gathered = work_counts.wait()
+        # Counts too wide to ride inline take a second exchange in wait(): finish it before the rows are
+        # packed into the staging buffer, which with shared memory is the area that exchange reuses.
+        gathered = work_counts.wait() if not work_counts.inline else None
 
         # ---- what travels per token: the rows go straight into recv_x (one all-to-all), the per-token
         # metadata travels packed in a second, small one that overlaps with it.
@@ -294,7 +292,7 @@ class PortableEngine:
                         meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
 
         # ---- everybody's counts
-        if gathered is None:
+        if work_counts.inline:
             gathered = work_counts.wait()
         o = 0
         all_ch = gathered[:, o:o + R * C].view(R, R, C); o += R * C                # [src, dst, C]
