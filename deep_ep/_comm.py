@@ -392,6 +392,7 @@ class Communicator:
                 pid, start = self._local_peers[p]
                 if _proc_gone(pid, start):
                     gone[p] = f"its process is gone (pid {pid} on this host)"
+                    self._adopt_last_words(p)
                     if p == 0:
                         self._store_lost = True  # it hosted the store
             else:
@@ -435,7 +436,32 @@ class Communicator:
             self._activity.error = ""
             self._push_heartbeat()
 
+    def _adopt_last_words(self, p: int) -> None:
+        """A local peer is gone: take its last published heartbeat from shared memory when it is newer than
+        what the store showed (the store goes with rank 0, and a rank that failed may exit within one
+        heartbeat period, before its peers read the store again)."""
+        if self.shm is None:
+            return
+        try:
+            words = self.shm.last_words(p)
+            state = _PeerState(words, time.monotonic()) if words else None
+        except (ValueError, IndexError):
+            return
+        old = self._peer_states.get(p)
+        if state is not None and (old is None or state.beat >= old.beat):
+            if old is not None:
+                state.changed_at = old.changed_at
+            self._peer_states[p] = state
+
+    def _mirror_heartbeat(self, text: str) -> None:
+        if self.shm is not None:
+            try:
+                self.shm.write_last_words(text)
+            except (ValueError, TypeError):
+                pass
+
     def _push_heartbeat(self) -> None:
+        self._mirror_heartbeat(self._activity.encode(os.getpid()))
         if self._diag_store is None or self._store_lost:
             return
         try:
@@ -595,6 +621,7 @@ class Communicator:
         act = self._activity
         act.op = op
         act.failed = ",".join(str(b) for b in blamed) or "-"
+        self._mirror_heartbeat(act.encode(os.getpid()))
         if self._diag_store is None or self._store_lost:
             return
         try:
@@ -873,8 +900,9 @@ class Communicator:
         """Release the private group; the peers' diagnostics will say this rank closed its Buffer."""
         if 0 in self._local_peers and _proc_gone(*self._local_peers[0]):
             self._store_lost = True  # rank 0 and the store it hosted are gone: nobody to tell
+        self._activity.closed = True
+        self._mirror_heartbeat(self._activity.encode(os.getpid()))
         if self.pg is not None and self._diag_store is not None and not self._store_lost:
-            self._activity.closed = True
             try:
                 self._diag_store.set(self._hb_prefix + str(self.rank), self._activity.encode(os.getpid()))
             except Exception:

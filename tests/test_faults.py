@@ -29,6 +29,8 @@ TIMEOUT_S = 5.0               # DEEP_EP_TIMEOUT_S given to the ranks
 ERROR_SLACK_S = 4.0           # an error may come this much after the timeout (diagnosis, loaded CI box)
 EXIT_BOUND_S = TIMEOUT_S + 20.0  # every survivor must have exited this long after reporting
 
+SKEWED_TIMEOUT_S = 2.0       # rank 0's timeout in the *-skewed scenario
+
 HIDDEN = 128
 TOKENS = 8
 TOPK = 2
@@ -36,6 +38,9 @@ TOPK = 2
 # name: (num_ranks, victim, operation, when, how, shrink)
 SCENARIOS: Dict[str, tuple] = {
     "dispatch-before-raise-alive": (3, 2, "dispatch", "before", "raise_linger", False),
+    # Rank 0 (which hosts the store) times out first (DEEP_EP_TIMEOUT_S=2 there), blames rank 2 and exits
+    # before rank 1's timeout: rank 1 must still blame rank 2, not the rank that failed and left first.
+    "dispatch-before-raise-alive-skewed": (3, 2, "dispatch", "before", "raise_linger", False),
     "dispatch-during-exit": (4, 2, "dispatch", "during", "exit", False),
     "dispatch-during-sigstop": (3, 1, "dispatch", "during", "stop", False),
     "combine-before-sigkill": (3, 1, "combine", "before", "kill", False),
@@ -137,7 +142,8 @@ def _ll_reference(x_all, topk_all, w_all, rank, alive):
 
 def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None:
     import datetime
-    os.environ.update({"DEEP_EP_TIMEOUT_S": str(TIMEOUT_S), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+    timeout_s = SKEWED_TIMEOUT_S if name.endswith("-skewed") and rank == 0 else TIMEOUT_S
+    os.environ.update({"DEEP_EP_TIMEOUT_S": str(timeout_s), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
                        "DEEP_EP_TRANSPORT": "gloo" if name.endswith("@gloo") else "auto"})
     import torch
     import torch.distributed as dist
@@ -376,6 +382,8 @@ def test_fault_is_reported_by_every_other_rank(fault_runs, name):
             assert "process is gone" in text or "closed its deep_ep Buffer" in text, text
         else:
             assert "process is gone" in text, text
+        if name.endswith("-skewed") and r == 1:
+            assert f"Rank 0 failed in `dispatch (count exchange)` too, blaming rank(s) [{victim}]" in text, text
         elapsed = payload["elapsed"]
         assert elapsed is not None and elapsed <= TIMEOUT_S + ERROR_SLACK_S, (elapsed, text)
         if how in ("exit", "kill"):
