@@ -46,7 +46,7 @@ help:
 	@echo "make bench   - set up .venv if needed, run benchmarks/bench_ep.py (BENCH_ARGS=...), write"
 	@echo "               benchmarks/results/cpu_bench_ep.* and docs/performance.md"
 	@echo "make test    - set up .venv if needed, build the CUDA core if nvcc is found, run the test suite"
-	@echo "               (pytest -m 'not slow'; PYTEST_ARGS=...)"
+	@echo "               (pytest -m 'not slow'; then the data-moving tests again over gloo; PYTEST_ARGS=...)"
 	@echo "make test-all - the same plus the slow random sweeps"
 	@echo "make core    - build the CUDA core (csrc/) when nvcc is found, and its pybind11 modules"
 	@echo "make emu     - build the emulated core (csrc/ on the CPU, build_emu.py) and the pybind11 modules"
@@ -92,8 +92,15 @@ emu: setup
 bench: setup
 	$(VENV_PY) benchmarks/bench_ep.py --results benchmarks/results --markdown docs/performance.md $(BENCH_ARGS)
 
+# The default run moves CPU tensors over the same-host shared-memory transport; the tests whose data
+# moves between ranks then run again with gloo forced (test_faults and test_shm cover both by themselves).
+GLOO_TESTS := tests/test_normal.py tests/test_low_latency.py tests/test_moe.py tests/test_pressure.py \
+	tests/test_agreement.py tests/test_threads.py tests/test_megatron_calls.py
+
 test: setup core emu
 	$(VENV_PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
+	@echo "== again over gloo (DEEP_EP_TRANSPORT=gloo): $(GLOO_TESTS)"
+	DEEP_EP_TRANSPORT=gloo $(VENV_PY) -m pytest -q -m "not slow" $(GLOO_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: setup core emu
 	$(VENV_PY) -m pytest -q tests $(PYTEST_ARGS)
