@@ -26,6 +26,7 @@ The happy path costs nothing extra: one wait per collective, as before.
 from __future__ import annotations
 
 import datetime
+import mmap
 import os
 import pickle
 import socket
@@ -184,17 +185,117 @@ class _Activity:
 
 
 def _heartbeat_loop(store: dist.Store, key: str, period: float, activity: _Activity, pid: int,
-                    stop: threading.Event, store_host: Optional[Tuple[int, str]]) -> None:
+                    stop: threading.Event, store_host: Optional[Tuple[int, str]],
+                    board: Optional[_StatusBoard] = None) -> None:
+    store_ok = True
     while True:
-        if store_host is not None and _proc_gone(*store_host):
-            return  # rank 0 (on this host) is gone, and its store with it
+        if store_ok and store_host is not None and _proc_gone(*store_host):
+            store_ok = False  # rank 0 (on this host) is gone, and its store with it
+        if not store_ok and board is None:
+            return  # nothing left to report to
         activity.beat += 1
-        try:
-            store.set(key, activity.encode(pid))
-        except Exception:  # the store (rank 0) is gone: nothing left to report to
-            return
+        text = activity.encode(pid)
+        if board is not None:
+            board.write(text)
+        if store_ok:
+            try:
+                store.set(key, text)
+            except Exception:  # the store (rank 0) is gone
+                store_ok = False
         if stop.wait(period):
             return
+
+
+class _StatusBoard:
+    """Heartbeats of the ranks on this host through shared memory, besides the store.
+
+    Each rank owns one page (an anonymous ``memfd``; the peers on this host map it through
+    ``/proc/<pid>/fd`` at set-up) holding its latest heartbeat text under a sequence lock. The store that
+    carries heartbeats lives in rank 0's process and goes with it, and a rank that fails and exits may
+    do so before its peers read the store again; a mapping stays readable for as long as the reader
+    holds it, so the peers still see what a gone rank last published (a failure, and whom it blamed)
+    and keep seeing the live ranks' heartbeats after rank 0 is gone. Advisory only: where a page
+    cannot be made or mapped the store alone serves.
+    """
+
+    PAGE = 4096
+    _TEXT = PAGE - 16  # [seq int64][length int64][text]
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self._own: Optional[mmap.mmap] = None
+        self._peers: Dict[int, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._seq = 0
+        if hasattr(os, "memfd_create"):
+            try:
+                self.fd = os.memfd_create("deep_ep-status", os.MFD_CLOEXEC)
+                os.ftruncate(self.fd, self.PAGE)
+                self._own = mmap.mmap(self.fd, self.PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError:
+                self._close()
+
+    def attach(self, peer: int, pid: int, fd: int) -> None:
+        if fd < 0:
+            return
+        try:
+            pfd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._peers[peer] = mmap.mmap(pfd, self.PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(pfd)
+        except (OSError, ValueError):
+            pass
+
+    def has(self, peer: int) -> bool:
+        return peer in self._peers
+
+    def write(self, text: str) -> None:
+        own = self._own
+        if own is None:
+            return
+        raw = text.encode("utf-8", "replace")[:self._TEXT]
+        with self._lock:
+            self._seq += 1
+            try:
+                own[0:8] = (2 * self._seq - 1).to_bytes(8, "little")   # odd: being written
+                own[8:16] = len(raw).to_bytes(8, "little")
+                own[16:16 + len(raw)] = raw
+                own[0:8] = (2 * self._seq).to_bytes(8, "little")
+            except ValueError:  # closed meanwhile (the heartbeat thread racing `close`)
+                pass
+
+    def read(self, peer: int) -> str:
+        """`peer`'s latest heartbeat text ("" when there is none, or it is being rewritten right now)."""
+        m = self._peers.get(peer)
+        if m is None:
+            return ""
+        try:
+            before = int.from_bytes(m[0:8], "little")
+            n = int.from_bytes(m[8:16], "little")
+            raw = m[16:16 + min(n, self._TEXT)]
+            after = int.from_bytes(m[0:8], "little")
+        except ValueError:  # closed
+            return ""
+        if before != after or before % 2 or before == 0:
+            return ""
+        return raw.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        for m in list(self._peers.values()) + ([self._own] if self._own is not None else []):
+            try:
+                m.close()
+            except (BufferError, ValueError):
+                pass
+        self._peers = {}
+        self._own = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _PeerState:
@@ -290,20 +391,22 @@ class Communicator:
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
         own = _proc_stat(pid)
-        ids = self.bootstrap_all_gather((socket.gethostname(), pid, own[1] if own else None))
-        self.hostnames: List[str] = [h for h, _, _ in ids]
+        self._board = _StatusBoard()
+        ids = self.bootstrap_all_gather((socket.gethostname(), pid, own[1] if own else None, self._board.fd))
+        self.hostnames: List[str] = [h for h, _, _, _ in ids]
         self.single_host = len(set(self.hostnames)) == 1
-        self.pids: List[int] = [p for _, p, _ in ids]
+        self.pids: List[int] = [p for _, p, _, _ in ids]
         me = self.hostnames[self.rank]
         # deep_ep's CPU calls cap torch's intra-op threads to this host's cores per local rank.
         self.threads = ThreadCap.for_local_ranks(self.hostnames.count(me), _env.cpu_threads_override())
         # Peers whose process this rank can watch through /proc (same host, same PID namespace).
         self._local_peers: Dict[int, Tuple[int, str]] = {}
-        for r, (host, p, start) in enumerate(ids):
+        for r, (host, p, start, board_fd) in enumerate(ids):
             if r != self.rank and host == me and start is not None:
                 stat = _proc_stat(p)
                 if stat is not None and stat[1] == start:
                     self._local_peers[r] = (p, start)
+                    self._board.attach(r, p, board_fd)
 
         # Private gloo group with a timeout, rendezvous through a store owned by rank 0.
         store_info = None
@@ -355,33 +458,48 @@ class Communicator:
         self._hb_thread = threading.Thread(
             target=_heartbeat_loop, name=f"deep_ep-heartbeat-rank{self.rank}", daemon=True,
             args=(hb_store, self._hb_prefix + str(self.rank), self._period, self._activity, os.getpid(), self._stop,
-                  self._local_peers.get(0)))
+                  self._local_peers.get(0), self._board))
         self._hb_thread.start()
         # Stop the thread when the Communicator is collected (the thread holds no reference to it).
         weakref.finalize(self, self._stop.set)
 
     def _read_peers(self, peers: Sequence[int]) -> None:
-        """Refresh `_peer_states` from the store (one round trip); sets `_store_lost` on failure."""
-        if self._diag_store is None or self._store_lost or not peers:
+        """Refresh `_peer_states`: peers on this host from their status page (`_StatusBoard`), the others
+        from the store (one round trip; sets `_store_lost` on failure)."""
+        remote = []
+        for p in peers:
+            if self._board.has(p):
+                self._read_board(p)
+            else:
+                remote.append(p)
+        if self._diag_store is None or self._store_lost or not remote:
             return
         if 0 in self._local_peers and _proc_gone(*self._local_peers[0]):
             self._store_lost = True  # rank 0 hosted the store; do not even try
             return
         try:
-            values = self._diag_store.multi_get([self._hb_prefix + str(p) for p in peers])
+            values = self._diag_store.multi_get([self._hb_prefix + str(p) for p in remote])
         except Exception:
             self._store_lost = True
             return
         now = time.monotonic()
-        for p, raw in zip(peers, values):
-            try:
-                state = _PeerState(bytes(raw).decode("utf-8", "replace"), now)
-            except (ValueError, IndexError):
-                continue
-            old = self._peer_states.get(p)
-            if old is not None and old.beat == state.beat:
-                state.changed_at = old.changed_at
-            self._peer_states[p] = state
+        for p, raw in zip(remote, values):
+            self._update_state(p, bytes(raw).decode("utf-8", "replace"), now)
+
+    def _update_state(self, p: int, text: str, now: float) -> None:
+        try:
+            state = _PeerState(text, now)
+        except (ValueError, IndexError):
+            return
+        old = self._peer_states.get(p)
+        if old is not None and old.beat == state.beat:
+            state.changed_at = old.changed_at
+        self._peer_states[p] = state
+
+    def _read_board(self, p: int) -> None:
+        text = self._board.read(p)
+        if text:
+            self._update_state(p, text, time.monotonic())
 
     def _gone(self, peers: Sequence[int]) -> Dict[int, str]:
         """Peers known to be gone, with the reason; reads the store only for peers on other hosts."""
@@ -392,7 +510,7 @@ class Communicator:
                 pid, start = self._local_peers[p]
                 if _proc_gone(pid, start):
                     gone[p] = f"its process is gone (pid {pid} on this host)"
-                    self._adopt_last_words(p)
+                    self._read_board(p)  # its last words (a failure it published just before exiting)
                     if p == 0:
                         self._store_lost = True  # it hosted the store
             else:
@@ -436,29 +554,8 @@ class Communicator:
             self._activity.error = ""
             self._push_heartbeat()
 
-    def _adopt_last_words(self, p: int) -> None:
-        """A local peer is gone: take its last published heartbeat from shared memory when it is newer than
-        what the store showed (the store goes with rank 0, and a rank that failed may exit within one
-        heartbeat period, before its peers read the store again)."""
-        if self.shm is None:
-            return
-        try:
-            words = self.shm.last_words(p)
-            state = _PeerState(words, time.monotonic()) if words else None
-        except (ValueError, IndexError):
-            return
-        old = self._peer_states.get(p)
-        if state is not None and (old is None or state.beat >= old.beat):
-            if old is not None:
-                state.changed_at = old.changed_at
-            self._peer_states[p] = state
-
     def _mirror_heartbeat(self, text: str) -> None:
-        if self.shm is not None:
-            try:
-                self.shm.write_last_words(text)
-            except (ValueError, TypeError):
-                pass
+        self._board.write(text)
 
     def _push_heartbeat(self) -> None:
         self._mirror_heartbeat(self._activity.encode(os.getpid()))
@@ -908,6 +1005,7 @@ class Communicator:
             except Exception:
                 pass
         self._stop.set()
+        self._board.close()  # the peers keep their own mappings of this rank's page
         if self.rank == 0 and self._store is not None and (self.failed or self._activity.error):
             # The peers may still be diagnosing this failure through the store this rank hosts: keep it
             # serving a little longer (a daemon timer holds it; nothing blocks the process from exiting).

@@ -51,7 +51,6 @@ _PAGE = 4096
 _W_POST, _W_SEQ, _W_ROUND, _W_ROUNDS, _W_LO, _W_HI, _W_TAG, _W_ALIVE = range(8)
 _W_SEGS = 8                      # [_W_SEGS, +R): offset of each destination's segment; [+R, +2R): length
 _OP_TEXT_BYTES = 128             # the op's name, for a readable divergence error
-_LAST_WORDS_BYTES = 2048         # the rank's latest published heartbeat (length word + text), read after it is gone
 
 
 def _round_up(n: int, to: int) -> int:
@@ -63,8 +62,7 @@ class _Layout:
         self.size = size
         self.ack = _round_up(_W_SEGS + 2 * size, 8)          # first ack word
         self.text = (self.ack + _round_up(size, 8)) * 8       # byte offset of the op text
-        self.last_words = self.text + _OP_TEXT_BYTES           # byte offset: int64 length, then the text
-        self.data = _round_up(self.last_words + _LAST_WORDS_BYTES, _PAGE)
+        self.data = _round_up(self.text + _OP_TEXT_BYTES, _PAGE)
         self.data_bytes = _round_up(max(int(data_bytes), 1), _PAGE)
         self.total = self.data + self.data_bytes
 
@@ -271,38 +269,6 @@ class ShmTransport:
         for s, post in held:
             self._acked[s] = post
             self._mine[self.layout.ack + s] = post
-
-    # ---------------------------------------------------------------------------- last words
-    def write_last_words(self, text: str) -> None:
-        """Mirror this rank's heartbeat (its `_Activity` encoding) into its own region. Peers read it with
-        `last_words` once this process is gone: the store that carries heartbeats is hosted by rank 0 and
-        goes with it, while a mapping stays readable for every peer that holds it."""
-        if self._mine is None:
-            return
-        raw = text.encode("utf-8", "replace")[:_LAST_WORDS_BYTES - 8]
-        off = self.layout.last_words
-        view = memoryview(self._maps[self.rank])
-        try:
-            view[off:off + 8].cast("q")[0] = 0           # a reader never sees a torn text
-            view[off + 8:off + 8 + len(raw)] = raw
-            view[off:off + 8].cast("q")[0] = len(raw)
-        finally:
-            view.release()
-
-    def last_words(self, peer: int) -> str:
-        """The text `peer` last mirrored with `write_last_words` ("" for none); read it only once the peer
-        is gone (it does not change any more then)."""
-        if not self._maps:
-            return ""
-        off = self.layout.last_words
-        view = memoryview(self._maps[peer])
-        try:
-            n = view[off:off + 8].cast("q")[0]
-            if n <= 0 or n > _LAST_WORDS_BYTES - 8:
-                return ""
-            return bytes(view[off + 8:off + 8 + n]).decode("utf-8", "replace")
-        finally:
-            view.release()
 
     def _diverged(self, op: str, peer: int, seq: int, c) -> None:
         raw = bytes(memoryview(self._maps[peer])[self.layout.text:self.layout.text + _OP_TEXT_BYTES])

@@ -99,8 +99,11 @@ def _create_destroy(rank, num_ranks, group, rounds):
     import deep_ep
 
     def mapped():
+        """(shared-memory transport regions, status pages of the heartbeats) mapped by this process."""
         with open("/proc/self/maps") as f:
-            return sum(1 for line in f if "memfd:deep_ep" in line)
+            lines = f.read().splitlines()
+        return (sum(1 for line in lines if "memfd:deep_ep (deleted)" in line),
+                sum(1 for line in lines if "memfd:deep_ep-status (deleted)" in line))
 
     def fds():
         return len(os.listdir("/proc/self/fd"))
@@ -126,8 +129,9 @@ def _create_destroy(rank, num_ranks, group, rounds):
 
 def test_destroy_unmaps_and_closes_everything():
     for counts in run_ranks(_create_destroy, 2, 5):
-        assert all(during == 2 for during, _, _ in counts), counts  # one region per rank, mapped once
-        assert all(after == 0 for _, after, _ in counts), counts
+        # One region per rank, mapped once; one status page per rank (heartbeats; _comm._StatusBoard).
+        assert all(during == (2, 2) for during, _, _ in counts), counts
+        assert all(after == (0, 0) for _, after, _ in counts), counts
         fds = [f for _, _, f in counts]
         # No descriptor left behind per Buffer (a leak grows by one per round; the rendezvous's own
         # sockets may come and go by one).
