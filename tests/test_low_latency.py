@@ -868,3 +868,29 @@ def test_low_latency(num_ranks, extra):
 def test_low_latency_shrink_rank_gone():
     seed = make_seed()
     run_ranks_with_a_death(_gone_rank_suite, 4, 2, seed)
+
+
+@pytest.mark.parametrize("num_tokens,hidden,num_topk,drop", [(300, 2048, 8, 0.0), (300, 2048, 8, 0.3),
+                                                             (77, 7168, 9, 0.5), (5, 128, 1, 1.0), (0, 256, 4, 0.0)])
+def test_ll_reduce_blocks_are_bit_identical_to_the_plain_sum(num_tokens, hidden, num_topk, drop):
+    """The token-blocked reduce of the low-latency combine (several blocks, a partial last block, pairs
+    without a row) equals ``acc = 0; acc += fp32(w) * fp32(y)`` per k ascending, bit for bit."""
+    from deep_ep.engines.portable_ll import PortableLowLatency
+    g = torch.Generator().manual_seed(make_seed())
+    valid = torch.rand(num_tokens, num_topk, generator=g) >= drop
+    tok, kk = valid.nonzero(as_tuple=True)
+    perm = torch.randperm(tok.numel(), generator=g)
+    tok, kk = tok[perm], kk[perm]
+    recv = (torch.randn(tok.numel() + 2, hidden, generator=g) * torch.logspace(-4, 4, hidden)).to(torch.bfloat16)
+    weights = torch.rand(num_tokens, num_topk, generator=g)
+    row = torch.arange(tok.numel())
+    got = PortableLowLatency._reduce(recv, tok, kk, row, weights, num_tokens, num_topk, hidden)
+    want = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+    for k in range(num_topk):
+        sel = (kk == k).nonzero().view(-1)
+        term = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+        present = torch.zeros(num_tokens, dtype=torch.bool)
+        term[tok[sel]] = weights[tok[sel], k:k + 1] * recv[row[sel]].float()
+        present[tok[sel]] = True
+        want = torch.where(present.unsqueeze(1), want + term, want)
+    assert torch.equal(got.view(torch.int16), want.to(torch.bfloat16).view(torch.int16))
