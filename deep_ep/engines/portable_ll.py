@@ -391,17 +391,24 @@ class PortableLowLatency(DoubleBufferSlots):
         counts = table[:, _HEADER_WORDS:_HEADER_WORDS + size]
         recv_counts = counts[:, rank].tolist()
 
-        # Pack: [src index | top-k ids | payload] as bytes.
-        parts = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)),
-                 _as_bytes(topk.to(torch.int32).index_select(0, msg_token))]
+        # Pack: [src index | top-k ids | payload (| scales)] as bytes, each column range gathered straight
+        # into the send area (no intermediate rows).
         if use_fp8:
             x_fp8, scale_inv = per_token_cast_to_fp8(x, round_scale)
-            parts += [x_fp8.view(torch.uint8).index_select(0, msg_token), _as_bytes(scale_inv.index_select(0, msg_token))]
+            sources = [x_fp8.view(torch.uint8), _as_bytes(scale_inv)]
         else:
-            parts.append(_as_bytes(x).index_select(0, msg_token))
-        width = sum(int(t.size(1)) for t in parts)
+            sources = [_as_bytes(x)]
+        head = [_as_bytes(msg_token.to(torch.int32).unsqueeze(1)),
+                _as_bytes(topk.to(torch.int32).index_select(0, msg_token))]
+        width = sum(int(t.size(1)) for t in head) + sum(int(t.size(1)) for t in sources)
         send_buf = self._send_area(slot, "send", (int(msg_token.numel()), width), torch.uint8, device, use_p2p)
-        torch.cat(parts, dim=1, out=send_buf)
+        col = 0
+        for part in head:
+            send_buf[:, col:col + part.size(1)].copy_(part)
+            col += part.size(1)
+        for src in sources:
+            torch.index_select(src, 0, msg_token, out=send_buf[:, col:col + src.size(1)])
+            col += src.size(1)
         recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
                                                  int(counts.sum()) == 0, "low_latency_dispatch (data exchange)", slot)
 
