@@ -63,7 +63,7 @@ SCENARIOS: Dict[str, tuple] = {
 # completed an earlier exchange (counts / header) or posted its data when this one starts.
 _DURING_OP = {
     "dispatch": "dispatch (data)",
-    "combine": "combine (top-k weights)",
+    "combine": "combine (data)",
     "ll_dispatch": "low_latency_dispatch (data exchange)",
     "ll_combine": "low_latency_combine (data exchange)",
 }
@@ -253,10 +253,19 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
 # ------------------------------------------------------------------------------------------------
 # Parent side
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> List[int]:
+    """`n` distinct free ports (all sockets are held until every port is chosen, so the scenarios that
+    start together never draw the same one)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _context():
@@ -270,9 +279,8 @@ def run_scenarios(names: List[str], deadline_s: float = 90.0) -> Dict[str, Dict[
     """Start every scenario at once; collect each rank's report, exit code and leftover state."""
     ctx = _context()
     runs: Dict[str, Dict[str, Any]] = {}
-    for name in names:
+    for name, port in zip(names, _free_ports(len(names))):
         num_ranks = SCENARIOS[name][0]
-        port = _free_port()
         q = ctx.Queue()
         procs = [ctx.Process(target=_rank_main, args=(name, r, num_ranks, port, q), name=f"{name}-rank{r}")
                  for r in range(num_ranks)]
