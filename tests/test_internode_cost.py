@@ -175,3 +175,68 @@ def test_internode_network_calls_match_the_cost_model(emu_lib, nodes, ranks_per_
                         timeout_s=300, env={**EMU_ENV, "DEEP_EP_INTERNODE_FORCE_NETWORK": "1" if network else "0"})
     report = [line for per_rank in results for line in per_rank]
     assert not report, f"seed {seed}:\n" + "\n".join(report)
+
+
+# ---------------------------------------------------------------- NVSHMEM transports: the host-side probe
+_SCENARIOS = {
+    "default": {},
+    "ibrc without gdrcopy": {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "ibrc",
+                             "NVSHMEM_DISABLE_GDRCOPY": "1"},
+    "ucx": {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "ucx"},
+    "none": {"NVSHMEM_IB_ENABLE_IBGDA": "0", "NVSHMEM_REMOTE_TRANSPORT": "none"},
+    "bogus": {"NVSHMEM_IB_ENABLE_IBGDA": "false", "NVSHMEM_REMOTE_TRANSPORT": "verbs"},
+}
+
+
+def _probe_hosts_worker(rank: int, num_ranks: int, group):
+    """The probe as on N hosts: each node of P ranks reports its own host name."""
+    import socket
+    from deep_ep._comm import Communicator
+    from deep_ep.engines import cuda_internode
+    P = int(os.environ["DEEP_EP_RANKS_PER_NODE"])
+    comm = Communicator(group)
+    socket.gethostname = lambda: f"emulated-host-{rank // P}"  # after the rendezvous, which needs the real one
+    out = {}
+    names = ("NVSHMEM_IB_ENABLE_IBGDA", "NVSHMEM_REMOTE_TRANSPORT", "NVSHMEM_DISABLE_GDRCOPY")
+    scenarios = dict(_SCENARIOS)
+    # rank 0 on IBGDA, the others on UCX: NVSHMEM needs one transport
+    scenarios["mixed"] = {} if rank == 0 else _SCENARIOS["ucx"]
+    for label, env in scenarios.items():
+        for name in names:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        ok, reason, transport, _ = cuda_internode.probe(comm, P, 1 << 20, 1 << 20)
+        out[label] = (ok, reason, transport)
+    comm.close()
+    return out
+
+
+def test_remote_transport_rule():
+    from deep_ep import _nvshmem
+    assert _nvshmem.remote_transport({}) == ("IBGDA", "")
+    assert _nvshmem.remote_transport(_SCENARIOS["ibrc without gdrcopy"]) == ("IBRC without GDRCopy", "")
+    assert _nvshmem.remote_transport({"NVSHMEM_IB_ENABLE_IBGDA": "0"}) == ("IBRC (GDRCopy if found)", "")
+    assert _nvshmem.remote_transport(_SCENARIOS["ucx"]) == ("UCX", "")
+    name, problem = _nvshmem.remote_transport(_SCENARIOS["none"])
+    assert name == "none" and "NVSHMEM_IB_ENABLE_IBGDA=1" in problem and "NVSHMEM_REMOTE_TRANSPORT=ibrc" in problem
+    assert "'verbs' is not a transport" in _nvshmem.remote_transport(_SCENARIOS["bogus"])[1]
+
+
+def test_probe_names_the_nvshmem_transport_between_hosts(emu_lib):
+    """IBRC without GDRCopy is accepted (the kernels use only puts-with-signal and 64-bit signal
+    operations); a set-up with no transport between hosts is refused on every rank alike, naming the
+    variables and the fix."""
+    results = run_ranks(_probe_hosts_worker, 4, ranks_per_node=2, timeout_s=180,
+                        env={"DEEP_EP_ENGINE": "emulated", "DEEP_EP_TIMEOUT_S": "60"})
+    for label in results[0]:
+        assert len({r[label] for r in results}) == 1, f"{label}: the ranks disagree: {[r[label] for r in results]}"
+    got = results[0]
+    assert got["default"][:3:2] == (True, "nvshmem") and "RDMA hop over NVSHMEM (IBGDA)" in got["default"][1]
+    ok, reason, transport = got["ibrc without gdrcopy"]
+    assert ok and transport == "nvshmem" and "NVSHMEM (IBRC without GDRCopy)" in reason, reason
+    assert got["ucx"][0] and "NVSHMEM (UCX)" in got["ucx"][1]
+    ok, reason, transport = got["none"]
+    assert not ok and transport == "" and "NVSHMEM_REMOTE_TRANSPORT=none" in reason and "IBGDA=1" in reason, reason
+    assert not got["bogus"][0] and "'verbs'" in got["bogus"][1]
+    ok, reason, _ = got["mixed"]
+    assert not ok and "differs between ranks" in reason and "rank 0: IBGDA" in reason and "rank 1: UCX" in reason
