@@ -6,8 +6,9 @@
 // Call, routing and handle: deep_ep_internode.h and docs/semantics.md. Buffers: internode_layout.cuh.
 //
 // Kernels of one operation (all on the caller's stream):
-//   notify     1 block: count tokens per (rank, channel) and (node, channel); barrier; every rank puts
-//              its counts for d into d's meta_in; zero own ring counters; barrier; build the handle
+//   notify     1 block: count tokens per (rank, channel) and (node, channel); barrier; zero own ring
+//              counters; every rank puts its counts for d into d's meta_in with a signal that is its
+//              arrival at the second barrier; build the handle
 //              (prefix matrices), the host-mapped counters and the worst-token overflow flag.
 //   reset      1 block (before a cached dispatch and a combine): barrier; zero own counters; barrier.
 //   dispatch   3 blocks per channel c:
