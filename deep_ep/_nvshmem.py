@@ -17,7 +17,8 @@ import logging
 import os
 from typing import Dict, MutableMapping, Optional, Tuple
 
-__all__ = ["apply_env_defaults", "env_defaults", "qp_depth", "check_qp_depth", "bootstrap", "DEFAULT_QP_DEPTH"]
+__all__ = ["apply_env_defaults", "env_defaults", "qp_depth", "check_qp_depth", "bootstrap", "DEFAULT_QP_DEPTH",
+           "remote_transport"]
 
 log = logging.getLogger("deep_ep")
 
@@ -88,6 +89,41 @@ def apply_env_defaults(num_qps_per_rank: int, allow_nvlink: bool, allow_mnnvl: b
         log.info("deep_ep: NVSHMEM environment for the low-latency buffer: %s",
                  ", ".join(f"{k}={v!r}" + (f" (was {old!r})" if old is not None else "") for k, (old, v) in changed.items()))
     return changed
+
+
+_REMOTE_TRANSPORTS = {"ibrc": "IBRC", "ucx": "UCX", "libfabric": "libfabric", "ibdevx": "IBDEVX"}
+
+
+def _env_true(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "y", "on", "t")
+
+
+def remote_transport(env: Optional[MutableMapping[str, str]] = None) -> Tuple[str, str]:
+    """The transport NVSHMEM will use between hosts under this environment (with `env_defaults` for ranks
+    on several hosts: IBGDA unless ``NVSHMEM_IB_ENABLE_IBGDA`` says otherwise, else
+    ``NVSHMEM_REMOTE_TRANSPORT``, default IBRC), and why the internode kernels cannot run over it.
+
+    Returns:
+        ``(name, problem)``: e.g. ``("IBRC without GDRCopy", "")``; ``problem`` is empty when supported,
+        else a message that names the variables and the fix. Every transport that carries NVSHMEM's
+        puts-with-signal and 64-bit signal operations is supported (IBGDA, IBRC with or without
+        GDRCopy, UCX, libfabric: docs/internode-cost.md); ``none`` cannot reach another host.
+    """
+    env = os.environ if env is None else env
+    if _env_true(env.get("NVSHMEM_IB_ENABLE_IBGDA", "1")):
+        return "IBGDA", ""
+    remote = (env.get("NVSHMEM_REMOTE_TRANSPORT", "") or "ibrc").strip().lower()
+    if remote == "none":
+        return "none", ("NVSHMEM_REMOTE_TRANSPORT=none with NVSHMEM_IB_ENABLE_IBGDA=0 leaves NVSHMEM no transport "
+                        "between hosts; set NVSHMEM_IB_ENABLE_IBGDA=1 (IBGDA) or NVSHMEM_REMOTE_TRANSPORT=ibrc, ucx or "
+                        "libfabric")
+    if remote not in _REMOTE_TRANSPORTS:
+        return remote, (f"NVSHMEM_REMOTE_TRANSPORT={remote!r} is not a transport NVSHMEM 3.4 knows "
+                        f"({', '.join(_REMOTE_TRANSPORTS)}, none); set one of those or NVSHMEM_IB_ENABLE_IBGDA=1")
+    name = _REMOTE_TRANSPORTS[remote]
+    if remote == "ibrc":
+        name += " without GDRCopy" if _env_true(env.get("NVSHMEM_DISABLE_GDRCOPY", "0")) else " (GDRCopy if found)"
+    return name, ""
 
 
 def qp_depth(env: Optional[MutableMapping[str, str]] = None) -> int:

@@ -89,8 +89,10 @@ class Config:
         K, S, E_loc = 32, _HINT_MAX_SCALES, 4096
         msg = hidden_bytes + _align(4 * (2 + 2 * K + S), 16)
         words = _align(2 * C + R + E_loc, 4)
-        rdma = (_align((R + 1) * 4) + 2 * _align(R * words * 4) + 2 * _align(C * NN * 4)
-                + 2 * _align(C * NN * self.num_max_rdma_chunked_recv_tokens * msg))
+        Qr = self.num_max_rdma_chunked_recv_tokens
+        # sync words and heads: uint64; tail words: one uint64 per ring slot; send staging + recv ring
+        rdma = (_align((R + 1) * 8) + 2 * _align(R * words * 4) + _align(C * NN * 8) + _align(C * NN * Qr * 8)
+                + 2 * _align(C * NN * Qr * msg))
         nvl = 2 * _align(C * P * 4) + _align(C * P * self.num_max_nvl_chunked_recv_tokens * msg)
         return nvl, rdma
 

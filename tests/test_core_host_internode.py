@@ -39,7 +39,7 @@ def test_internode_layout_regions(combine, shape):
     tail = 4 * K if combine else 4 * (2 + 2 * K + S)
     assert msg == row + _align(tail, 16)
     words = _align(2 * C + R + E_loc, 4)
-    rdma_sizes = [(R + 1) * 4, R * words * 4, R * words * 4, C * NN * 4, C * NN * 4, C * NN * Qr * msg,
+    rdma_sizes = [(R + 1) * 8, R * words * 4, R * words * 4, C * NN * 8, C * NN * Qr * 8, C * NN * Qr * msg,
                   C * NN * Qr * msg]
     nvl_sizes = [C * P * 4, C * P * 4, C * P * Qn * msg]
     for offsets, sizes in ((rdma, rdma_sizes), (nvl, nvl_sizes)):

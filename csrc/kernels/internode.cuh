@@ -6,8 +6,9 @@
 // Call, routing and handle: deep_ep_internode.h and docs/semantics.md. Buffers: internode_layout.cuh.
 //
 // Kernels of one operation (all on the caller's stream):
-//   notify     1 block: count tokens per (rank, channel) and (node, channel); barrier; every rank puts
-//              its counts for d into d's meta_in; zero own ring counters; barrier; build the handle
+//   notify     1 block: count tokens per (rank, channel) and (node, channel); barrier; zero own ring
+//              counters; every rank puts its counts for d into d's meta_in with a signal that is its
+//              arrival at the second barrier; build the handle
 //              (prefix matrices), the host-mapped counters and the worst-token overflow flag.
 //   reset      1 block (before a cached dispatch and a combine): barrier; zero own counters; barrier.
 //   dispatch   3 blocks per channel c:
@@ -33,9 +34,15 @@
 // Flow control: every ring is (head, tail) counters since the start of the operation, both in the
 // memory of the rank that polls them (tail at the receiver, head at the sender); a sender waits for
 // room, writes, then publishes the tail with a release; a receiver waits for the tail (acquire),
-// reads, then releases the head. RDMA heads are lazy: the forwarder publishes one after
-// num_max_rdma_send messages, or whenever it has caught up with the tail (so a sender waiting for a
-// chunk of room is never starved). Every wait is bounded (SpinWait) and names rank, channel, peer.
+// reads, then releases the head. Every wait is bounded (SpinWait) and names rank, channel, peer.
+//
+// The RDMA hop (transport.cuh, 64-bit signal words; cost model: docs/internode-cost.md): a chunk of
+// messages (dispatch: up to num_max_rdma_send; combine: one window) is ONE put-with-signal that SETs
+// the tail word of the chunk's first slot to the chunk's end, so the receiver follows the chain of
+// chunks and no quiet or fence is needed for data and tail to arrive in order; never wrapping around
+// the ring. Heads are ADDed (repeated signals to one word may land out of order), one per chunk
+// consumed (dispatch) or per batch (combine). Flags the network writes are read through the
+// transport's test (NVSHMEM's test API). The only quiet is the one before a barrier's signals.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -121,7 +128,32 @@ struct RingRows {
     }
 };
 
-// Bounded wait until *ptr (this rank's memory) >= target; returns the value seen.
+// Bounded wait until this rank's 64-bit word at `offset` (a peer writes it with the transport's signals)
+// is >= target, through the transport's test; returns the value seen.
+template <typename Tr>
+__device__ __forceinline__ uint64_t wait_signal_at_least(const Tr& tr, int64_t offset, uint64_t target,
+                                                         uint64_t timeout_ns, const char* kernel, WaitRole role,
+                                                         int rank, int channel, int peer) {
+    SpinWait wait(timeout_ns);
+    while (!tr.test_ge(offset, target)) {
+        if (wait.expired())
+            report_timeout_and_trap(kernel, role, rank, channel, peer, static_cast<int>(target),
+                                    static_cast<int>(tr.read(offset)));
+    }
+    return tr.read(offset);
+}
+
+// The end of the RDMA chunk that starts at ring index `start` of this rank's ring (channel, node):
+// waits for the chunk's tail word (internode_layout.cuh; values <= start are from earlier laps).
+template <typename Tr>
+__device__ __forceinline__ int wait_chunk_end(const Args<Tr>& a, int channel, int node, int start, const char* kernel,
+                                              WaitRole role, int peer) {
+    return static_cast<int>(wait_signal_at_least(a.tr, a.l.rdma_tail(channel, node, start), static_cast<uint64_t>(start) + 1,
+                                                 a.c.timeout_ns, kernel, role, a.c.rank, channel, peer));
+}
+
+// Bounded wait until *ptr (this rank's memory, written with load/store by NVL peers) >= target;
+// returns the value seen.
 __device__ __forceinline__ int wait_at_least(const int* ptr, int target, uint64_t timeout_ns, const char* kernel,
                                              WaitRole role, int rank, int channel, int peer) {
     SpinWait wait(timeout_ns);
@@ -132,27 +164,43 @@ __device__ __forceinline__ int wait_at_least(const int* ptr, int target, uint64_
     return value;
 }
 
-// Barrier of all ranks over the transport, called by every thread of one block. Each rank sets its
-// word in every peer's sync area to its next epoch (a per-rank counter kept in its own buffer, so the
-// words are never cleared), then waits until every peer's word in its own area reached that epoch. A
-// peer can be at most one barrier ahead, which `>=` tolerates. Every warp first completes its
-// outstanding network operations, so everything before the barrier is delivered before it ends.
+// Barrier of all ranks over the transport, called by every thread of one block, in two halves. Each
+// rank ADDs 1 to its word in every peer's sync area (the words count barriers and are never cleared),
+// then waits until every peer's word in its own area reached this rank's own barrier count (kept in
+// its buffer). A peer can be at most one barrier ahead, which `>=` tolerates.
+//
+// barrier_next_epoch: every thread's earlier stores are visible system-wide; with `quiet_first`,
+// every network operation this rank issued before (earlier kernels' last head updates included) is
+// complete before the barrier's first signal: a peer zeroes its ring counters once it passed the
+// barrier, and a late update would land on them. Returns this barrier's count.
 template <typename Tr>
-__device__ void barrier_all(const Args<Tr>& a, const char* kernel) {
-    __shared__ int s_epoch;
-    a.tr.complete_warp(threadIdx.x % 32);
+__device__ uint64_t barrier_next_epoch(const Args<Tr>& a, bool quiet_first) {
+    __shared__ uint64_t s_epoch;
+    __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {
-        int* counter = rdma_int(a, a.l.epoch_word());
+        if (quiet_first) a.tr.quiet();
+        uint64_t* counter = reinterpret_cast<uint64_t*>(a.tr.local(a.l.epoch_word()));
         s_epoch = *counter + 1;
         *counter = s_epoch;
     }
     __syncthreads();
-    const int epoch = s_epoch;
-    for (int pe = threadIdx.x; pe < a.c.num_ranks; pe += blockDim.x) a.tr.signal_set(pe, a.l.sync_word(a.c.rank), epoch);
+    return s_epoch;
+}
+
+template <typename Tr>
+__device__ void barrier_wait(const Args<Tr>& a, uint64_t epoch, const char* kernel) {
     for (int pe = threadIdx.x; pe < a.c.num_ranks; pe += blockDim.x)
-        wait_at_least(rdma_int(a, a.l.sync_word(pe)), epoch, a.c.timeout_ns, kernel, WaitRole::kBarrier, a.c.rank, -1, pe);
+        wait_signal_at_least(a.tr, a.l.sync_word(pe), epoch, a.c.timeout_ns, kernel, WaitRole::kBarrier, a.c.rank, -1, pe);
     __syncthreads();
+}
+
+template <typename Tr>
+__device__ void barrier_all(const Args<Tr>& a, bool quiet_first, const char* kernel) {
+    const uint64_t epoch = barrier_next_epoch(a, quiet_first);
+    for (int pe = threadIdx.x; pe < a.c.num_ranks; pe += blockDim.x)
+        a.tr.signal(pe, a.l.sync_word(a.c.rank), 1, transport::SignalOp::kAdd);
+    barrier_wait(a, epoch, kernel);
 }
 
 // Zero this rank's ring counters (it polls all of them). Only between two barriers: after the first
@@ -161,11 +209,13 @@ template <typename Tr>
 __device__ void zero_own_counters(const Args<Tr>& a) {
     const InternodeLayout& l = a.l;
     const int num_rdma = l.num_channels * l.num_nodes, num_nvl = l.num_channels * l.num_ranks_per_node;
-    int* rdma_head = rdma_int(a, l.rdma_head(0, 0));
-    int* rdma_tail = rdma_int(a, l.rdma_tail(0, 0));
+    const int num_tail_words = num_rdma * l.num_rdma_slots;
+    uint64_t* rdma_head = reinterpret_cast<uint64_t*>(a.tr.local(l.rdma_head(0, 0)));
+    uint64_t* rdma_tail = reinterpret_cast<uint64_t*>(a.tr.local(l.rdma_tail(0, 0, 0)));
     int* nvl_head = reinterpret_cast<int*>(nvl(a, my_local(a), l.nvl_head(0, 0)));
     int* nvl_tail = reinterpret_cast<int*>(nvl(a, my_local(a), l.nvl_tail(0, 0)));
-    for (int i = threadIdx.x; i < num_rdma; i += blockDim.x) rdma_head[i] = rdma_tail[i] = 0;
+    for (int i = threadIdx.x; i < num_rdma; i += blockDim.x) rdma_head[i] = 0;
+    for (int i = threadIdx.x; i < num_tail_words; i += blockDim.x) rdma_tail[i] = 0;
     for (int i = threadIdx.x; i < num_nvl; i += blockDim.x) nvl_head[i] = nvl_tail[i] = 0;
 }
 
@@ -214,10 +264,11 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1) notify_kernel(Args<Tr> a
     // region before it: the previous operation's layout may differ (other E_loc / channels), and a
     // peer's last, late head update of that operation may land anywhere in its counter area until the
     // peer arrives here.
-    barrier_all(a, "internode notify (barrier 1)");
+    barrier_all(a, true, "internode notify (barrier 1)");
 
     // ---- 3. meta_out[d]: gbl counts towards d, counts needing d's node, my totals per rank, my counts
-    // for d's experts; then every row into its destination's meta_in; zero own counters
+    // for d's experts; zero own counters; then every row into its destination's meta_in with a
+    // put-with-signal that is also this rank's arrival at barrier 2 (data before signal: no quiet)
     auto count_of = [&](const int* prefix_row, int ch) { return prefix_row[ch] - (ch > 0 ? prefix_row[ch - 1] : 0); };
     for (int i = tid; i < R * W; i += blockDim.x) {
         const int d = i / W, w = i % W;
@@ -233,11 +284,12 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1) notify_kernel(Args<Tr> a
         }
         rdma_int(a, l.meta_out(d))[w] = v;
     }
-    __syncthreads();
-    for (int d = warp; d < R; d += kWarps)
-        a.tr.put_warp(d, l.meta_in(rank), a.tr.local(l.meta_out(d)), static_cast<int64_t>(W) * 4, lane);
     zero_own_counters(a);
-    barrier_all(a, "internode notify (barrier 2)");
+    const uint64_t epoch = barrier_next_epoch(a, false);
+    for (int d = warp; d < R; d += kWarps)
+        a.tr.put_signal_warp(d, l.meta_in(rank), a.tr.local(l.meta_out(d)), static_cast<int64_t>(W) * 4,
+                             l.sync_word(rank), 1, transport::SignalOp::kAdd, lane);
+    barrier_wait(a, epoch, "internode notify (barrier 2)");
 
     // ---- 4. the handle
     auto meta = [&](int src, int word) { return ptx::ld_relaxed_sys_global(rdma_int(a, l.meta_in(src)) + word); };
@@ -298,9 +350,9 @@ __global__ void __launch_bounds__(kNumNotifyThreads, 1) notify_kernel(Args<Tr> a
 
 template <typename Tr>
 __global__ void __launch_bounds__(kNumNotifyThreads, 1) reset_kernel(Args<Tr> a) {
-    barrier_all(a, "internode ring reset (barrier 1)");
+    barrier_all(a, true, "internode ring reset (barrier 1)");
     zero_own_counters(a);
-    barrier_all(a, "internode ring reset (barrier 2)");
+    barrier_all(a, false, "internode ring reset (barrier 2)");
 }
 
 // ----------------------------------------------------------------------------------------- dispatch
@@ -339,22 +391,20 @@ __device__ void dispatch_sender(const Args<Tr>& a, int channel) {
     const int node = warp / team_warps, wit = warp % team_warps;
     if (node >= NN) return;  // idle warps
     const int pe = node * P + my_local(a);
-    const int capacity = l.num_rdma_slots, chunk_tokens = min(c.num_max_rdma_send, capacity);
+    const int capacity = l.num_rdma_slots, max_chunk = min(c.num_max_rdma_send, capacity);
     const ChannelRange range = channel_range(c.num_tokens, l.num_channels, channel);
-    const int* head = rdma_int(a, l.rdma_head(channel, node));
+    const int64_t head = l.rdma_head(channel, node);
+    // Load/store reachable (NVLink, this rank): messages are composed in place; else staged and sent.
+    const bool direct = a.tr.peer_ptr(pe, 0) != nullptr;
     const unsigned below = (1u << lane) - 1;
 
     int sent = 0, t = range.begin;
     while (t < range.end) {
-        if (lane == 0) {
-            SpinWait wait(c.timeout_ns);
-            int h;
-            while (ring_free_slots(sent, h = ptx::ld_acquire_sys_global(head), capacity) < chunk_tokens) {
-                if (wait.expired())
-                    report_timeout_and_trap("internode dispatch", WaitRole::kDispatchSender, c.rank, channel, pe,
-                                            sent + chunk_tokens - capacity, h);
-            }
-        }
+        // A chunk never wraps around the ring: it is one contiguous put.
+        const int chunk_tokens = min(max_chunk, capacity - sent % capacity);
+        if (lane == 0 && sent + chunk_tokens > capacity)
+            wait_signal_at_least(a.tr, head, static_cast<uint64_t>(sent + chunk_tokens - capacity), c.timeout_ns,
+                                 "internode dispatch", WaitRole::kDispatchSender, c.rank, channel, pe);
         __syncwarp();
         int chunk = 0;
         while (chunk < chunk_tokens && t < range.end) {
@@ -378,26 +428,29 @@ __device__ void dispatch_sender(const Args<Tr>& a, int channel) {
                 const int token_bits = __shfl_sync(0xffffffffu, bits, b);
                 if (chunk % team_warps == wit) {
                     const int slot = sent + chunk;
-                    const int64_t remote = l.rdma_recv(channel, my_node(a), slot);
-                    char* direct = a.tr.peer_ptr(pe, remote);
-                    if (direct != nullptr) {
-                        compose_dispatch(a, direct, t + b, token_bits, lane);
-                    } else {
-                        char* staged = a.tr.local(l.rdma_send(channel, node, slot));
-                        compose_dispatch(a, staged, t + b, token_bits, lane);
-                        __syncwarp();
-                        a.tr.put_warp(pe, remote, staged, l.msg_bytes, lane);
-                    }
+                    char* msg = direct ? a.tr.peer_ptr(pe, l.rdma_recv(channel, my_node(a), slot))
+                                       : a.tr.local(l.rdma_send(channel, node, slot));
+                    compose_dispatch(a, msg, t + b, token_bits, lane);
                 }
                 ++chunk;
             }
             t += consumed;
         }
-        // Every warp's puts are delivered (or ordered) before the tail moves (transport contract).
-        a.tr.complete_warp(lane);
+        // Every warp's messages are written before the chunk goes out with its tail: one
+        // put-with-signal (the staging slots are rewritten only after the forwarder's head says it
+        // read them, which it does after the signal, i.e. after the data), or the tail alone.
         team_sync(node + 1, team_warps);
+        if (wit == 0 && chunk > 0) {
+            const int64_t tail = l.rdma_tail(channel, my_node(a), sent);
+            const uint64_t end = static_cast<uint64_t>(sent + chunk);
+            if (direct) {
+                if (lane == 0) a.tr.signal(pe, tail, end, transport::SignalOp::kSet);
+            } else {
+                a.tr.put_signal_warp(pe, l.rdma_recv(channel, my_node(a), sent), a.tr.local(l.rdma_send(channel, node, sent)),
+                                     chunk * l.msg_bytes, tail, end, transport::SignalOp::kSet, lane);
+            }
+        }
         sent += chunk;
-        if (wit == 0 && lane == 0 && chunk > 0) a.tr.signal_set(pe, l.rdma_tail(channel, my_node(a)), sent);
     }
 }
 
@@ -426,10 +479,10 @@ __device__ void dispatch_forwarder(const Args<Tr>& a, int channel) {
         while (processed < seg.count) {
             if (warp == 0) {
                 __syncwarp();
-                if (lane == 0 && seen_tail <= processed)
-                    seen_tail = wait_at_least(rdma_int(a, l.rdma_tail(channel, an)), processed + 1, c.timeout_ns,
-                                              "internode dispatch", WaitRole::kForwarderTokens, c.rank, channel, src_pe);
-                __syncwarp();  // orders lane 0's acquire of the tail before the other lanes' reads of the slots
+                if (lane == 0 && seen_tail <= processed)  // the next chunk of the chain
+                    seen_tail = wait_chunk_end(a, channel, an, processed, "internode dispatch", WaitRole::kForwarderTokens,
+                                               src_pe);
+                __syncwarp();  // orders lane 0's test of the tail before the other lanes' reads of the slots
                 const int avail = __shfl_sync(0xffffffffu, min(min(seen_tail - processed, window), seg.count - processed), 0);
                 int bits = 0;
                 if (lane < avail)
@@ -480,13 +533,15 @@ __device__ void dispatch_forwarder(const Args<Tr>& a, int channel) {
                 ptx::st_release_sys_global(reinterpret_cast<int*>(nvl(a, tid, l.nvl_tail(channel, me_local))),
                                            nvl_published);
             }
-            if (tid == 0 && (processed - head_published >= c.num_max_rdma_send || processed >= seen_tail)) {
+            // One head update per chunk consumed (a chunk is at most num_max_rdma_send messages, and the
+            // sender waits for room for one chunk, so it is never starved).
+            if (tid == 0 && processed >= seen_tail) {
+                a.tr.signal(src_pe, l.rdma_head(channel, me_node), static_cast<uint64_t>(processed - head_published),
+                            transport::SignalOp::kAdd);
                 head_published = processed;
-                a.tr.signal_set(src_pe, l.rdma_head(channel, me_node), processed);
             }
         }
     }
-    a.tr.complete_warp(lane);
 }
 
 // One warp unpacks the message at `msg` into output row `row` (source node `src_node`).
@@ -661,18 +716,18 @@ __device__ void combine_forwarder(const Args<Tr>& a, int channel) {
         const RecvSegment seg = internode_forward_segment(c.recv_rdma_channel_prefix_matrix,
                                                           c.recv_rdma_rank_prefix_sum, l.num_channels, an, channel);
         const int src_pe = an * P + me_local;
-        const int* head = rdma_int(a, l.rdma_head(channel, an));
+        const int64_t head = l.rdma_head(channel, an);
+        const int Qr = l.num_rdma_slots;
+        // Load/store reachable (NVLink, this rank): partials are written in place; else staged and sent.
+        const bool direct = a.tr.peer_ptr(src_pe, 0) != nullptr;
         int sent = 0;
         while (sent < seg.count) {
             if (tid == 0) {
-                SpinWait wait(c.timeout_ns);
-                int h, free_slots;
-                while ((free_slots = ring_free_slots(sent, h = ptx::ld_acquire_sys_global(head), l.num_rdma_slots)) < 1) {
-                    if (wait.expired())
-                        report_timeout_and_trap("internode combine", WaitRole::kForwarderSlots, c.rank, channel, src_pe,
-                                                sent + 1 - l.num_rdma_slots, h);
-                }
-                s_count = min(min(window, seg.count - sent), free_slots);
+                // At least one free slot; a window never wraps around the ring (one contiguous put).
+                const int h = static_cast<int>(wait_signal_at_least(
+                    a.tr, head, static_cast<uint64_t>(sent + 1 > Qr ? sent + 1 - Qr : 0), c.timeout_ns,
+                    "internode combine", WaitRole::kForwarderSlots, c.rank, channel, src_pe));
+                s_count = min(min(min(window, seg.count - sent), ring_free_slots(sent, h, Qr)), Qr - sent % Qr);
             }
             __syncthreads();
             const int count = s_count;
@@ -688,9 +743,8 @@ __device__ void combine_forwarder(const Args<Tr>& a, int channel) {
                 if (lane < P) s_row[warp][lane] = slot >= 0 ? l.nvl_recv(channel, lane, slot) : -1;
                 __syncwarp();
                 const char* own = nvl(a, me_local, 0);
-                const int64_t remote = l.rdma_recv(channel, me_node, k);
-                char* direct = a.tr.peer_ptr(src_pe, remote);
-                char* out = direct != nullptr ? direct : a.tr.local(l.rdma_send(channel, an, k));
+                char* out = direct ? a.tr.peer_ptr(src_pe, l.rdma_recv(channel, me_node, k))
+                                   : a.tr.local(l.rdma_send(channel, an, k));
                 for (int64_t q = lane; q < row_int4; q += 32) {
                     float acc[8];
 #pragma unroll
@@ -709,16 +763,21 @@ __device__ void combine_forwarder(const Args<Tr>& a, int channel) {
                     }
                     reinterpret_cast<float*>(out + l.msg_weights())[lane] = w;
                 }
-                if (direct == nullptr) {
-                    __syncwarp();
-                    a.tr.put_warp(src_pe, remote, out, l.msg_bytes, lane);
-                }
-                a.tr.complete_warp(lane);
                 if (slot >= 0) atomicMax(&s_nvl_head[lane], slot + 1);
             }
             __syncthreads();
+            // The window's partials go out with its tail: one put-with-signal, or the tail alone.
+            if (warp == 0) {
+                const int64_t tail = l.rdma_tail(channel, me_node, sent);
+                const uint64_t end = static_cast<uint64_t>(sent + count);
+                if (direct) {
+                    if (lane == 0) a.tr.signal(src_pe, tail, end, transport::SignalOp::kSet);
+                } else {
+                    a.tr.put_signal_warp(src_pe, l.rdma_recv(channel, me_node, sent), a.tr.local(l.rdma_send(channel, an, sent)),
+                                         count * l.msg_bytes, tail, end, transport::SignalOp::kSet, lane);
+                }
+            }
             sent += count;
-            if (tid == 0) a.tr.signal_set(src_pe, l.rdma_tail(channel, me_node), sent);
             if (tid < P && s_nvl_head[tid] != nvl_published) {
                 nvl_published = s_nvl_head[tid];
                 ptx::st_release_sys_global(reinterpret_cast<int*>(nvl(a, tid, l.nvl_head(channel, me_local))), nvl_published);
@@ -726,13 +785,13 @@ __device__ void combine_forwarder(const Args<Tr>& a, int channel) {
             __syncthreads();
         }
     }
-    a.tr.complete_warp(lane);
 }
 
 // Block role 2: one warp per token of this channel: biases + the partials of its nodes.
 template <typename Tr>
 __device__ void combine_reducer(const Args<Tr>& a, int channel) {
     __shared__ int s_head[kMaxInternodeNodes];
+    __shared__ int s_tail[kMaxInternodeNodes];  // [b]: node b's chunks up to here have arrived
     __shared__ int64_t s_row[kNumInternodeWarps][kMaxInternodeNodes];
     const deep_ep_internode_call& c = a.c;
     const InternodeLayout& l = a.l;
@@ -743,17 +802,27 @@ __device__ void combine_reducer(const Args<Tr>& a, int channel) {
     const ChannelRange range = channel_range(c.num_tokens, l.num_channels, channel);
     const int4* bias_0 = static_cast<const int4*>(c.bias_0);
     const int4* bias_1 = static_cast<const int4*>(c.bias_1);
-    if (tid < NN) s_head[tid] = 0;
+    if (tid < NN) s_head[tid] = s_tail[tid] = 0;
     int published = 0;  // thread b < NN
     __syncthreads();
 
     for (int batch = range.begin; batch < range.end; batch += window) {
+        // Lane b of warp 0 follows node b's chain of chunks up to the last slot the batch reads from it
+        // (slots grow with the token).
+        if (warp == 0 && lane < NN) {
+            int need = 0;
+            for (int u = batch; u < min(batch + window, range.end); ++u)
+                need = max(need, c.send_rdma_head[static_cast<int64_t>(u) * NN + lane] + 1);
+            int arrived = s_tail[lane];
+            while (arrived < need)
+                arrived = wait_chunk_end(a, channel, lane, arrived, "internode combine", WaitRole::kCombineReceiver,
+                                         lane * P + me_local);
+            s_tail[lane] = arrived;
+        }
+        __syncthreads();
         const int t = batch + warp;
         if (warp < window && t < range.end) {
             const int slot = lane < NN ? c.send_rdma_head[static_cast<int64_t>(t) * NN + lane] : -1;
-            if (slot >= 0)
-                wait_at_least(rdma_int(a, l.rdma_tail(channel, lane)), slot + 1, c.timeout_ns, "internode combine",
-                              WaitRole::kCombineReceiver, c.rank, channel, lane * P + me_local);
             if (lane < NN) s_row[warp][lane] = slot >= 0 ? l.rdma_recv(channel, lane, slot) : -1;
             __syncwarp();
             const char* own = a.tr.local(0);
@@ -782,12 +851,12 @@ __device__ void combine_reducer(const Args<Tr>& a, int channel) {
         // The batch's reads are done before the heads move.
         __syncthreads();
         if (tid < NN && s_head[tid] != published) {
+            a.tr.signal(tid * P + me_local, l.rdma_head(channel, me_node), static_cast<uint64_t>(s_head[tid] - published),
+                        transport::SignalOp::kAdd);
             published = s_head[tid];
-            a.tr.signal_set(tid * P + me_local, l.rdma_head(channel, me_node), published);
         }
         __syncthreads();
     }
-    a.tr.complete_warp(lane);
 }
 
 template <typename Tr>

@@ -4,12 +4,15 @@
 // RDMA region (the transport's buffer; a peer's copy of `offset` is reached through the transport):
 //
 //   region      elements                    used by
-//   sync        [R] int + epoch int          barrier words: [s] = the last barrier epoch rank s reached;
-//                                            then this rank's own epoch counter. Never cleared.
+//   sync        [R] u64 + epoch u64          barrier words: [s] = the barriers rank s reached (it ADDs 1
+//                                            per barrier); then this rank's own count. Never cleared.
 //   meta_in     [R src][W] int               notify: what src sends to this rank (see MetaFields)
 //   meta_out    [R dst][W] int               notify: staging of what this rank sends to dst
-//   rdma_head   [C][NN] int                  [c][x]: slots of MY ring at node x's peer that x released
-//   rdma_tail   [C][NN] int                  [c][x]: messages node x's peer published into my ring (c, x)
+//   rdma_head   [C][NN] u64                  [c][x]: slots of MY ring at node x's peer that x released
+//                                            (x ADDs what it released since its last update)
+//   rdma_tail   [C][NN][Qr] u64              [c][x][s]: end of the chunk that node x's peer published
+//                                            into my ring (c, x) starting at slot s (one put-with-signal
+//                                            SETs it); chunks chain: the next starts at that end
 //   rdma_send   [C][NN][Qr][msg]             staging of messages towards node x (network puts only)
 //   rdma_recv   [C][NN][Qr][msg]             ring (c, x): messages from node x's peer
 //
@@ -21,6 +24,11 @@
 //
 // "The peer of node x" is the rank of node x with this rank's local index (RDMA goes only between
 // ranks of equal local index). Dispatch: senders write rings at forwarders; combine: the reverse.
+// Every word of the RDMA hop that a peer writes is a 64-bit NVSHMEM signal word (transport.cuh). Why
+// one tail word per chunk start and not one counter: two puts-with-signal to one PE are not ordered
+// with each other, so a single counter SET by each could claim a chunk whose data has not landed;
+// a chunk's own word is written by its own put-with-signal, after its data. A word value v at slot s
+// is current iff s < v <= s + Qr (earlier laps left values <= s there).
 //
 // Message (one per token and hop, 16-byte multiple):
 //   dispatch  [row_bytes of x][int src_idx, int nvl bits, int topk_idx[K] (global ids), float w[K],
@@ -73,11 +81,11 @@ struct InternodeLayout {
     DEEP_EP_HD int64_t rdma_region_bytes(int region) const {
         const int64_t r = num_ranks, c = num_channels, nn = num_nodes;
         switch (region) {
-            case kSync: return (r + 1) * 4;
+            case kSync: return (r + 1) * 8;
             case kMetaIn:
             case kMetaOut: return r * meta_words() * 4;
-            case kRdmaHead:
-            case kRdmaTail: return c * nn * 4;
+            case kRdmaHead: return c * nn * 8;
+            case kRdmaTail: return c * nn * num_rdma_slots * 8;
             case kRdmaSend:
             case kRdmaRecv: return c * nn * num_rdma_slots * msg_bytes;
             default: return 0;
@@ -110,8 +118,8 @@ struct InternodeLayout {
     DEEP_EP_HD int64_t nvl_bytes() const { return nvl_offsets[kNvlEnd]; }
 
     // ---- byte offsets inside the RDMA region (the same on every rank: symmetric)
-    DEEP_EP_HD int64_t sync_word(int src) const { return rdma_offsets[kSync] + static_cast<int64_t>(src) * 4; }
-    DEEP_EP_HD int64_t epoch_word() const { return rdma_offsets[kSync] + static_cast<int64_t>(num_ranks) * 4; }
+    DEEP_EP_HD int64_t sync_word(int src) const { return rdma_offsets[kSync] + static_cast<int64_t>(src) * 8; }
+    DEEP_EP_HD int64_t epoch_word() const { return rdma_offsets[kSync] + static_cast<int64_t>(num_ranks) * 8; }
     DEEP_EP_HD int64_t meta_in(int src) const {
         return rdma_offsets[kMetaIn] + static_cast<int64_t>(src) * meta_words() * 4;
     }
@@ -119,10 +127,11 @@ struct InternodeLayout {
         return rdma_offsets[kMetaOut] + static_cast<int64_t>(dst) * meta_words() * 4;
     }
     DEEP_EP_HD int64_t rdma_head(int channel, int node) const {
-        return rdma_offsets[kRdmaHead] + (static_cast<int64_t>(channel) * num_nodes + node) * 4;
+        return rdma_offsets[kRdmaHead] + (static_cast<int64_t>(channel) * num_nodes + node) * 8;
     }
-    DEEP_EP_HD int64_t rdma_tail(int channel, int node) const {
-        return rdma_offsets[kRdmaTail] + (static_cast<int64_t>(channel) * num_nodes + node) * 4;
+    DEEP_EP_HD int64_t rdma_tail(int channel, int node, int slot) const {
+        return rdma_offsets[kRdmaTail] +
+               ((static_cast<int64_t>(channel) * num_nodes + node) * num_rdma_slots + slot % num_rdma_slots) * 8;
     }
     DEEP_EP_HD int64_t rdma_slot(int channel, int node, int slot) const {
         return ((static_cast<int64_t>(channel) * num_nodes + node) * num_rdma_slots + slot % num_rdma_slots) * msg_bytes;

@@ -44,6 +44,25 @@ __device__ __forceinline__ void red_add_release_sys_global(int* ptr, int value) 
     __atomic_fetch_add(ptr, value, __ATOMIC_RELEASE);
 }
 
+__device__ __forceinline__ uint64_t ld_acquire_sys_global(const uint64_t* ptr, const char* file = __builtin_FILE(),
+                                                          int line = __builtin_LINE()) {
+    ::deep_ep::emu::spin_point(ptr, file, line);
+    return __atomic_load_n(ptr, __ATOMIC_ACQUIRE);
+}
+
+__device__ __forceinline__ void st_release_sys_global(uint64_t* ptr, uint64_t value) {
+    __atomic_store_n(ptr, value, __ATOMIC_RELEASE);
+}
+
+__device__ __forceinline__ void st_relaxed_sys_global(uint64_t* ptr, uint64_t value) {
+    __atomic_store_n(ptr, value, __ATOMIC_RELAXED);
+}
+
+__device__ __forceinline__ void red_add_release_sys_global(uint64_t* ptr, uint64_t value) {
+    ::deep_ep::emu::atomic_point();
+    __atomic_fetch_add(ptr, value, __ATOMIC_RELEASE);
+}
+
 __device__ __forceinline__ int4 ld_na_global_v4(const int4* ptr) { return *ptr; }
 
 __device__ __forceinline__ int ld_na_global(const int* ptr) { return *ptr; }
@@ -99,6 +118,25 @@ __device__ __forceinline__ int ld_relaxed_sys_global(const int* ptr) {
 // thread's earlier writes.
 __device__ __forceinline__ void red_add_release_sys_global(int* ptr, int value) {
     asm volatile("red.release.sys.global.add.s32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// The 64-bit forms of the four above, for the internode flags (NVSHMEM signal words are uint64_t).
+__device__ __forceinline__ uint64_t ld_acquire_sys_global(const uint64_t* ptr) {
+    uint64_t value;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ void st_release_sys_global(uint64_t* ptr, uint64_t value) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_sys_global(uint64_t* ptr, uint64_t value) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ void red_add_release_sys_global(uint64_t* ptr, uint64_t value) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
 // 16-byte load that does not allocate in L1. Used for ring slots: a slot is rewritten by its sender

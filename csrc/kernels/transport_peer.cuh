@@ -34,6 +34,32 @@ struct PeerTransport {
         __threadfence_system();  // the block's stores (made visible to this thread by __syncthreads)
         ptx::st_release_sys_global(reinterpret_cast<int*>(base[pe] + offset), value);
     }
+
+    // ---- 64-bit signal words (transport.cuh)
+    __device__ __forceinline__ void signal(int pe, int64_t offset, uint64_t value, SignalOp op) const {
+        __threadfence_system();  // the block's stores (made visible to this thread by __syncthreads)
+        uint64_t* word = reinterpret_cast<uint64_t*>(base[pe] + offset);
+        if (op == SignalOp::kSet)
+            ptx::st_release_sys_global(word, value);
+        else
+            ptx::red_add_release_sys_global(word, value);
+    }
+
+    __device__ __forceinline__ void put_signal_warp(int pe, int64_t dst_offset, const char* src, int64_t bytes,
+                                                    int64_t sig_offset, uint64_t value, SignalOp op, int lane) const {
+        put_warp(pe, dst_offset, src, bytes, lane);
+        __syncwarp();
+        if (lane == 0) signal(pe, sig_offset, value, op);
+        __syncwarp();
+    }
+
+    __device__ __forceinline__ bool test_ge(int64_t offset, uint64_t value) const { return read(offset) >= value; }
+
+    __device__ __forceinline__ uint64_t read(int64_t offset) const {
+        return ptx::ld_acquire_sys_global(reinterpret_cast<const uint64_t*>(base[rank] + offset));
+    }
+
+    __device__ __forceinline__ void quiet() const {}
 };
 
 static_assert(check_transport<PeerTransport>::value, "PeerTransport");

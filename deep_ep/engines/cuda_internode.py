@@ -63,7 +63,8 @@ def _local_facts(num_nvl_bytes: int) -> Tuple[bool, str, dict]:
     if ok:
         nv = _core.load_nvshmem()
         facts = dict(facts, nvshmem=nv is not None, nvshmem_reason="" if nv is not None else
-                     (_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available"))
+                     (_core.nvshmem_load_error() or "libdeep_ep_nvshmem.so is not available"),
+                     nvshmem_remote=_nvshmem.remote_transport())
     return ok, reason, facts
 
 
@@ -131,8 +132,19 @@ def probe(comm: Communicator, num_ranks_per_node: int, num_nvl_bytes: int,
     bad_node = [(p, why) for p, (_, (ok, why)) in enumerate(reach) if not ok]
     if bad_node:
         return False, (f"rank {bad_node[0][0]} cannot map the NVL buffers of its node: {bad_node[0][1]}"), "", []
+    over = "NVSHMEM"
+    if not single_host:  # the transport NVSHMEM will use between hosts (the same environment rule on every rank)
+        remotes = [tuple(f["nvshmem_remote"]) for f in facts]
+        bad = [(p, problem) for p, (_, problem) in enumerate(remotes) if problem]
+        if bad:
+            return False, f"the NVSHMEM transport between hosts is not usable: rank {bad[0][0]}: {bad[0][1]}", "", []
+        if len({name for name, _ in remotes}) > 1:
+            return False, ("the NVSHMEM transport between hosts differs between ranks ("
+                           + ", ".join(f"rank {p}: {name}" for p, (name, _) in enumerate(remotes))
+                           + "); set the same NVSHMEM_IB_ENABLE_IBGDA / NVSHMEM_REMOTE_TRANSPORT on every rank"), "", []
+        over = f"NVSHMEM ({remotes[0][0]})"
     why = "forced by DEEP_EP_INTERNODE_TRANSPORT=nvshmem: " if request == "nvshmem" else ""
-    return True, (f"{why}{num_nodes} nodes x {P} ranks: internode kernels, RDMA hop over NVSHMEM, NVLink hop "
+    return True, (f"{why}{num_nodes} nodes x {P} ranks: internode kernels, RDMA hop over {over}, NVLink hop "
                   "over CUDA IPC"), "nvshmem", facts
 
 

@@ -4,6 +4,10 @@
 // heap (memfd); nvshmem_ptr returns the peer's mapping (NULL for other PEs with
 // DEEP_EP_EMU_NVSHMEM_NO_P2P=1, which sends everything through puts); a put is buffered and becomes
 // visible only when the issuing warp calls nvshmem_quiet or nvshmem_fence, so a missing quiet shows.
+// A put-with-signal delivers its own data, then its signal, at the call (the warp's other buffered
+// puts stay buffered); nvshmemx_signal_op is visible at once and flushes nothing, so a signal that
+// relies on an earlier plain put without a quiet shows too. Every call is counted per PE
+// (deep_ep_emu_nvshmem_counts below: the cost-model test, tests/test_internode_cost.py).
 #pragma once
 
 #include <cstddef>
@@ -48,9 +52,22 @@ void nvshmem_free(void* ptr);
 void nvshmem_barrier_all(void);
 void nvshmem_finalize(void);
 
+#define NVSHMEM_SIGNAL_SET 9
+#define NVSHMEM_SIGNAL_ADD 10
+#define NVSHMEM_CMP_GE 5
+
 // device
 void* nvshmem_ptr(const void* dest, int pe);
 void nvshmemx_putmem_nbi_warp(void* dest, const void* source, size_t bytes, int pe);
 void nvshmem_quiet(void);
 void nvshmem_fence(void);
 void nvshmem_int_atomic_set(int* dest, int value, int pe);
+void nvshmemx_signal_op(uint64_t* sig_addr, uint64_t signal, int sig_op, int pe);
+void nvshmemx_putmem_signal_nbi_warp(void* dest, const void* source, size_t bytes, uint64_t* sig_addr, uint64_t signal,
+                                     int sig_op, int pe);
+int nvshmem_uint64_test(uint64_t* ivar, int cmp, uint64_t cmp_value);
+
+// Stand-in only (C ABI, for ctypes): this PE's counts of NVSHMEM device calls since the last reset, in
+// the order of DEEP_EP_EMU_NVSHMEM_COUNT_NAMES; returns how many it wrote (at most n).
+#define DEEP_EP_EMU_NVSHMEM_COUNT_NAMES "put,put_signal,signal,quiet,fence,atomic"
+extern "C" __attribute__((visibility("default"))) int deep_ep_emu_nvshmem_counts(int64_t* out, int n, int reset);

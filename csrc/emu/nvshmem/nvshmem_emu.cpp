@@ -4,7 +4,8 @@
 // opens it through /proc/<root pid>/fd, creates its own symmetric heap (a memfd of
 // NVSHMEM_SYMMETRIC_SIZE bytes, sparse) and publishes it there; after a barrier every PE maps every
 // heap. nvshmem_align is a bump allocator: every PE allocates in the same order, so an offset is
-// symmetric. Puts are buffered per issuing warp (of the calling block) until that warp's quiet/fence.
+// symmetric. Puts are buffered per issuing warp (of the calling block) until that warp's quiet/fence;
+// a put-with-signal is delivered at the call, data first, then its signal.
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
@@ -43,6 +44,10 @@ char* g_heaps[kMaxPes] = {};     // every PE's heap, mapped here (g_heaps[g_pe] 
 uint64_t g_used = 0;
 std::vector<uint64_t> g_allocations;
 bool g_no_p2p = false;
+
+// Calls of this PE, by kind (deep_ep_emu_nvshmem_counts). A warp-collective call counts once.
+enum Count { kPut, kPutSignal, kSignal, kQuiet, kFence, kAtomic, kNumCounts };
+std::atomic<int64_t> g_counts[kNumCounts];
 
 void die(const std::string& message) {
     std::fprintf(stderr, "deep_ep emulated NVSHMEM: %s\n", message.c_str());
@@ -199,6 +204,7 @@ void nvshmemx_putmem_nbi_warp(void* dest, const void* source, size_t bytes, int 
     // A warp-collective call: every lane of the warp passes the same arguments; one copy is queued.
     __syncwarp();
     if (threadIdx.x % 32 == 0) {
+        g_counts[kPut].fetch_add(1);
         Put p{peer_address(dest, pe), std::vector<char>(bytes)};
         std::memcpy(p.data.data(), source, bytes);  // nbi: the source may change only after quiet
         t_pending[(threadIdx.x / 32) % 32].push_back(std::move(p));
@@ -206,11 +212,66 @@ void nvshmemx_putmem_nbi_warp(void* dest, const void* source, size_t bytes, int 
     __syncwarp();
 }
 
-void nvshmem_quiet(void) { complete_warp_puts(); }
+void nvshmem_quiet(void) {
+    g_counts[kQuiet].fetch_add(1);
+    complete_warp_puts();
+}
 
-void nvshmem_fence(void) { complete_warp_puts(); }
+void nvshmem_fence(void) {
+    g_counts[kFence].fetch_add(1);
+    complete_warp_puts();
+}
 
 void nvshmem_int_atomic_set(int* dest, int value, int pe) {
+    g_counts[kAtomic].fetch_add(1);
     ::deep_ep::emu::atomic_point();
     __atomic_store_n(reinterpret_cast<int*>(peer_address(dest, pe)), value, __ATOMIC_RELEASE);
+}
+
+namespace {
+
+void apply_signal(uint64_t* sig_addr, uint64_t signal, int sig_op, int pe) {
+    uint64_t* word = reinterpret_cast<uint64_t*>(peer_address(sig_addr, pe));
+    if (sig_op == NVSHMEM_SIGNAL_SET)
+        __atomic_store_n(word, signal, __ATOMIC_RELEASE);
+    else if (sig_op == NVSHMEM_SIGNAL_ADD)
+        __atomic_fetch_add(word, signal, __ATOMIC_RELEASE);
+    else
+        die("a signal operation other than NVSHMEM_SIGNAL_SET / ADD: " + std::to_string(sig_op));
+}
+
+}  // namespace
+
+void nvshmemx_signal_op(uint64_t* sig_addr, uint64_t signal, int sig_op, int pe) {
+    g_counts[kSignal].fetch_add(1);
+    ::deep_ep::emu::atomic_point();
+    apply_signal(sig_addr, signal, sig_op, pe);
+}
+
+void nvshmemx_putmem_signal_nbi_warp(void* dest, const void* source, size_t bytes, uint64_t* sig_addr, uint64_t signal,
+                                     int sig_op, int pe) {
+    // Warp-collective like nvshmemx_putmem_nbi_warp: lane 0 delivers the data, then the signal.
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) {
+        g_counts[kPutSignal].fetch_add(1);
+        std::memcpy(peer_address(dest, pe), source, bytes);
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        ::deep_ep::emu::atomic_point();
+        apply_signal(sig_addr, signal, sig_op, pe);
+    }
+    __syncwarp();
+}
+
+int nvshmem_uint64_test(uint64_t* ivar, int cmp, uint64_t cmp_value) {
+    if (cmp != NVSHMEM_CMP_GE) die("nvshmem_uint64_test: only NVSHMEM_CMP_GE is emulated");
+    ::deep_ep::emu::spin_point(ivar, __FILE__, __LINE__);
+    return __atomic_load_n(ivar, __ATOMIC_ACQUIRE) >= cmp_value ? 1 : 0;
+}
+
+extern "C" int deep_ep_emu_nvshmem_counts(int64_t* out, int n, int reset) {
+    int written = 0;
+    for (int i = 0; i < kNumCounts && i < n; ++i, ++written) out[i] = g_counts[i].load();
+    if (reset)
+        for (auto& count : g_counts) count.store(0);
+    return written;
 }
