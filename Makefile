@@ -1,7 +1,7 @@
 # deep_ep developer entry points. The README's Quick start is exactly:
 #
-#     make bench      # the main job: spawn local ranks, verify and time dispatch/combine vs baselines
-#     make test       # builds the CUDA core when nvcc is found, then the test suite
+#     make bench    # verify and time dispatch/combine on 4 local ranks, next to two baselines
+#     make test     # builds the compiled libraries when nvcc is found, then the test suite (pytest)
 #
 # Each one first sets up .venv by itself (`make setup`): it creates the venv with python3 if it
 # is missing, installs requirements-dev.txt and installs deep_ep in editable mode. The install is
@@ -45,9 +45,10 @@ export CUDA_HOME ?= /usr/local/cuda
 help:
 	@echo "make bench   - set up .venv if needed, run benchmarks/bench_ep.py (BENCH_ARGS=...), write"
 	@echo "               benchmarks/results/cpu_bench_ep.* and docs/performance.md"
-	@echo "make test    - set up .venv if needed, build the CUDA core if nvcc is found, run the test suite"
+	@echo "make test    - set up .venv if needed, build the CUDA core if nvcc is found and the emulated core"
+	@echo "               (make core, make emu), run the test suite"
 	@echo "               (pytest -m 'not slow'; then the data-moving tests again over gloo; PYTEST_ARGS=...)"
-	@echo "make test-all - the same plus the slow random sweeps"
+	@echo "make test-all - the whole suite once, slow tests included (no gloo pass)"
 	@echo "make core    - build the CUDA core (csrc/) when nvcc is found, and its pybind11 modules"
 	@echo "make emu     - build the emulated core (csrc/ on the CPU, build_emu.py) and the pybind11 modules"
 	@echo "make run SCRIPT=my.py ARGS=... - run your own script with .venv's python and this checkout"

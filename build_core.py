@@ -31,10 +31,11 @@ the NVSHMEM library), ``DEEP_EP_BUILD_JOBS``.
 
 Two libraries come out:
 
-* ``libdeep_ep_core.so``: layout, intranode and low-latency kernels over peer memory (CUDA IPC); no
-  NVSHMEM dependency, always built.
-* ``libdeep_ep_nvshmem.so``: the NVSHMEM bootstrap and the low-latency send kernels over NVSHMEM's
-  public device API; built when NVSHMEM is found. ``csrc/nvshmem/*.cu`` are compiled with
+* ``libdeep_ep_core.so``: layout, intranode, internode and low-latency kernels over peer memory (CUDA
+  IPC); no NVSHMEM dependency, always built.
+* ``libdeep_ep_nvshmem.so``: the NVSHMEM bootstrap, the low-latency send kernels and the internode
+  kernels over NVSHMEM's public device API; built when NVSHMEM is found (else the build fails, unless
+  ``DEEP_EP_DISABLE_NVSHMEM=1``). ``csrc/nvshmem/*.cu`` are compiled with
   ``-rdc=true``, device-linked (``nvcc -dlink ... -lnvshmem_device``) and linked against
   ``libnvshmem_host.so.3`` by SONAME with no rpath: ``deep_ep/_core.py`` loads that library from the
   wheel (or ``NVSHMEM_DIR``) before this one, so the core keeps working where NVSHMEM is absent.
