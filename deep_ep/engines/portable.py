@@ -256,56 +256,40 @@ class PortableEngine:
         # ---- pack (local only): rows sorted by destination, then token, in a reused staging buffer
         n_send = ch_counts.sum(1).tolist()                                         # to each dst
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
+        send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
+        torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
         table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
-        # Same-host shared memory, one node: rows and metadata travel in one exchange, each destination's
-        # segment [its rows | their metadata rows] gathered straight into this rank's shared area and
-        # copied by the receivers straight into recv_x and the metadata table (no second round).
-        fused = not multi_node and device.type == "cpu" and self.comm.shm is not None
-        if fused:
-            seg_bytes = row_bytes + width
-            staging = self._staging(len(tok_ids) * seg_bytes, device)
-            x_bytes, lo = _bytes(x), 0
-            for d in range(R):
-                n = n_send[d]
-                if n:
-                    seg = staging[lo * seg_bytes:(lo + n) * seg_bytes]
-                    torch.index_select(x_bytes, 0, tok_ids[lo:lo + n], out=seg[:n * row_bytes].view(n, row_bytes))
-                    torch.index_select(table, 0, tok_ids[lo:lo + n], out=seg[n * row_bytes:].view(n, width))
-                lo += n
+        meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
+        if not multi_node:
+            meta_buf = meta_rows.view(-1)
+            send_sizes = [n * width for n in n_send]
         else:
-            send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
-            torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
-            meta_rows = table.index_select(0, tok_ids)                             # [sent rows, W (- 4)]
-            if not multi_node:
-                meta_buf = meta_rows.view(-1)
-                send_sizes = [n * width for n in n_send]
-            else:
-                bit_weights = 1 << torch.arange(P, device=device, dtype=torch.int64)
-                # bits[t, b] = mask of the ranks (b, j) that receive token t
-                bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
-                nvl = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
-                meta_rows = torch.cat([meta_rows, nvl], dim=1)
-                packer = _Packer(R)
-                for d in range(R):
-                    packer.add(d, "rows", n_send[d] * width)
-                    # Forwarder section: rank (b, i) learns which tokens of rank (a, i) need node b.
-                    if d % P == me % P:
-                        packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
-                send_sizes, send_offsets = packer.layout()
-                meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
-                row = 0
-                for d in range(R):
-                    off, nbytes = send_offsets[(d, "rows")]
+            bit_weights = 1 << torch.arange(P, device=device, dtype=torch.int64)
+            # bits[t, b] = mask of the ranks (b, j) that receive token t
+            bits = (is_token_in_rank.view(num_tokens, NN, P).to(torch.int64) * bit_weights).sum(-1).to(_I32)
+            nvl = _bytes(bits[tok_ids, dst_ids // P].contiguous().view(-1, 1))
+            meta_rows = torch.cat([meta_rows, nvl], dim=1)
+            packer = _Packer(R)
+            for d in range(R):
+                packer.add(d, "rows", n_send[d] * width)
+                # Forwarder section: rank (b, i) learns which tokens of rank (a, i) need node b.
+                if d % P == me % P:
+                    packer.add(d, "fwd", int(node_ch_counts[d // P].sum()) * 8)
+            send_sizes, send_offsets = packer.layout()
+            meta_buf = torch.empty(sum(send_sizes), dtype=torch.uint8, device=device)
+            row = 0
+            for d in range(R):
+                off, nbytes = send_offsets[(d, "rows")]
+                if nbytes:
+                    meta_buf[off:off + nbytes].view(-1, width).copy_(meta_rows[row:row + n_send[d]])
+                row += n_send[d]
+                if (d, "fwd") in send_offsets:
+                    off, nbytes = send_offsets[(d, "fwd")]
                     if nbytes:
-                        meta_buf[off:off + nbytes].view(-1, width).copy_(meta_rows[row:row + n_send[d]])
-                    row += n_send[d]
-                    if (d, "fwd") in send_offsets:
-                        off, nbytes = send_offsets[(d, "fwd")]
-                        if nbytes:
-                            b = d // P
-                            toks = in_node[:, b].nonzero().view(-1)
-                            pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
-                            meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
+                        b = d // P
+                        toks = in_node[:, b].nonzero().view(-1)
+                        pair = torch.stack([toks.to(_I32), bits[toks, b]], dim=1)
+                        meta_buf[off:off + nbytes].copy_(pair.view(-1).view(torch.uint8))
 
         # ---- everybody's counts
         if work_counts.inline:
@@ -343,34 +327,18 @@ class PortableEngine:
         # ---- the data: rows straight into recv_x, metadata alongside
         recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
             (num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
-        if fused:
-            recv_meta = torch.empty((num_recv, width), dtype=torch.uint8, device=device)
-            segs, release = self.comm.all_to_all_views(staging, [n * seg_bytes for n in n_recv],
-                                                       [n * seg_bytes for n in n_send], op="dispatch (data)")
-            try:
-                recv_rows, row = _bytes(recv_x), 0
-                for src in range(R):
-                    n = n_recv[src]
-                    if n:
-                        recv_rows[row:row + n].copy_(segs[src][:n * row_bytes].view(n, row_bytes))
-                        recv_meta[row:row + n].copy_(segs[src][n * row_bytes:].view(n, width))
-                    row += n
-            finally:
-                release()
-        else:
-            work_x = self.comm.all_to_all_single(_bytes(recv_x)[:num_recv], send_rows, n_recv, n_send,
-                                                 op="dispatch (data)", async_op=True)
-            recv_buf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-            self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
-            work_x.wait()
-            # the metadata: the received row table
-            if not multi_node:
-                recv_meta = recv_buf.view(num_recv, width)
-            else:
-                recv_meta = torch.cat([recv_buf[off:off + nbytes].view(-1, width) for s in range(R)
-                                       for off, nbytes in [recv_offsets[(s, "rows")]]], dim=0)
+        work_x = self.comm.all_to_all_single(_bytes(recv_x)[:num_recv], send_rows, n_recv, n_send,
+                                             op="dispatch (data)", async_op=True)
+        recv_buf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
+        work_x.wait()
 
         # ---- unpack the metadata: columns of the received row table
+        if not multi_node:
+            recv_meta = recv_buf.view(num_recv, width)
+        else:
+            recv_meta = torch.cat([recv_buf[off:off + nbytes].view(-1, width) for s in range(R)
+                                   for off, nbytes in [recv_offsets[(s, "rows")]]], dim=0)
 
         def gather_part(name: str, _width: int) -> torch.Tensor:
             lo, hi = col_range[name]
