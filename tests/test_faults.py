@@ -63,7 +63,7 @@ SCENARIOS: Dict[str, tuple] = {
 # completed an earlier exchange (counts / header) or posted its data when this one starts.
 _DURING_OP = {
     "dispatch": "dispatch (data)",
-    "combine": "combine (data)",
+    "combine": "combine (top-k weights)",
     "ll_dispatch": "low_latency_dispatch (data exchange)",
     "ll_combine": "low_latency_combine (data exchange)",
 }

@@ -506,39 +506,12 @@ class PortableEngine:
         # the top-k weights first, so that the rows can then be reduced where they arrived (shared memory)
         send_x = x[:num_recv]
         w_rows = None
-        in_place = None
-        if NN == 1 and device.type == "cpu" and self.comm.shm is not None and topk_weights is not None:
-            # Same-host shared memory: rows and weights in one exchange, each source's segment
-            # [their weights | its rows] (padded to 4 bytes) staged in this rank's shared area; both are
-            # read in place by the receivers.
-            num_topk = topk_weights.size(1)
-            row_bytes, w_bytes = hidden * x.element_size(), num_topk * 4
-
-            def seg_sizes(counts: Sequence[int]) -> List[int]:
-                return [(n * (w_bytes + row_bytes) + 3) // 4 * 4 for n in counts]
-
-            back_sizes, mine_sizes = seg_sizes(n_back), seg_sizes(n_mine)
-            staging = self._staging(sum(back_sizes), device)
-            x_bytes, w_all = _bytes(send_x), _bytes(topk_weights[:num_recv].to(torch.float32))
-            lo = off = 0
-            for s in range(R):
-                n = n_back[s]
-                if n:
-                    seg = staging[off:off + back_sizes[s]]
-                    seg[:n * w_bytes].view(n, w_bytes).copy_(w_all[lo:lo + n])
-                    seg[n * w_bytes:n * (w_bytes + row_bytes)].view(n, row_bytes).copy_(x_bytes[lo:lo + n])
-                lo, off = lo + n, off + back_sizes[s]
-            segs, release = self.comm.all_to_all_views(staging, mine_sizes, back_sizes, op="combine (data)")
-            w_rows = [seg[:n * w_bytes].view(torch.float32).view(n, num_topk) for seg, n in zip(segs, n_mine)]
-            rows = [seg[n * w_bytes:n * (w_bytes + row_bytes)].view(x.dtype).view(n, hidden)
-                    for seg, n in zip(segs, n_mine)]
-            in_place = rows, release
-        elif topk_weights is not None:
+        if topk_weights is not None:
             w_rows = torch.empty((sum(n_mine), topk_weights.size(1)), dtype=torch.float32, device=device)
             self.comm.all_to_all_single(w_rows, topk_weights[:num_recv].contiguous(), n_mine, n_back,
                                         op="combine (top-k weights)")
-        if in_place is None and NN == 1 and device.type == "cpu":
-            in_place = self.comm.all_to_all_views(send_x, n_mine, n_back, op="combine (data)")
+        in_place = self.comm.all_to_all_views(send_x, n_mine, n_back, op="combine (data)") \
+            if NN == 1 and device.type == "cpu" else None
         if in_place is not None:
             rows, release = in_place
         else:
@@ -550,12 +523,9 @@ class PortableEngine:
         bounds = [0]
         for n in n_mine:
             bounds.append(bounds[-1] + n)
-        combined_w = None
         if NN == 1:
             try:
                 combined_x = reduce_rows_by_token(rows, tok_ids, bounds, num_tokens, bias)
-                if w_rows is not None:
-                    combined_w = self._sum_weights(w_rows, tok_ids, bounds, num_tokens, topk_weights.size(1))
             finally:
                 if release is not None:
                     release()
@@ -575,18 +545,10 @@ class PortableEngine:
                 toks = torch.unique(tok_ids[lo:hi])
                 acc.index_add_(0, toks, partial[toks].to(x.dtype).float())
             combined_x = acc.to(x.dtype)
-        if w_rows is not None and combined_w is None:
-            combined_w = self._sum_weights(w_rows, tok_ids, bounds, num_tokens, topk_weights.size(1))
+        combined_w = None
+        if w_rows is not None:
+            combined_w = torch.zeros((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=device)
+            for d in range(R):
+                if n_mine[d]:
+                    combined_w.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], w_rows[bounds[d]:bounds[d + 1]])
         return combined_x, combined_w
-
-    @staticmethod
-    def _sum_weights(w_rows, tok_ids: torch.Tensor, bounds: Sequence[int], num_tokens: int,
-                     num_topk: int) -> torch.Tensor:
-        """``out[t] = sum of the weight rows for token t``, sources ascending; `w_rows` is ``[rows, K]``
-        float32 split by `bounds`, or the list of the per-source segments."""
-        out = torch.zeros((num_tokens, num_topk), dtype=torch.float32, device=tok_ids.device)
-        for d in range(len(bounds) - 1):
-            if bounds[d + 1] > bounds[d]:
-                seg = w_rows[d] if isinstance(w_rows, list) else w_rows[bounds[d]:bounds[d + 1]]
-                out.index_add_(0, tok_ids[bounds[d]:bounds[d + 1]], seg)
-        return out
