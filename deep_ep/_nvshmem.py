@@ -126,6 +126,17 @@ def remote_transport(env: Optional[MutableMapping[str, str]] = None) -> Tuple[st
     return name, ""
 
 
+def ll_remote_problem(name: str) -> str:
+    """Why the low-latency kernels cannot run between hosts over the NVSHMEM transport `name` (from
+    `remote_transport`), or "". They set their flags with 4-byte ``nvshmem_int_atomic_set``, which IBRC
+    implements only through GDRCopy ("RMA/AMO verb not implemented" otherwise)."""
+    if name == "IBRC without GDRCopy":
+        return ("the low-latency kernels use 4-byte NVSHMEM atomics, which IBRC without GDRCopy does not "
+                "implement (NVSHMEM_DISABLE_GDRCOPY=1); set NVSHMEM_IB_ENABLE_IBGDA=1 (IBGDA), or install "
+                "GDRCopy and unset NVSHMEM_DISABLE_GDRCOPY")
+    return ""
+
+
 def qp_depth(env: Optional[MutableMapping[str, str]] = None) -> int:
     env = os.environ if env is None else env
     try:

@@ -240,3 +240,41 @@ def test_probe_names_the_nvshmem_transport_between_hosts(emu_lib):
     assert not got["bogus"][0] and "'verbs'" in got["bogus"][1]
     ok, reason, _ = got["mixed"]
     assert not ok and "differs between ranks" in reason and "rank 0: IBGDA" in reason and "rank 1: UCX" in reason
+
+
+def _ll_probe_hosts_worker(rank: int, num_ranks: int, group):
+    """The low-latency probe as on 2 hosts (one rank each), per NVSHMEM transport set-up."""
+    import socket
+    from deep_ep._comm import Communicator
+    from deep_ep.engines import cuda_ll
+    comm = Communicator(group)
+    socket.gethostname = lambda: f"emulated-host-{rank}"  # after the rendezvous, which needs the real one
+    out = {}
+    names = ("NVSHMEM_IB_ENABLE_IBGDA", "NVSHMEM_REMOTE_TRANSPORT", "NVSHMEM_DISABLE_GDRCOPY")
+    for label, env in _SCENARIOS.items():
+        for name in names:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        ok, reason, transport, _ = cuda_ll.probe_ll(comm, 1 << 20, True)
+        out[label] = (ok, reason, transport)
+    comm.close()
+    return out
+
+
+def test_ll_probe_refuses_ibrc_without_gdrcopy_between_hosts(emu_lib):
+    """The low-latency kernels still set their flags with 4-byte NVSHMEM atomics: across hosts, IBRC
+    without GDRCopy is refused on every rank alike (the Buffer falls back to the portable engine with
+    this reason), naming the transport and the fix; IBGDA and UCX are accepted."""
+    results = run_ranks(_ll_probe_hosts_worker, 2, timeout_s=180,
+                        env={"DEEP_EP_ENGINE": "emulated", "DEEP_EP_TIMEOUT_S": "60"})
+    for label in results[0]:
+        assert len({r[label] for r in results}) == 1, f"{label}: the ranks disagree: {[r[label] for r in results]}"
+    got = results[0]
+    assert got["default"][0] and got["default"][2] == "nvshmem", got["default"]
+    assert got["ucx"][0] and got["ucx"][2] == "nvshmem", got["ucx"]
+    ok, reason, transport = got["ibrc without gdrcopy"]
+    assert not ok and transport == "", reason
+    assert "(IBRC without GDRCopy) is not usable" in reason and "NVSHMEM_IB_ENABLE_IBGDA=1" in reason \
+        and "GDRCopy" in reason, reason
+    ok, reason, _ = got["none"]
+    assert not ok and "NVSHMEM_REMOTE_TRANSPORT=none" in reason, reason

@@ -76,7 +76,8 @@ def _local_status(num_rdma_bytes: int) -> Tuple[bool, str, dict]:
         return False, f"cannot query the PCI bus id of cuda:{device}: {exc}", {}
     nv = _core.load_nvshmem()
     facts = {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "bus_id": bus_id,
-             "nvshmem": nv is not None, "nvshmem_reason": "" if nv is not None else (_core.nvshmem_load_error() or "")}
+             "nvshmem": nv is not None, "nvshmem_reason": "" if nv is not None else (_core.nvshmem_load_error() or ""),
+             "nvshmem_remote": _nvshmem.remote_transport()}
     return True, "", facts
 
 
@@ -111,6 +112,14 @@ def probe_ll(comm: Communicator, num_rdma_bytes: int, allow_nvlink: bool) -> Tup
                 peer_ok, peer_reason = False, f"rank {peer}: {r_reason}"
                 break
     nv_missing = [(p, f["nvshmem_reason"]) for p, f in enumerate(all_facts) if not f["nvshmem"]]
+    if not nv_missing and len({f["host"] for f in all_facts}) > 1:
+        # Between hosts: the transport NVSHMEM will use must carry the kernels' atomics.
+        for p, f in enumerate(all_facts):
+            name, problem = f["nvshmem_remote"]
+            problem = problem or _nvshmem.ll_remote_problem(name)
+            if problem:
+                nv_missing = [(p, f"the NVSHMEM transport between hosts ({name}) is not usable: {problem}")]
+                break
     nv_ok = not nv_missing
     nv_reason = "" if nv_ok else f"rank {nv_missing[0][0]}: {nv_missing[0][1]}"
     if request in ("auto", "peer") and peer_ok:
