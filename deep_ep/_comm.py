@@ -811,12 +811,13 @@ class Communicator:
         return [pickle.loads(gathered[i, : sizes[i]].numpy().tobytes()) for i in range(self.size)]
 
     # ------------------------------------------------------------------- shared-memory transport
-    def enable_shm(self, data_bytes: int) -> str:
+    def enable_shm(self, data_bytes: int, engine_bytes: int = 0) -> str:
         """Collectively set up the same-host shared-memory transport for CPU tensors (`deep_ep._shm`) with
-        `data_bytes` of data area per rank, unless ``DEEP_EP_TRANSPORT=gloo``. Returns why the CPU
-        transport is what it is (for ``Buffer.engine_reason``); every rank gets the same outcome."""
+        `data_bytes` of data area and `engine_bytes` of engine area (the low-latency receive slots) per
+        rank, unless ``DEEP_EP_TRANSPORT=gloo``. Returns why the CPU transport is what it is (for
+        ``Buffer.engine_reason``); every rank gets the same outcome."""
         from . import _shm
-        self.shm, reason = _shm.setup(self, data_bytes, _env.transport_override())
+        self.shm, reason = _shm.setup(self, data_bytes, _env.transport_override(), engine_bytes)
         return reason
 
     @property
@@ -832,6 +833,20 @@ class Communicator:
             return None
         self._check_open(op)
         return self.shm.send_buffer(num_bytes, op)
+
+    def engine_areas(self, op: str) -> Optional[List[torch.Tensor]]:
+        """Shared-memory transport with an engine area only (else None): every rank's engine area (uint8),
+        mapped in this process, indexed by rank (`deep_ep._shm.ShmTransport.engine_area`)."""
+        if self.shm is None or self.shm.engine_bytes == 0:
+            return None
+        self._check_open(op)
+        return [self.shm.engine_area(r) for r in range(self.size)]
+
+    def fence_round(self, op: str) -> None:
+        """Shared-memory transport: an exchange of no bytes; when it returns, every store any rank made
+        before entering it is visible here (`deep_ep._shm.ShmTransport.fence_round`)."""
+        self._check_open(op)
+        self.shm.fence_round(op)
 
     def all_to_all_views(self, inp: torch.Tensor, out_splits: Sequence[int], in_splits: Sequence[int],
                          op: str = "all_to_all") -> Optional[Tuple[List[torch.Tensor], Any]]:

@@ -6,8 +6,10 @@ created in ``/dev/shm`` or any file system, so a normal exit, a crash or a SIGKI
 nothing behind: the kernel frees a region when its last mapping goes away.
 
 Region of rank ``r``: a control block (its posting and its acknowledgements, 8-byte words, each
-written only by ``r``), then its data area of ``num_nvl_bytes + num_rdma_bytes`` bytes (the sizes the
-user gave the Buffer, like the GPU path's buffers; at least `MIN_DATA_BYTES`).
+written only by ``r``), then its data area (the sizes the user gave the Buffer, like the GPU path's
+buffers: ``num_nvl_bytes + num_rdma_bytes``, or with ``low_latency_mode`` ``num_nvl_bytes``; at least
+`MIN_DATA_BYTES`), then with ``low_latency_mode`` its engine area of ``num_rdma_bytes`` (the
+low-latency engine's receive slots, `engine_area`: peers write into it directly, see below).
 
 An all-to-all (``all_to_all``) is pull-based and synchronous:
 
@@ -18,6 +20,11 @@ An all-to-all (``all_to_all``) is pull-based and synchronous:
   acknowledges the post counter;
 * a send larger than the data area goes in several rounds (each waits for every peer's
   acknowledgement of the previous one).
+
+The low-latency engine moves its rows by *push* instead (one copy instead of two): after its header
+exchange (which every rank enters only once it is done with the slot's previous contents) each sender
+writes its rows straight into the receivers' engine areas, then `fence_round` (an all-to-all of no
+bytes) tells every receiver that its peers' writes are complete and visible.
 
 Synchronisation is by those counters in shared memory (x86-64 only: its stores are seen in program
 order, and a locked instruction before each counter store orders the non-temporal stores of large
@@ -58,13 +65,15 @@ def _round_up(n: int, to: int) -> int:
 
 
 class _Layout:
-    def __init__(self, size: int, data_bytes: int) -> None:
+    def __init__(self, size: int, data_bytes: int, engine_bytes: int = 0) -> None:
         self.size = size
         self.ack = _round_up(_W_SEGS + 2 * size, 8)          # first ack word
         self.text = (self.ack + _round_up(size, 8)) * 8       # byte offset of the op text
         self.data = _round_up(self.text + _OP_TEXT_BYTES, _PAGE)
         self.data_bytes = _round_up(max(int(data_bytes), 1), _PAGE)
-        self.total = self.data + self.data_bytes
+        self.engine = self.data + self.data_bytes             # byte offset of the engine area
+        self.engine_bytes = _round_up(max(int(engine_bytes), 0), _PAGE)
+        self.total = self.engine + self.engine_bytes
 
 
 _FENCE = threading.Lock()
@@ -93,6 +102,9 @@ class ShmTransport:
         self._ctrl = [memoryview(m)[:layout.data].cast("q") for m in maps]
         self._data = [torch.frombuffer(m, dtype=torch.uint8, offset=layout.data, count=layout.data_bytes)
                       for m in maps]
+        self._engine = [torch.frombuffer(m, dtype=torch.uint8, offset=layout.engine, count=layout.engine_bytes)
+                        if layout.engine_bytes else torch.empty(0, dtype=torch.uint8) for m in maps]
+        self.engine_bytes = layout.engine_bytes
         self._mine = self._ctrl[self.rank]
         self._my_data = self._data[self.rank]
         self._seq = 0                   # shared-memory all-to-alls so far (the same on every rank)
@@ -106,6 +118,7 @@ class ShmTransport:
         """Drop this rank's mappings (the memory goes once every rank has dropped them)."""
         self._ctrl = []
         self._data = []
+        self._engine = []
         self._mine = None
         self._my_data = None
         maps, self._maps = self._maps, []
@@ -114,6 +127,23 @@ class ShmTransport:
                 m.close()
             except (BufferError, ValueError):
                 pass  # a view still exported (a tensor handed out): the mapping goes with its last user
+
+    # --------------------------------------------------------------------------- engine areas
+    def engine_area(self, rank: int) -> torch.Tensor:
+        """Rank `rank`'s engine area (uint8, `engine_bytes`), mapped in this process: the low-latency
+        engine's receive slots, written directly by the peers (module docstring). An engine writes into a
+        peer's area only where the peer's own progress guarantees that the peer is done with the old
+        contents, and reads its own area only after a `fence_round` that follows the peers' writes."""
+        if self._broken is not None:
+            raise RuntimeError(f"deep_ep: the shared-memory transport failed earlier ({self._broken})")
+        return self._engine[rank]
+
+    def fence_round(self, op: str) -> None:
+        """An all-to-all of no bytes: when it returns on a rank, every store that any rank made before
+        entering it (into any region) is visible to this rank. Waits, times out and fails like any exchange."""
+        empty = torch.empty(0, dtype=torch.uint8)
+        zeros = [0] * self.size
+        self.all_to_all(empty, empty, zeros, zeros, op)
 
     # ------------------------------------------------------------------------------------ sending
     def send_buffer(self, num_bytes: int, op: str) -> Optional[torch.Tensor]:
@@ -333,16 +363,19 @@ def _open_region(num_bytes: int) -> Tuple[int, mmap.mmap]:
         raise
 
 
-def setup(comm: "Communicator", data_bytes: int, forced: Optional[str]) -> Tuple[Optional[ShmTransport], str]:
+def setup(comm: "Communicator", data_bytes: int, forced: Optional[str],
+          engine_bytes: int = 0) -> Tuple[Optional[ShmTransport], str]:
     """Collectively set up the transport (every rank calls it and every rank gets the same outcome).
 
+    `data_bytes`: the data area of the all-to-all (at least `MIN_DATA_BYTES`); `engine_bytes`: the
+    engine area (`ShmTransport.engine_area`, none when 0).
     Returns ``(transport or None, reason)``; `forced` is ``"gloo"``, ``"shm"`` or None (automatic).
     Raises when ``"shm"`` is forced and it cannot be set up.
     """
     if forced == "gloo":
         return None, "gloo transport (forced by DEEP_EP_TRANSPORT=gloo)"
     size, rank = comm.size, comm.rank
-    layout = _Layout(size, max(int(data_bytes), MIN_DATA_BYTES))
+    layout = _Layout(size, max(int(data_bytes), MIN_DATA_BYTES), engine_bytes)
     why = ""
     if not comm.single_host:
         why = "the ranks span several hosts"
@@ -390,5 +423,6 @@ def setup(comm: "Communicator", data_bytes: int, forced: Optional[str]) -> Tuple
         if forced == "shm":
             raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_TRANSPORT=shm, but {reason[len('gloo transport ('):-1]}")
         return None, reason
+    engine = f" + {layout.engine_bytes} bytes of low-latency receive slots" if layout.engine_bytes else ""
     return ShmTransport(comm, layout, maps), (f"same-host shared-memory transport ({layout.data_bytes} bytes per "
-                                              f"rank, memfd)")
+                                              f"rank{engine}, memfd)")

@@ -202,7 +202,11 @@ class Buffer:
                 _agree.exchange(self._comm, None, "__init__ (agreement)")
             self.engine, self.engine_reason = self._choose_engine(num_nvl_bytes)
             # CPU tensors: same-host shared memory when every rank is on this host, else gloo (deep_ep._shm).
-            self.transport_reason = self._comm.enable_shm(num_nvl_bytes + num_rdma_bytes)
+            # With low_latency_mode the RDMA bytes become the low-latency receive slots that the peers
+            # write into (the LL engine's push path), apart from the all-to-all's data area.
+            self.transport_reason = self._comm.enable_shm(
+                num_nvl_bytes + (0 if low_latency_mode else num_rdma_bytes),
+                num_rdma_bytes if low_latency_mode else 0)
             self.engine_reason += f"; CPU tensors: {self.transport_reason}"
             self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
             self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"

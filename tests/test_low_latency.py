@@ -558,6 +558,19 @@ def _double_buffer(buffer, tracker: _Tracker, seed: int, rank: int, num_ranks: i
     want = ref_combine(cases[0], rank, num_ranks, spec["E"], spec["H"], "fp8", True, False)
     assert torch.equal(bits(combined), bits(want))
 
+    # A combine of a BF16 dispatch's own recv_x two calls later, when that combine reuses the very slot
+    # recv_x lives in (on the shared-memory push path the peers write into it during the call): the
+    # result is still that of the same rows kept elsewhere.
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(cases[0]["x"][rank], topk, spec["T_max"], spec["E"],
+                                                          use_fp8=False)
+    tracker.calls += 1
+    kept = recv_x.clone()
+    dispatch(cases[1], False)
+    in_slot, _, _ = buffer.low_latency_combine(recv_x, topk, w, handle)
+    elsewhere, _, _ = buffer.low_latency_combine(kept, topk, w, handle)
+    tracker.calls += 2
+    assert torch.equal(bits(in_slot), bits(elsewhere))
+
 
 def _clean_buffer(buffer, tracker: _Tracker, seed: int, rank: int, num_ranks: int) -> None:
     """`clean_low_latency_buffer` zeroes the signalling words of both slots; LL calls work afterwards."""

@@ -42,17 +42,19 @@ def _threads_inside_calls(rank, num_ranks, group):
 
     seen = {}
 
-    def spy(cls, name):
+    def spy(cls, name, key=None):
         original = getattr(cls, name)
 
         def wrapper(self, *a, **k):
-            seen.setdefault(name, torch.get_num_threads())
+            seen.setdefault(key or name, torch.get_num_threads())
             return original(self, *a, **k)
         setattr(cls, name, wrapper)
 
     for name in ("get_dispatch_layout", "dispatch", "combine"):
         spy(portable.PortableEngine, name)
-    spy(portable_ll.PortableLowLatency, "_unpack_dispatch")
+    # The hook's work: unpacking (gloo transport) or filling the handle (shared-memory push path).
+    spy(portable_ll.PortableLowLatency, "_unpack_dispatch", "unpack")
+    spy(portable_ll.PortableLowLatency, "_unpack_dispatch_push", "unpack")
     torch.set_num_threads(7)
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(8, 128, num_ranks, 4)
     nvl = max(c.get_nvl_buffer_size_hint(128 * 2, num_ranks)
@@ -80,7 +82,7 @@ def test_calls_run_capped_and_restore_the_callers_threads():
     results = run_ranks(_threads_inside_calls, 2)
     want = max(1, cores_available() // 2)
     for seen, after_normal, after_ll in results:
-        assert seen == {"get_dispatch_layout": want, "dispatch": want, "combine": want, "_unpack_dispatch": want}, seen
+        assert seen == {"get_dispatch_layout": want, "dispatch": want, "combine": want, "unpack": want}, seen
         assert after_normal == 7 and after_ll == 7
 
 

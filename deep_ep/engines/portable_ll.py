@@ -23,6 +23,18 @@ Wire protocol (per call, at most two collectives):
      expert then by the dispatch order; the owner matches them to its own ``topk_idx`` (sorted by
      expert, stable) and reduces with its weights in ``k`` order in float32.
 
+**Push path** (same-host shared-memory transport, CPU tensors, no shrink mode): the rows are written
+straight into the receivers' memory, one copy instead of gather + send + receive + unpack. Each rank's
+engine area (`deep_ep._shm`) mirrors the RDMA buffer's layout (`LowLatencyLayout`); the receive slot
+of the call's double-buffer slot holds, for dispatch, ``recv_x`` itself (``[E/R, R*T_max, H]``, the
+tensor the call returns, as DeepEP's ``recv_x`` lives in its RDMA buffer), then ``src_info`` and the
+FP8 scales (row-major, copied into the returned column-major tensor); for combine, the rows in the
+arrival order above. The dispatch header carries per-expert pair counts instead of message counts, so
+every sender knows where its rows go (after the rows of the lower ranks, in token order); the header
+exchange also guarantees that every receiver is done with the slot's previous contents (it entered
+this call). After writing, an exchange of no bytes (`Communicator.fence_round`) makes the writes
+visible. Both paths give the same bits.
+
 With ``return_recv_hook`` the header exchange runs at call time and the data exchange is started
 asynchronously; ``hook()`` waits for it and fills the already returned tensors in place.
 
@@ -55,12 +67,14 @@ __all__ = ["PortableLowLatency"]
 _KIND_DISPATCH = 1
 _KIND_COMBINE = 2
 _HEADER_WORDS = 10
-_H_KIND, _H_TMAX, _H_HIDDEN, _H_EXPERTS, _H_TOPK, _H_FP8, _H_ROUND, _H_UE8M0, _H_OVERFLOW = range(9)
+_H_KIND, _H_TMAX, _H_HIDDEN, _H_EXPERTS, _H_TOPK, _H_FP8, _H_ROUND, _H_UE8M0, _H_OVERFLOW, _H_PUSH = range(10)
 _DISPATCH_SIGNATURE = ((_H_TMAX, "num_max_dispatch_tokens_per_rank"), (_H_HIDDEN, "x (hidden size)"),
                        (_H_EXPERTS, "num_experts"), (_H_TOPK, "topk_idx (num_topk)"), (_H_FP8, "use_fp8"),
-                       (_H_ROUND, "round_scale"), (_H_UE8M0, "use_ue8m0"))
+                       (_H_ROUND, "round_scale"), (_H_UE8M0, "use_ue8m0"),
+                       (_H_PUSH, "the data path (shared-memory push: CPU tensors on every rank)"))
 _COMBINE_SIGNATURE = ((_H_TMAX, "handle (num_max_dispatch_tokens_per_rank)"), (_H_HIDDEN, "handle (hidden)"),
-                      (_H_EXPERTS, "handle (num_experts)"))
+                      (_H_EXPERTS, "handle (num_experts)"),
+                      (_H_PUSH, "the data path (shared-memory push: CPU tensors on every rank)"))
 _KIND_FAILED = 3  # shrink mode: this rank raised before its header exchange (deep_ep._agree)
 _KIND_NAMES = {_KIND_DISPATCH: "low_latency_dispatch", _KIND_COMBINE: "low_latency_combine"}
 
@@ -260,16 +274,34 @@ class PortableLowLatency(DoubleBufferSlots):
         return gone
 
     def _header(self, kind: int, words: Sequence[Tuple[int, int]], send_counts: Sequence[int],
-                expect_counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+                expect_counts: Optional[Sequence[int]] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[signature (10 words) | send_counts (R) | expect_counts (R) | extra]`` int64."""
         size = self.comm.size
-        vec = torch.zeros(_HEADER_WORDS + 2 * size, dtype=torch.int64)
+        width = _HEADER_WORDS + 2 * size
+        vec = torch.zeros(width + (0 if extra is None else extra.numel()), dtype=torch.int64)
         vec[_H_KIND] = kind
         for index, value in words:
             vec[index] = int(value)
         vec[_HEADER_WORDS:_HEADER_WORDS + size] = torch.tensor(list(send_counts), dtype=torch.int64)
         if expect_counts is not None:
-            vec[_HEADER_WORDS + size:] = torch.tensor(list(expect_counts), dtype=torch.int64)
+            vec[_HEADER_WORDS + size:width] = torch.tensor(list(expect_counts), dtype=torch.int64)
+        if extra is not None:
+            vec[width:] = extra.to(torch.int64)
         return vec
+
+    def _push_areas(self, use_p2p: bool, device: torch.device, layout: LowLatencyLayout, slot: int,
+                    need: int) -> Optional[List[torch.Tensor]]:
+        """The push path's receive slot `slot` of every rank (uint8 views of `need` bytes, indexed by rank),
+        or None where the push path does not apply: shrink mode, CUDA tensors, gloo transport, or an
+        engine area too small for the layout. The ranks derive the answer from agreed values (the header
+        signature compares it)."""
+        if use_p2p or device.type != "cpu":
+            return None
+        offset = layout.recv_offset(slot)
+        areas = self.comm.engine_areas("low_latency (receive slots)")
+        if areas is None or need > layout.recv_bytes or offset + layout.recv_bytes > areas[0].numel():
+            return None
+        return [area[offset:offset + need] for area in areas]
 
     def _check_signatures(self, table: torch.Tensor, peers: List[int], kind: int,
                           signature: Sequence[Tuple[int, str]]) -> None:
@@ -337,10 +369,18 @@ class PortableLowLatency(DoubleBufferSlots):
         slot, use = self._begin_call()
         participating, peers, use_p2p = self._route()
         rank_ok = self._rank_ok(participating, use_p2p, device)
+        row_bytes = hidden if use_fp8 else 2 * hidden
+        slot_rows = num_local * num_rows
+        push = self._push_areas(use_p2p, device, LowLatencyLayout(t_max, hidden, num_experts), slot,
+                                slot_rows * (row_bytes + 4 + (4 * num_scales if use_fp8 else 0)))
 
         # Outputs (allocated now so that hook mode can return them before the data arrives).
+        x_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+        if push is not None:  # recv_x is this rank's receive slot, which the senders write into
+            recv_x = push[rank][:slot_rows * row_bytes].view(x_dtype).view(num_local, num_rows, hidden)
+        else:
+            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), x_dtype, device)
         if use_fp8:
-            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), torch.float8_e4m3fn, device)
             if use_ue8m0:
                 num_packed = (num_scales + 3) // 4
                 scales = torch.empty((num_local, num_packed, num_rows), dtype=torch.int32,
@@ -349,7 +389,6 @@ class PortableLowLatency(DoubleBufferSlots):
                 scales = torch.empty((num_local, num_scales, num_rows), dtype=torch.float32,
                                      device=device).transpose(1, 2)
         else:
-            recv_x = self._reused(slot, "recv_x", (num_local, num_rows, hidden), torch.bfloat16, device)
             scales = None
         recv_count = torch.zeros(num_local, dtype=torch.int32, device=device)
         src_info = torch.full((num_local, num_rows), -1, dtype=torch.int32, device=device)
@@ -359,6 +398,10 @@ class PortableLowLatency(DoubleBufferSlots):
 
         if not participating:
             return recv_x_out, recv_count, handle, (lambda: None) if return_recv_hook else None
+        if push is not None:
+            return self._dispatch_push(push, x, topk_idx, t_max, num_experts, use_fp8, round_scale, use_ue8m0,
+                                       recv_x_out, recv_count, handle, cumulative_local_expert_recv_stats,
+                                       dispatch_wait_recv_cost_stats, return_recv_hook, slot, use)
 
         # Sender side: one message per (token, destination rank), destinations ascending, tokens in order.
         topk = topk_idx.to(torch.int64)
@@ -431,6 +474,119 @@ class PortableLowLatency(DoubleBufferSlots):
 
         return recv_x_out, recv_count, handle, self._make_hook(finish, exchange, slot, use, return_recv_hook,
                                                                "low_latency_dispatch")
+
+    def _dispatch_push(self, areas: List[torch.Tensor], x: torch.Tensor, topk_idx: torch.Tensor, t_max: int,
+                       num_experts: int, use_fp8: bool, round_scale: bool, use_ue8m0: bool, recv_x_out,
+                       recv_count: torch.Tensor, handle: tuple, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
+                       dispatch_wait_recv_cost_stats: Optional[torch.Tensor], return_recv_hook: bool, slot: int,
+                       use: int):
+        """`dispatch` on the push path (module docstring): each (token, k) row goes straight from this
+        rank's ``x`` into the receiver's ``recv_x`` at its final place; the same outputs as `dispatch`."""
+        comm = self.comm
+        size, rank = comm.size, comm.rank
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.size(1)
+        num_local = num_experts // size
+        num_rows = size * t_max
+        num_scales = hidden // GROUP_SIZE
+        slot_rows = num_local * num_rows
+        row_bytes = hidden if use_fp8 else 2 * hidden
+        src_info, layout_range = handle[0], handle[1]
+
+        if _overlaps(x, areas[rank]):  # e.g. a slice of a recv_x of this slot: the peers will overwrite it
+            x = x.clone()
+        # This rank's valid (token, k) pairs sorted by expert, stable: within an expert, token order.
+        topk = topk_idx.to(torch.int64)
+        pair_token, pair_k = (topk >= 0).nonzero(as_tuple=True)
+        pair_expert = topk[pair_token, pair_k]
+        order = torch.sort(pair_expert, stable=True).indices
+        token_sorted = pair_token.index_select(0, order)
+        expert_sorted = pair_expert.index_select(0, order)
+        my_counts = torch.bincount(pair_expert, minlength=num_experts)
+        overflow = int((my_counts > t_max).sum())
+
+        words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts), (_H_TOPK, num_topk),
+                 (_H_FP8, use_fp8), (_H_ROUND, round_scale), (_H_UE8M0, use_ue8m0), (_H_OVERFLOW, overflow),
+                 (_H_PUSH, 1))
+        start_ns = time.perf_counter_ns()
+        table, peers = self._gather_header(self._header(_KIND_DISPATCH, words, [0] * size, extra=my_counts),
+                                           list(range(size)), False, "low_latency_dispatch (header exchange)")
+        self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
+        overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
+        if overflowing:
+            raise _agree.coordinated(RuntimeError(
+                f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
+                f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
+                f"same expert several times); a rank's block per expert holds at most {t_max} rows"))
+        counts = table[:, _HEADER_WORDS + 2 * size:]              # [R, E] pairs of each rank per expert
+        begins = _exclusive_cumsum(counts, dim=0)                 # where each rank's rows start in a block
+        header_ns = time.perf_counter_ns() - start_ns
+
+        # Write: expert e's rows of this rank go to rank e // L, block e % L, rows [begin, begin + count).
+        if use_fp8:
+            x_fp8, scale_inv = per_token_cast_to_fp8(x, round_scale)
+            payload = x_fp8.view(torch.uint8)
+        else:
+            payload, scale_inv = x.contiguous(), None
+        rows = [a[:slot_rows * row_bytes].view(payload.dtype).view(num_local, num_rows, -1) for a in areas]
+        info_at = slot_rows * row_bytes
+        infos = [a[info_at:info_at + slot_rows * 4].view(torch.int32) for a in areas]
+        scale_at = info_at + slot_rows * 4
+        stages = [a[scale_at:scale_at + slot_rows * num_scales * 4].view(torch.float32).view(slot_rows, num_scales)
+                  for a in areas] if use_fp8 else None
+        my_begin = begins[rank]
+        starts = _exclusive_cumsum(my_counts)
+        flat = ((expert_sorted % num_local) * num_rows + my_begin.index_select(0, expert_sorted)
+                + torch.arange(expert_sorted.numel()) - starts.index_select(0, expert_sorted))
+        token32 = token_sorted.to(torch.int32)
+        at = 0
+        for e, (count, begin) in enumerate(zip(my_counts.tolist(), my_begin.tolist())):
+            if count:
+                dst, block = divmod(e, num_local)
+                torch.index_select(payload, 0, token_sorted[at:at + count], out=rows[dst][block, begin:begin + count])
+                at += count
+        per_dest = my_counts.view(size, num_local).sum(dim=1).tolist()
+        at = 0
+        for dst, count in enumerate(per_dest):
+            if count:
+                index = flat[at:at + count]
+                infos[dst].index_copy_(0, index, token32[at:at + count])
+                if use_fp8:
+                    stages[dst].index_copy_(0, index, scale_inv.index_select(0, token_sorted[at:at + count]))
+                at += count
+        if int(counts.sum()):  # else nothing moved anywhere (every rank knows it from the table)
+            wait_start = time.perf_counter_ns()
+            comm.fence_round("low_latency_dispatch (data exchange)")
+            header_ns += time.perf_counter_ns() - wait_start
+
+        def finish() -> None:
+            self._unpack_dispatch_push(counts, begins, infos[rank], stages[rank] if use_fp8 else None, use_ue8m0,
+                                       recv_x_out, recv_count, src_info, layout_range)
+            if cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.dtype))
+            if dispatch_wait_recv_cost_stats is not None:
+                local = counts[:, rank * num_local:(rank + 1) * num_local]
+                self._add_wait(dispatch_wait_recv_cost_stats, local.sum(dim=1).tolist(), header_ns)
+
+        return recv_x_out, recv_count, handle, self._make_hook(finish, _Exchange(), slot, use, return_recv_hook,
+                                                               "low_latency_dispatch")
+
+    def _unpack_dispatch_push(self, counts: torch.Tensor, begins: torch.Tensor, info: torch.Tensor,
+                              stage: Optional[torch.Tensor], use_ue8m0: bool, recv_x_out, recv_count: torch.Tensor,
+                              src_info: torch.Tensor, layout_range: torch.Tensor) -> None:
+        """Push path: the rows are in place already; fill the counts, the handle and the FP8 scales from
+        the header table (`counts`, `begins`: ``[R, E]``) and the receive slot (`info`, `stage`)."""
+        size, rank = self.comm.size, self.comm.rank
+        num_local, num_rows = src_info.shape
+        local = counts[:, rank * num_local:(rank + 1) * num_local]        # [R, L] rows from each source
+        local_begin = begins[:, rank * num_local:(rank + 1) * num_local]
+        per_expert = local.sum(dim=0)
+        recv_count.copy_(per_expert.to(torch.int32))
+        layout_range.copy_((local_begin.t() << 32) | local.t())
+        filled = torch.arange(num_rows).unsqueeze(0) < per_expert.unsqueeze(1)
+        src_info.copy_(torch.where(filled, info.view(num_local, num_rows), src_info))
+        if stage is not None:
+            recv_x_out[1].copy_((pack_ue8m0(stage) if use_ue8m0 else stage).view(num_local, num_rows, -1))
 
     def _unpack_dispatch(self, recv_buf: torch.Tensor, recv_counts: List[int], num_topk: int, hidden: int,
                          num_local: int, num_rows: int, use_fp8: bool, use_ue8m0: bool, recv_x: torch.Tensor,
@@ -524,6 +680,9 @@ class PortableLowLatency(DoubleBufferSlots):
 
         # Sender side: the rows of every (local expert, source) block, grouped by source, experts ascending.
         data = self._combine_send_view(slot, t_max, hidden, num_experts, device) if zero_copy else x
+
+        def rows_src_of(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(num_local * num_rows, hidden)
         ranges = layout_range.to(device)
         block_count = ranges & 0xFFFFFFFF
         block_begin = ranges >> 32
@@ -549,7 +708,18 @@ class PortableLowLatency(DoubleBufferSlots):
         order = torch.sort(pair_expert, stable=True).indices
         expect_counts = torch.bincount(pair_owner, minlength=size).tolist()
 
-        words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts))
+        # Push path: the rows go straight into the owners' receive slots (at most E*T_max rows per rank).
+        push = self._push_areas(use_p2p, device, LowLatencyLayout(t_max, hidden, num_experts), slot,
+                                num_experts * t_max * 2 * hidden)
+        words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts), (_H_PUSH, push is not None))
+        early = None
+        if push is not None and (use_logfmt or _overlaps(data, push[rank])):
+            # The rows are taken now, before the peers may write into this slot: `x` may be the recv_x of
+            # a dispatch two calls back, which lives in this very slot (DeepEP's kernels would read it
+            # half overwritten; here it stays right, at the cost of the extra copy).
+            early = rows_src_of(data).index_select(0, send_rows)
+            if use_logfmt:
+                early = logfmt10_round(early)
         start_ns = time.perf_counter_ns()
         table, answered = self._gather_header(self._header(_KIND_COMBINE, words, send_counts, expect_counts), peers,
                                               use_p2p, "low_latency_combine (header exchange)")
@@ -574,14 +744,33 @@ class PortableLowLatency(DoubleBufferSlots):
         recv_counts = sent[:, rank].tolist()
         # The rows to send, gathered straight into the shared-memory send area when there is one (after
         # the header exchange, which used the area).
-        rows_src = data.reshape(num_local * num_rows, hidden)
-        if use_logfmt:
-            send_buf = logfmt10_round(rows_src.index_select(0, send_rows))
+        rows_src = rows_src_of(data)
+        if push is not None:
+            # Each owner receives the rows of the lower ranks first: this rank's rows for owner d start
+            # after sum(sent[:rank, d]) rows of its receive slot.
+            slots = [a.view(torch.bfloat16).view(-1, hidden) for a in push]
+            offsets = _exclusive_cumsum(sent, dim=0)[rank].tolist()
+            at = 0
+            for dst, count in enumerate(send_counts):
+                if count:
+                    target = slots[dst][offsets[dst]:offsets[dst] + count]
+                    if early is not None:
+                        target.copy_(early[at:at + count])
+                    else:
+                        torch.index_select(rows_src, 0, send_rows[at:at + count], out=target)
+                    at += count
+            if int(sent.sum()):
+                comm.fence_round("low_latency_combine (data exchange)")
+            recv_buf, exchange = slots[rank][:sum(recv_counts)], _Exchange()
         else:
-            send_buf = self._send_area(slot, "send_c", (num_send, hidden), torch.bfloat16, device, use_p2p)
-            torch.index_select(rows_src, 0, send_rows, out=send_buf)
-        recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
-                                                 int(sent.sum()) == 0, "low_latency_combine (data exchange)", slot)
+            if use_logfmt:
+                send_buf = logfmt10_round(rows_src.index_select(0, send_rows))
+            else:
+                send_buf = self._send_area(slot, "send_c", (num_send, hidden), torch.bfloat16, device, use_p2p)
+                torch.index_select(rows_src, 0, send_rows, out=send_buf)
+            recv_buf, exchange = self._exchange_rows(send_buf, send_counts, recv_counts, peers, use_p2p,
+                                                     int(sent.sum()) == 0, "low_latency_combine (data exchange)",
+                                                     slot)
         weights = topk_weights.to(torch.float32)
 
         def finish() -> None:
@@ -743,6 +932,15 @@ class PortableLowLatency(DoubleBufferSlots):
     def clean_mask(self) -> None:
         assert self.enable_shrink
         self._mask.zero_()
+
+
+def _overlaps(t: torch.Tensor, area: torch.Tensor) -> bool:
+    """Whether any byte of `t` may lie inside `area` (contiguous; bounds of `t` from its strides)."""
+    if t.numel() == 0:
+        return False
+    lo = t.data_ptr()
+    hi = lo + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+    return lo < area.data_ptr() + area.numel() * area.element_size() and area.data_ptr() < hi
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
