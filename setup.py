@@ -68,6 +68,8 @@ setup(
     long_description=_long_description(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["deep_ep", "deep_ep.*"]),
+    # The native CPU helpers' source, compiled on first use (deep_ep/_native.py).
+    package_data={"deep_ep": ["native/*.c"]},
     python_requires=">=3.10",
     install_requires=["torch"],
     extras_require={

@@ -282,20 +282,24 @@ def exchange(comm: Communicator, payload: Optional[torch.Tensor], op: str, async
     cap = st.cap
     width = 0 if payload is None else payload.numel()
     inline = width <= cap
-    vec = torch.zeros(D + cap, dtype=torch.int64)
-    vec[W_MAGIC] = _MAGIC
-    vec[W_CALL] = call.index
-    vec[W_METHOD] = _METHODS.index(call.method) if call.method in _METHODS else 0
-    vec[W_STATUS] = call.status
+    words = [0] * D  # built as a list: one tensor construction, not one tensor write per word
+    words[W_MAGIC] = _MAGIC
+    words[W_CALL] = call.index
+    words[W_METHOD] = _METHODS.index(call.method) if call.method in _METHODS else 0
+    words[W_STATUS] = call.status
     for index, value in call.words.items():
-        vec[index] = value
-    vec[W_PAYLOAD] = width
+        words[index] = value
+    words[W_PAYLOAD] = width
+    # The same vector to every rank: built R times over in place (no separate repeat).
+    send = torch.zeros(R, D + cap, dtype=torch.int64)
+    send[:, :D] = torch.tensor(words, dtype=torch.int64)
     if payload is not None and inline:
-        vec[D:D + width] = payload.view(-1).to(torch.int64)
+        send[:, D:D + width] = payload.view(1, -1)
+    send = send.view(-1)
     out = torch.empty(R * (D + cap), dtype=torch.int64)
     # match: every agreement exchange pairs with any other (a failing rank joins its peers' exchange
     # under its own name; the descriptor, not the transport, tells the calls apart)
-    work = comm.all_to_all_single(out, vec.repeat(R), [D + cap] * R, [D + cap] * R, op=op, async_op=True,
+    work = comm.all_to_all_single(out, send, [D + cap] * R, [D + cap] * R, op=op, async_op=True,
                                   match=_MATCH)
     pending = _Pending(st, call, work, out, payload, inline, op, cap)
     return pending if async_op else pending.wait()

@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from . import _agree, _env
+from . import _agree, _env, _native
 from ._checks import ArgChecker, all_same_device
 from ._comm import CommError, Communicator
 from ._sizes import check_low_latency_buffer, check_normal_buffer
@@ -207,7 +207,7 @@ class Buffer:
             self.transport_reason = self._comm.enable_shm(
                 num_nvl_bytes + (0 if low_latency_mode else num_rdma_bytes),
                 num_rdma_bytes if low_latency_mode else 0)
-            self.engine_reason += f"; CPU tensors: {self.transport_reason}"
+            self.engine_reason += f"; CPU tensors: {self.transport_reason}; CPU loops: {_native.status()}"
             self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
             self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"
             if low_latency_mode:

@@ -885,10 +885,18 @@ def test_low_latency_shrink_rank_gone():
 
 @pytest.mark.parametrize("num_tokens,hidden,num_topk,drop", [(300, 2048, 8, 0.0), (300, 2048, 8, 0.3),
                                                              (77, 7168, 9, 0.5), (5, 128, 1, 1.0), (0, 256, 4, 0.0)])
-def test_ll_reduce_blocks_are_bit_identical_to_the_plain_sum(num_tokens, hidden, num_topk, drop):
-    """The token-blocked reduce of the low-latency combine (several blocks, a partial last block, pairs
-    without a row) equals ``acc = 0; acc += fp32(w) * fp32(y)`` per k ascending, bit for bit."""
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_ll_reduce_blocks_are_bit_identical_to_the_plain_sum(num_tokens, hidden, num_topk, drop, native,
+                                                             monkeypatch):
+    """The reduce of the low-latency combine, in C (deep_ep._native) and with torch's token-blocked
+    operations (several blocks, a partial last block, pairs without a row), equals
+    ``acc = 0; acc += fp32(w) * fp32(y)`` per k ascending, bit for bit."""
+    from deep_ep import _native
     from deep_ep.engines.portable_ll import PortableLowLatency
+    if native and _native.library() is None:
+        pytest.skip(f"native helpers unavailable: {_native.status()}")
+    if not native:
+        monkeypatch.setenv("DEEP_EP_CPU_NATIVE", "0")
     g = torch.Generator().manual_seed(make_seed())
     valid = torch.rand(num_tokens, num_topk, generator=g) >= drop
     tok, kk = valid.nonzero(as_tuple=True)

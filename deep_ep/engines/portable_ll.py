@@ -55,7 +55,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _agree
+from .. import _agree, _native
 from .._comm import Communicator
 from ..config import LowLatencyLayout
 from ..quant import GROUP_SIZE, logfmt10_round, pack_ue8m0, per_token_cast_to_fp8
@@ -277,17 +277,14 @@ class PortableLowLatency(DoubleBufferSlots):
                 expect_counts: Optional[Sequence[int]] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[signature (10 words) | send_counts (R) | expect_counts (R) | extra]`` int64."""
         size = self.comm.size
-        width = _HEADER_WORDS + 2 * size
-        vec = torch.zeros(width + (0 if extra is None else extra.numel()), dtype=torch.int64)
-        vec[_H_KIND] = kind
+        head = [0] * _HEADER_WORDS  # a list first: one tensor construction, not one tensor write per word
+        head[_H_KIND] = kind
         for index, value in words:
-            vec[index] = int(value)
-        vec[_HEADER_WORDS:_HEADER_WORDS + size] = torch.tensor(list(send_counts), dtype=torch.int64)
-        if expect_counts is not None:
-            vec[_HEADER_WORDS + size:width] = torch.tensor(list(expect_counts), dtype=torch.int64)
-        if extra is not None:
-            vec[width:] = extra.to(torch.int64)
-        return vec
+            head[index] = int(value)
+        head += [int(c) for c in send_counts]
+        head += [int(c) for c in expect_counts] if expect_counts is not None else [0] * size
+        vec = torch.tensor(head, dtype=torch.int64)
+        return vec if extra is None else torch.cat([vec, extra.to(torch.int64)])
 
     def _push_areas(self, use_p2p: bool, device: torch.device, layout: LowLatencyLayout, slot: int,
                     need: int) -> Optional[List[torch.Tensor]]:
@@ -496,12 +493,11 @@ class PortableLowLatency(DoubleBufferSlots):
         if _overlaps(x, areas[rank]):  # e.g. a slice of a recv_x of this slot: the peers will overwrite it
             x = x.clone()
         # This rank's valid (token, k) pairs sorted by expert, stable: within an expert, token order.
-        topk = topk_idx.to(torch.int64)
-        pair_token, pair_k = (topk >= 0).nonzero(as_tuple=True)
-        pair_expert = topk[pair_token, pair_k]
-        order = torch.sort(pair_expert, stable=True).indices
-        token_sorted = pair_token.index_select(0, order)
-        expert_sorted = pair_expert.index_select(0, order)
+        flat_topk = topk_idx.reshape(-1).to(torch.int64)
+        pair = (flat_topk >= 0).nonzero().squeeze(1)              # (token, k) row-major
+        pair_expert = flat_topk.index_select(0, pair)
+        expert_sorted, order = torch.sort(pair_expert, stable=True)
+        token_sorted = torch.div(pair.index_select(0, order), num_topk, rounding_mode="floor")
         my_counts = torch.bincount(pair_expert, minlength=num_experts)
         overflow = int((my_counts > t_max).sum())
 
@@ -539,21 +535,17 @@ class PortableLowLatency(DoubleBufferSlots):
         flat = ((expert_sorted % num_local) * num_rows + my_begin.index_select(0, expert_sorted)
                 + torch.arange(expert_sorted.numel()) - starts.index_select(0, expert_sorted))
         token32 = token_sorted.to(torch.int32)
-        at = 0
-        for e, (count, begin) in enumerate(zip(my_counts.tolist(), my_begin.tolist())):
-            if count:
-                dst, block = divmod(e, num_local)
-                torch.index_select(payload, 0, token_sorted[at:at + count], out=rows[dst][block, begin:begin + count])
-                at += count
-        per_dest = my_counts.view(size, num_local).sum(dim=1).tolist()
-        at = 0
-        for dst, count in enumerate(per_dest):
-            if count:
-                index = flat[at:at + count]
-                infos[dst].index_copy_(0, index, token32[at:at + count])
-                if use_fp8:
-                    stages[dst].index_copy_(0, index, scale_inv.index_select(0, token_sorted[at:at + count]))
-                at += count
+        lib = _native.library()
+        if lib is not None:  # the same copies in three C calls (deep_ep._native)
+            dest = torch.div(expert_sorted, num_local, rounding_mode="floor")
+            _native.copy_rows(lib, payload, token_sorted, [r.view(slot_rows, -1) for r in rows], dest, flat)
+            _native.copy_rows(lib, token32.unsqueeze(1), torch.arange(token32.numel()),
+                              [i.view(slot_rows, 1) for i in infos], dest, flat)
+            if use_fp8:
+                _native.copy_rows(lib, scale_inv.contiguous(), token_sorted, stages, dest, flat)
+        else:
+            self._push_rows(payload, token_sorted, token32, scale_inv, flat, my_counts, my_begin, rows, infos,
+                            stages, num_local, num_rows)
         if int(counts.sum()):  # else nothing moved anywhere (every rank knows it from the table)
             wait_start = time.perf_counter_ns()
             comm.fence_round("low_latency_dispatch (data exchange)")
@@ -570,6 +562,39 @@ class PortableLowLatency(DoubleBufferSlots):
 
         return recv_x_out, recv_count, handle, self._make_hook(finish, _Exchange(), slot, use, return_recv_hook,
                                                                "low_latency_dispatch")
+
+    @staticmethod
+    def _push_rows(payload: torch.Tensor, token_sorted: torch.Tensor, token32: torch.Tensor,
+                   scale_inv: Optional[torch.Tensor], flat: torch.Tensor, my_counts: torch.Tensor,
+                   my_begin: torch.Tensor, rows: List[torch.Tensor], infos: List[torch.Tensor],
+                   stages: Optional[List[torch.Tensor]], num_local: int, num_rows: int) -> None:
+        """The push dispatch's writes with torch operations (without the native helpers): expert e's rows
+        of this rank into rank e // L's block e % L from row `my_begin[e]` on, their token indices into
+        the receivers' `infos` and their scales into `stages` at the same flat rows `flat`."""
+        size = len(rows)
+        count_list, begin_list = my_counts.tolist(), my_begin.tolist()
+        sources = token_sorted.split(count_list)  # the tokens of each expert (views, one call)
+        for dst in range(size):
+            lo, hi = dst * num_local, (dst + 1) * num_local
+            if not any(count_list[lo:hi]):
+                continue
+            # Rank dst's receive slot cut into [gap, this rank's rows of expert j, gap] per local expert j.
+            cuts = []
+            for count, begin in zip(count_list[lo:hi], begin_list[lo:hi]):
+                cuts += (begin, count, num_rows - begin - count)
+            targets = rows[dst].view(num_local * num_rows, -1).split(cuts)
+            for j in range(num_local):
+                if count_list[lo + j]:
+                    torch.index_select(payload, 0, sources[lo + j], out=targets[3 * j + 1])
+        per_dest = my_counts.view(size, num_local).sum(dim=1).tolist()
+        at = 0
+        for dst, count in enumerate(per_dest):
+            if count:
+                index = flat[at:at + count]
+                infos[dst].index_copy_(0, index, token32[at:at + count])
+                if stages is not None:
+                    stages[dst].index_copy_(0, index, scale_inv.index_select(0, token_sorted[at:at + count]))
+                at += count
 
     def _unpack_dispatch_push(self, counts: torch.Tensor, begins: torch.Tensor, info: torch.Tensor,
                               stage: Optional[torch.Tensor], use_ue8m0: bool, recv_x_out, recv_count: torch.Tensor,
@@ -818,6 +843,11 @@ class PortableLowLatency(DoubleBufferSlots):
             return out.zero_()
         row_of = torch.full((num_tokens, num_topk), -1, dtype=torch.int64, device=device)
         row_of[row_token, row_k] = row
+        lib = _native.library() if device.type == "cpu" else None
+        if (lib is not None and recv.dtype == torch.bfloat16 and out.stride(1) == 1 and recv.stride(1) == 1
+                and (recv.size(0) <= 1 or recv.stride(0) == hidden)):
+            _native.ll_reduce_bf16(lib, recv, row_of, weights, out)  # the same loop in C (deep_ep._native)
+            return out
         block = max(8, PortableLowLatency._REDUCE_BLOCK_BYTES // max(1, hidden * 4))
         edges = list(range(0, num_tokens, block)) + [num_tokens]
         present = row_of >= 0

@@ -1,0 +1,178 @@
+"""Native CPU helpers of the portable engine (`deep_ep/native/cpu_kernels.c`), compiled on first use.
+
+A few loops of the CPU paths (the low-latency combine's reduce; row copies to computed places) cost
+many small torch operations each; this module compiles one small C file with the machine's C compiler
+(``$CC``, else ``cc``/``gcc``/``clang``) and Python's headers into a CPython extension module in a
+cache directory, imports it, and hands out thin wrappers (tensors go in as addresses and sizes). The results are bit for bit those of the torch operations the engines use without it
+(``tests/test_native.py`` compares both on random and special values).
+
+* ``DEEP_EP_CPU_NATIVE=0`` turns it off (the engines then use torch operations); ``=1`` makes a failed
+  build an error instead of a silent fallback.
+* The cache: ``DEEP_EP_CACHE_DIR``, else ``$XDG_CACHE_HOME/deep_ep``, else ``~/.cache/deep_ep``
+  (a temporary directory when none is writable). The module's name carries a hash of the source,
+  the compiler, its flags and the Python build; a build goes to a temporary name and is renamed into place, so ranks
+  that build at once do not see each other's half-written files.
+* `status()` says what is used and why (`Buffer.engine_reason` shows it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["library", "status", "copy_rows", "ll_reduce_bf16"]
+
+_SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
+_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _env_mode() -> str:
+    value = os.environ.get("DEEP_EP_CPU_NATIVE", "").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return "off"
+    if value in ("1", "true", "on", "yes"):
+        return "required"
+    return "auto"
+
+
+def _cache_dirs() -> List[Path]:
+    dirs = []
+    if os.environ.get("DEEP_EP_CACHE_DIR"):
+        dirs.append(Path(os.environ["DEEP_EP_CACHE_DIR"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs.append(Path(base) / "deep_ep")
+    dirs.append(Path(tempfile.gettempdir()) / f"deep_ep-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+    return dirs
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _load(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader("_cpu_kernels", str(path))
+    spec = importlib.util.spec_from_file_location("_cpu_kernels", str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _build() -> Tuple[Optional[ModuleType], str]:
+    if not _SOURCE.exists():
+        return None, f"its source {_SOURCE} is missing"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found ($CC, cc, gcc, clang)"
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return None, f"Python's headers are missing (no Python.h in {include!r})"
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    flags = _FLAGS + [f"-I{include}"]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc] + flags + [platform.machine(), sys.version, suffix])
+                         .encode()).hexdigest()[:16]
+    problems = []
+    for folder in _cache_dirs():
+        target = folder / f"cpu_kernels-{key}{suffix}"
+        try:
+            if not target.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
+                os.close(fd)
+                try:
+                    run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
+                                         timeout=120)
+                    if run.returncode != 0:
+                        return None, f"{os.path.basename(cc)} failed: {(run.stderr or run.stdout).strip()[-400:]}"
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            module = _load(target)
+        except (OSError, ImportError, subprocess.SubprocessError) as exc:
+            problems.append(f"{folder}: {exc}")
+            continue
+        return module, f"native ({os.path.basename(cc)}, {target})"
+    return None, "no usable cache directory: " + "; ".join(problems)
+
+
+def library() -> Optional[ModuleType]:
+    """The loaded helpers, or None (off, or no compiler: `status` says why). Built once per process."""
+    mode = _env_mode()
+    if mode == "off":
+        return None
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["why"] = _build()
+    if _state["lib"] is None and mode == "required":
+        raise RuntimeError(f"deep_ep: DEEP_EP_CPU_NATIVE=1, but the native CPU helpers are unavailable: {_state['why']}")
+    return _state["lib"]
+
+
+def status() -> str:
+    """What the CPU paths use for their loops, for ``Buffer.engine_reason``."""
+    if _env_mode() == "off":
+        return "torch operations (DEEP_EP_CPU_NATIVE=0)"
+    library()
+    return _state["why"] if _state["lib"] is not None else f"torch operations (native helpers unavailable: {_state['why']})"
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def copy_rows(lib: ModuleType, src: torch.Tensor, src_index: torch.Tensor, dst: Sequence[torch.Tensor],
+              dst_rank: Optional[torch.Tensor], dst_index: torch.Tensor) -> None:
+    """``dst[dst_rank[i]][dst_index[i]] = src[src_index[i]]`` for every i: rows of 2-D CPU tensors of one
+    dtype and row width, each with contiguous rows (any row stride); indices int64 (contiguous)."""
+    n = src_index.numel()
+    if n == 0:
+        return
+    row_bytes = src.size(1) * src.element_size()
+    assert src.stride(1) == 1 and all(d.stride(1) == 1 and d.size(1) == src.size(1) and d.dtype == src.dtype
+                                      for d in dst), "copy_rows: rows must be contiguous and alike"
+    assert len({d.stride(0) for d in dst}) == 1 and len({d.size(0) for d in dst}) == 1
+    bases = torch.tensor([_ptr(d) for d in dst], dtype=torch.int64)
+    src_index = src_index.to(torch.int64).contiguous()
+    dst_index = dst_index.to(torch.int64).contiguous()
+    rank = dst_rank.to(torch.int64).contiguous() if dst_rank is not None else None
+    rc = lib.copy_rows(_ptr(src), src.stride(0) * src.element_size(), src.size(0), _ptr(src_index), _ptr(bases),
+                       len(dst), _ptr(rank) if rank is not None else 0, dst[0].stride(0) * dst[0].element_size(),
+                       dst[0].size(0), _ptr(dst_index), n, row_bytes)
+    if rc != 0:
+        raise IndexError("deep_ep: native copy_rows: an index is out of range (nothing was copied)")
+
+
+def ll_reduce_bf16(lib: ModuleType, recv: torch.Tensor, row_of: torch.Tensor, weights: torch.Tensor,
+                   out: torch.Tensor) -> None:
+    """``out[t] = bf16(sum_k fp32(weights[t, k]) * fp32(recv[row_of[t, k]]))`` over ``k`` ascending with
+    ``row_of >= 0`` (`deep_ep.engines.portable_ll.PortableLowLatency._reduce`'s definition)."""
+    num_tokens, num_topk = row_of.shape
+    hidden = out.size(1)
+    assert recv.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and recv.size(1) == hidden
+    assert recv.stride(1) == 1 and recv.stride(0) == hidden and out.stride(1) == 1
+    row_of = row_of.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    acc = torch.empty(hidden, dtype=torch.float32)
+    rc = lib.ll_reduce_bf16(_ptr(recv), recv.size(0), _ptr(row_of), _ptr(weights), num_tokens, num_topk, hidden,
+                            _ptr(out), out.stride(0), _ptr(acc))
+    if rc != 0:
+        raise IndexError("deep_ep: native ll_reduce_bf16: a row index is out of range (nothing was written)")

@@ -1,0 +1,139 @@
+/*
+ * deep_ep's native CPU helpers: the few loops of the portable engine that torch can only express as
+ * many small operations. deep_ep/_native.py compiles this file on first use into a CPython extension
+ * module (`_cpu_kernels`) and imports it; without a C compiler the engine does the same work with
+ * torch operations, with the same bits.
+ *
+ * C11 and the CPython API only (no torch headers: tensors arrive as addresses and sizes). Compiled with
+ * -ffp-contract=off: a multiply followed by an add stays two roundings (never a fused multiply-add),
+ * exactly as torch's separate mul and add. Every function checks its indices before touching memory
+ * and returns 0, or -1 (nothing written) when one is out of range. The GIL is released while they run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* One body, compiled for several instruction sets; the loader picks the best (glibc ifunc). The
+ * results are the same on all of them: the arithmetic is IEEE single precision either way. */
+#define DEEP_EP_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DEEP_EP_MULTIVERSION
+#endif
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, as torch converts float32 to bfloat16 on the CPU (every NaN -> 0xFFFF). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0xFFFFu : rounded;
+}
+
+/*
+ * Copy n rows of row_bytes bytes: row i goes from src + src_index[i] * src_stride to
+ * dst[dst_rank[i]] + dst_index[i] * dst_stride (dst_rank NULL: every row to dst[0]).
+ * Bounds: src_index[i] < src_rows, dst_rank[i] < num_dst, dst_index[i] < dst_rows.
+ */
+static int64_t copy_rows(const uint8_t *src, int64_t src_stride, int64_t src_rows, const int64_t *src_index,
+                          uint8_t *const *dst, int64_t num_dst, const int64_t *dst_rank, int64_t dst_stride,
+                          int64_t dst_rows, const int64_t *dst_index, int64_t n, int64_t row_bytes) {
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t r = dst_rank ? dst_rank[i] : 0;
+        if (src_index[i] < 0 || src_index[i] >= src_rows || r < 0 || r >= num_dst || dst_index[i] < 0 ||
+            dst_index[i] >= dst_rows)
+            return -1;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        uint8_t *to = dst[dst_rank ? dst_rank[i] : 0] + dst_index[i] * dst_stride;
+        memcpy(to, src + src_index[i] * src_stride, (size_t)row_bytes);
+    }
+    return 0;
+}
+
+/*
+ * The low-latency combine's reduce: out[t] = bf16(sum over k ascending with row_of[t, k] >= 0 of
+ * float(w[t, k]) * float(recv[row_of[t, k]])), the sum starting from +0.0f, one float32 multiply and
+ * then one float32 add per term. recv: [recv_rows, H] bf16 (rows contiguous, row stride H); row_of:
+ * [T, K] int64 (-1: no row); w: [T, K] float32; out: [T, H] bf16 with row stride out_stride;
+ * acc: H floats of scratch.
+ */
+DEEP_EP_MULTIVERSION
+static int64_t ll_reduce_bf16(const uint16_t *recv, int64_t recv_rows, const int64_t *row_of, const float *w,
+                               int64_t T, int64_t K, int64_t H, uint16_t *out, int64_t out_stride, float *acc) {
+    for (int64_t i = 0; i < T * K; ++i)
+        if (row_of[i] >= recv_rows)
+            return -1;
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = 0; h < H; ++h)
+            acc[h] = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t r = row_of[t * K + k];
+            if (r < 0)
+                continue;
+            const float wk = w[t * K + k];
+            const uint16_t *y = recv + r * H;
+            for (int64_t h = 0; h < H; ++h) {
+                float product = wk * bf16_to_f32(y[h]);
+                acc[h] = acc[h] + product;
+            }
+        }
+        uint16_t *o = out + t * out_stride;
+        for (int64_t h = 0; h < H; ++h)
+            o[h] = f32_to_bf16(acc[h]);
+    }
+    return 0;
+}
+
+/* ---- the Python module: every argument is an integer (addresses as integers) ---- */
+
+static PyObject *py_copy_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t src, src_stride, src_rows, src_index, dst, num_dst, dst_rank, dst_stride, dst_rows, dst_index, n,
+        row_bytes;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnn", &src, &src_stride, &src_rows, &src_index, &dst, &num_dst, &dst_rank,
+                          &dst_stride, &dst_rows, &dst_index, &n, &row_bytes))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = copy_rows((const uint8_t *)src, src_stride, src_rows, (const int64_t *)src_index, (uint8_t *const *)dst,
+                   num_dst, (const int64_t *)dst_rank, dst_stride, dst_rows, (const int64_t *)dst_index, n, row_bytes);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
+static PyObject *py_ll_reduce_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t recv, recv_rows, row_of, w, T, K, H, out, out_stride, acc;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnn", &recv, &recv_rows, &row_of, &w, &T, &K, &H, &out, &out_stride, &acc))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ll_reduce_bf16((const uint16_t *)recv, recv_rows, (const int64_t *)row_of, (const float *)w, T, K, H,
+                        (uint16_t *)out, out_stride, (float *)acc);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
+static PyMethodDef methods[] = {
+    {"copy_rows", py_copy_rows, METH_VARARGS,
+     "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
+     "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
+    {"ll_reduce_bf16", py_ll_reduce_bf16, METH_VARARGS,
+     "ll_reduce_bf16(recv, recv_rows, row_of, w, T, K, H, out, out_stride, acc) -> 0 or -1"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
+                                    "deep_ep's native CPU helpers (deep_ep/_native.py)", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }

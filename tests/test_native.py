@@ -1,0 +1,132 @@
+"""The native CPU helpers (deep_ep/_native.py, deep_ep/native/cpu_kernels.c) against the torch
+operations they replace: the same bits on random and special values, bounds checks, and the switches."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deep_ep import _native
+from dist_utils import make_seed
+
+lib = _native.library()
+needs_lib = pytest.mark.skipif(lib is None, reason=f"native helpers unavailable: {_native.status()}")
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype,width", [(torch.bfloat16, 2048), (torch.uint8, 7168), (torch.int32, 1),
+                                         (torch.float32, 56)])
+def test_copy_rows_matches_indexing(dtype, width):
+    g = torch.Generator().manual_seed(make_seed())
+    src_full = torch.randint(-100, 100, (40, width + 3), generator=g).to(dtype)
+    src = src_full[:, 1:1 + width]                        # rows with a stride wider than the row
+    dst = [torch.zeros(64, width, dtype=dtype) for _ in range(3)]
+    n = 50
+    src_index = torch.randint(0, 40, (n,), generator=g)
+    dst_rank = torch.randint(0, 3, (n,), generator=g)
+    dst_index = torch.randperm(64 * 3, generator=g)[:n] % 64
+    # distinct (rank, row) targets, so that the expected result does not depend on the order
+    key = dst_rank * 64 + dst_index
+    keep = torch.unique(key, return_inverse=False, sorted=False).numel() == n
+    if not keep:
+        first = {}
+        for i, k in enumerate(key.tolist()):
+            first.setdefault(k, i)
+        sel = torch.tensor(sorted(first.values()))
+        src_index, dst_rank, dst_index = src_index[sel], dst_rank[sel], dst_index[sel]
+    want = [d.clone() for d in dst]
+    for r in range(3):
+        m = dst_rank == r
+        want[r][dst_index[m]] = src[src_index[m]]
+    _native.copy_rows(lib, src, src_index, dst, dst_rank, dst_index)
+    for r in range(3):
+        assert torch.equal(dst[r], want[r])
+
+
+@needs_lib
+def test_copy_rows_refuses_out_of_range_indices_and_writes_nothing():
+    src = torch.arange(20, dtype=torch.float32).view(10, 2)
+    dst = [torch.zeros(4, 2)]
+    for src_index, dst_index in (([0, 10], [0, 1]), ([0, 1], [0, 4]), ([-1, 0], [0, 1])):
+        with pytest.raises(IndexError, match="out of range"):
+            _native.copy_rows(lib, src, torch.tensor(src_index), dst, None, torch.tensor(dst_index))
+        assert not dst[0].any()
+    with pytest.raises(IndexError):
+        _native.copy_rows(lib, src, torch.tensor([0]), dst, torch.tensor([1]), torch.tensor([0]))
+
+
+def _torch_reduce(monkeypatch, *args):
+    from deep_ep.engines.portable_ll import PortableLowLatency
+    with monkeypatch.context() as m:
+        m.setenv("DEEP_EP_CPU_NATIVE", "0")
+        return PortableLowLatency._reduce(*args)
+
+
+@needs_lib
+@pytest.mark.parametrize("hidden", [128, 200, 7168])
+def test_ll_reduce_native_matches_torch_on_special_values(hidden, monkeypatch):
+    """NaN, infinities, signed zeros, subnormals and large magnitudes, negative and zero weights, missing
+    pairs and a token without any: the native reduce gives torch's bits."""
+    from deep_ep.engines.portable_ll import PortableLowLatency
+    g = torch.Generator().manual_seed(make_seed())
+    num_tokens, num_topk = 37, 6
+    valid = torch.rand(num_tokens, num_topk, generator=g) >= 0.25
+    valid[5] = False
+    tok, kk = valid.nonzero(as_tuple=True)
+    perm = torch.randperm(tok.numel(), generator=g)
+    tok, kk = tok[perm], kk[perm]
+    y = torch.randn(tok.numel(), hidden, generator=g) * torch.logspace(-38, 38, hidden)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40, 3e38])
+    mask = torch.rand(y.shape, generator=g) < 0.05
+    y[mask] = special[torch.randint(0, special.numel(), (int(mask.sum()),), generator=g)]
+    recv = y.to(torch.bfloat16)
+    weights = torch.randn(num_tokens, num_topk, generator=g)
+    weights[0, :] = -0.0
+    weights[1, :] = 0.0
+    row = torch.arange(tok.numel())
+    want = _torch_reduce(monkeypatch, recv, tok, kk, row, weights, num_tokens, num_topk, hidden)
+    out = torch.full((num_tokens, hidden + 8), 7.0, dtype=torch.bfloat16)[:, 4:4 + hidden]  # strided rows
+    got = PortableLowLatency._reduce(recv, tok, kk, row, weights, num_tokens, num_topk, hidden, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(got[5].view(torch.int16), torch.zeros(hidden, dtype=torch.int16))
+
+
+@needs_lib
+def test_ll_reduce_refuses_a_row_out_of_range():
+    recv = torch.ones(4, 128, dtype=torch.bfloat16)
+    out = torch.zeros(2, 128, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match="out of range"):
+        _native.ll_reduce_bf16(lib, recv, torch.tensor([[0, 4], [1, -1]]), torch.ones(2, 2), out)
+    assert not out.float().any()
+
+
+def _status_in_subprocess(env):
+    code = "from deep_ep import _native; print(_native.status()); print(_native.library() is not None)"
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_switches(tmp_path):
+    off = _status_in_subprocess({"DEEP_EP_CPU_NATIVE": "0"})
+    assert off.returncode == 0 and off.stdout.split("\n")[:2] == ["torch operations (DEEP_EP_CPU_NATIVE=0)", "False"]
+    # No compiler: the automatic mode falls back and says why; DEEP_EP_CPU_NATIVE=1 makes it an error.
+    nocc = {"CC": str(tmp_path / "no-such-cc"), "PATH": str(tmp_path), "DEEP_EP_CACHE_DIR": str(tmp_path / "c"),
+            "XDG_CACHE_HOME": str(tmp_path / "x"), "TMPDIR": str(tmp_path)}
+    auto = _status_in_subprocess(nocc)
+    assert auto.returncode == 0, auto.stderr
+    assert "torch operations (native helpers unavailable: no C compiler found" in auto.stdout
+    required = _status_in_subprocess(dict(nocc, DEEP_EP_CPU_NATIVE="1"))
+    assert required.returncode != 0 and "DEEP_EP_CPU_NATIVE=1, but the native CPU helpers are unavailable" in \
+        required.stderr
+
+
+@needs_lib
+def test_build_goes_to_the_cache_dir(tmp_path):
+    res = _status_in_subprocess({"DEEP_EP_CACHE_DIR": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    built = list(tmp_path.glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and str(built[0]) in res.stdout
+    assert not list(tmp_path.glob("*.tmp"))
