@@ -91,7 +91,7 @@ emu: setup
 # Writes benchmarks/results/cpu_bench_ep.{json,txt} (with the commit measured) and regenerates
 # docs/performance.md from the results there.
 bench: setup
-	$(VENV_PY) benchmarks/bench_ep.py --results benchmarks/results --markdown docs/performance.md $(BENCH_ARGS)
+	$(VENV_PY) benchmarks/bench_ep.py --results benchmarks/results --markdown docs/performance.md --readme README.md $(BENCH_ARGS)
 
 # The default run moves CPU tensors over the same-host shared-memory transport; the tests whose data
 # moves between ranks then run again with gloo forced (test_faults and test_shm cover both by themselves).

@@ -424,9 +424,12 @@ def run_low_latency(deep_ep, group, bench_group, rank, num_ranks, args, log) -> 
         def op_dispatch_bf16():
             state["bf16"] = ll_dispatch(False)
 
+        # The experts' output, a tensor of its own (DeepEP's test combines a copy too): recv_x itself lives
+        # in its double-buffer slot, which the combine two calls later receives into.
+        expert_out = ll_dispatch(False)[0].clone()
+
         def op_combine():
-            res = state["bf16"]
-            ll_combine(res[0], res[2])
+            ll_combine(expert_out, state["bf16"][2])
 
         ops = {
             "LL dispatch BF16": op_dispatch_bf16,
@@ -624,9 +627,13 @@ def render_markdown(summaries: List[Dict[str, object]]) -> str:
           "with `DEEP_EP_TRANSPORT=gloo` (and used across hosts). Inside each call deep_ep caps torch's",
           "intra-op threads to the cores per local rank (`DEEP_EP_CPU_THREADS`); the benchmark runs with",
           "torch's default threads, as a user would.", "",
-          "Reading the figures: on shared memory a dispatch moves every byte twice (the sender gathers its",
-          "rows into its shared area, the receiver copies them into `recv_x`), so *memcpy / op* is at most",
-          "about 0.5 there; combine reduces the rows where they arrived (one copy in, one fp32 pass). With",
+          "Reading the figures: on shared memory a normal-mode dispatch moves every byte twice (the sender",
+          "gathers its rows into its shared area, the receiver copies them into `recv_x`), so *memcpy / op*",
+          "is at most about 0.5 there; combine reduces the rows where they arrived (one copy in, one fp32",
+          "pass). Low-latency mode moves every byte once: the senders write straight into the receivers'",
+          "receive slots (`recv_x` itself for dispatch). Its *memcpy* baseline copies the messages once",
+          "(one per token and destination rank), while the op expands them to one row per (token, expert),",
+          "about twice the bytes, so its *memcpy / op* stays low. With",
           "more ranks than cores (4 or 8 ranks on the 2-core machine below) the ranks' CPU work adds up:",
           "wall time is roughly the total CPU work divided by the cores, so only removing work helps.",
           "Targets (issue 16, 4 ranks): shm dispatch >= 1.0x and combine >= 0.85x the raw all-to-all,",
@@ -696,6 +703,8 @@ def parse_args(argv=None):
                         "on one host; gloo: forced with DEEP_EP_TRANSPORT=gloo)")
     p.add_argument("--results", metavar="DIR",
                    help="write DIR/cpu_bench_ep.json and .txt (cpu_bench_ep_<R>ranks.* for other than 4 ranks)")
+    p.add_argument("--readme", metavar="PATH",
+                   help="with --markdown: also rewrite the generated figures block of this README (make bench: README.md)")
     p.add_argument("--markdown", metavar="PATH",
                    help="regenerate PATH (docs/performance.md) from every cpu_bench_ep*.json in --results")
     add_launch_args(p, default_ranks=4, with_device=False)
@@ -718,6 +727,47 @@ def parse_args(argv=None):
     if args.markdown and not args.results:
         p.error("--markdown needs --results")
     return args
+
+
+README_BEGIN = "<!-- bench:begin (written by benchmarks/bench_ep.py --readme; do not edit by hand) -->"
+README_END = "<!-- bench:end -->"
+
+
+def render_readme_block(summaries: List[Dict[str, object]]) -> str:
+    """The README's figures: each op's ratio to the raw all-to-all at 4 ranks, per transport, with the targets."""
+    lines = [README_BEGIN]
+    for summary in summaries:
+        if summary["num_ranks"] != 4:
+            continue
+        meta = summary["meta"]
+        lines += ["", f"4 ranks on {meta.get('cpus')} cores, measured {meta.get('date_utc')} at commit "
+                      f"`{meta.get('git_commit')}` (load average {meta.get('load_average_1_5_15')}); "
+                      f"*raw / op* = the time of a plain gloo all-to-all of the same bytes / the op's time, "
+                      f"same run:", "",
+                  "| op | transport | time (ms) | raw / op | target | |", "|---|---|---:|---:|---:|---|"]
+        for transport, run in summary["transports"].items():
+            wanted = {name: (want, met) for name, want, _, met in run["targets"]}
+            for name in _NORMAL_ROWS[1:] + _LL_ROWS:
+                r = run["ops"].get(name)
+                if r is None:
+                    continue
+                want, met = wanted.get(name, (None, None))
+                lines.append(f"| {name} | {transport} | {r['time_ms']:.2f} | {_fmt(r.get('vs_raw_all_to_all'), '.2f')} | "
+                             f"{'>= %.2f' % want if want is not None else ''} | "
+                             f"{'' if met is None else ('met' if met else '**not met**')} |")
+    lines += ["", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(path: str, block: str) -> None:
+    """Replace the README's generated block (between the markers) with `block`."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"[bench] {path} has no generated block ({README_BEGIN!r} ... {README_END!r})")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:begin] + block + text[end + len(README_END):])
 
 
 def main(argv=None) -> int:
@@ -757,6 +807,9 @@ def main(argv=None) -> int:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(render_markdown(summaries))
         print(f"[bench] wrote {args.markdown}")
+        if args.readme:
+            update_readme(args.readme, render_readme_block(summaries))
+            print(f"[bench] updated the figures in {args.readme}")
     return 0
 
 
