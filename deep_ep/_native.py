@@ -1,6 +1,6 @@
 """Native CPU helpers of the portable engine (`deep_ep/native/cpu_kernels.c`), compiled on first use.
 
-A few loops of the CPU paths (the low-latency combine's reduce; row copies to computed places) cost
+A few loops of the CPU paths (the combines' reduces; row copies to computed places) cost
 many small torch operations each; this module compiles one small C file with the machine's C compiler
 (``$CC``, else ``cc``/``gcc``/``clang``) and Python's headers into a CPython extension module in a
 cache directory, imports it, and hands out thin wrappers (tensors go in as addresses and sizes). The results are bit for bit those of the torch operations the engines use without it
@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_rows", "ll_reduce_bf16"]
+__all__ = ["library", "status", "copy_rows", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -176,3 +176,35 @@ def ll_reduce_bf16(lib: ModuleType, recv: torch.Tensor, row_of: torch.Tensor, we
                             _ptr(out), out.stride(0), _ptr(acc))
     if rc != 0:
         raise IndexError("deep_ep: native ll_reduce_bf16: a row index is out of range (nothing was written)")
+
+
+def reduce_segments_bf16(lib: ModuleType, segs: Sequence[torch.Tensor], tok_ids: torch.Tensor, bounds: Sequence[int],
+                         num_tokens: int, bias: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+    """``out[t] = bf16(bias_0[t] + ... + the rows of token t, segment by segment)`` in float32
+    (`deep_ep.engines.portable.reduce_rows_by_token`'s definition): segment ``d`` is ``segs[d]`` (bf16
+    ``[bounds[d+1] - bounds[d], H]``, contiguous rows) for the tokens ``tok_ids[bounds[d]:bounds[d+1]]``
+    (strictly ascending)."""
+    hidden = out.size(1)
+    num_seg = len(segs)
+    tok = tok_ids.to(torch.int64).contiguous()
+    rows = [bounds[d + 1] - bounds[d] for d in range(num_seg)]
+    for d, s in enumerate(segs):
+        assert s.dtype == torch.bfloat16 and (rows[d] == 0 or (s.dim() == 2 and tuple(s.shape) == (rows[d], hidden)
+                                                                 and s.stride(1) == 1)), "reduce: bad segment"
+    for b in bias:
+        assert b.dtype == torch.bfloat16 and tuple(b.shape) == (num_tokens, hidden) and b.stride(1) == 1
+    assert out.dtype == torch.bfloat16 and out.stride(1) == 1
+    seg_ptr = torch.tensor([_ptr(s) for s in segs], dtype=torch.int64)
+    seg_stride = torch.tensor([s.stride(0) if rows[d] else hidden for d, s in enumerate(segs)], dtype=torch.int64)
+    tok_ptr = torch.tensor([_ptr(tok) + bounds[d] * 8 for d in range(num_seg)], dtype=torch.int64)
+    seg_rows = torch.tensor(rows, dtype=torch.int64)
+    bias_ptr = torch.tensor([_ptr(b) for b in bias] or [0], dtype=torch.int64)
+    bias_stride = torch.tensor([b.stride(0) for b in bias] or [0], dtype=torch.int64)
+    acc = torch.empty(hidden, dtype=torch.float32)
+    cursor = torch.empty(max(num_seg, 1), dtype=torch.int64)
+    rc = lib.reduce_segments_bf16(_ptr(seg_ptr), _ptr(seg_stride), _ptr(tok_ptr), _ptr(seg_rows), num_seg,
+                                  _ptr(bias_ptr), _ptr(bias_stride), len(bias), num_tokens, hidden, _ptr(out),
+                                  out.stride(0), _ptr(acc), _ptr(cursor))
+    if rc != 0:
+        raise IndexError("deep_ep: native reduce_segments_bf16: a token index is out of range or not ascending "
+                         "(nothing was written)")

@@ -23,7 +23,15 @@ def _plain_reduce(rows, tok_ids, bounds, num_tokens, bias):
     (1024, 2048, 4, 0.9, 0, 0), (300, 136, 3, 0.5, 2, 0), (77, 384, 8, 0.2, 1, 7), (0, 256, 2, 0.5, 0, 0),
     (50, 128, 4, 0.0, 1, 0), (33, 7168, 1, 1.0, 2, 0), (129, 256, 5, 0.7, 0, 1),
 ])
-def test_blocked_combine_reduce_is_bit_identical(num_tokens, hidden, num_src, density, num_bias, block):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_blocked_combine_reduce_is_bit_identical(num_tokens, hidden, num_src, density, num_bias, block, native,
+                                                 monkeypatch):
+    """The normal combine's reduce, in C (deep_ep._native; block 0) and token-blocked in torch."""
+    from deep_ep import _native
+    if native and (block or _native.library() is None):
+        pytest.skip("the native reduce runs only without an explicit block size, when the helpers are built")
+    if not native:
+        monkeypatch.setenv("DEEP_EP_CPU_NATIVE", "0")
     gen = torch.Generator().manual_seed(make_seed())
     mask = torch.rand((num_tokens, num_src), generator=gen) < density
     if num_tokens and num_src > 1:

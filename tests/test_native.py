@@ -130,3 +130,13 @@ def test_build_goes_to_the_cache_dir(tmp_path):
     built = list(tmp_path.glob("cpu_kernels-*.so"))
     assert len(built) == 1 and str(built[0]) in res.stdout
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@needs_lib
+def test_reduce_segments_refuses_bad_tokens_and_writes_nothing():
+    rows = torch.ones(3, 128, dtype=torch.bfloat16)
+    for tokens in ([0, 2, 2], [0, 5, 1], [-1, 0, 1], [0, 1, 4]):
+        out = torch.zeros(4, 128, dtype=torch.bfloat16)
+        with pytest.raises(IndexError, match="out of range or not ascending"):
+            _native.reduce_segments_bf16(lib, [rows], torch.tensor(tokens), [0, 3], 4, [], out)
+        assert not out.float().any()

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import _agree
+from .. import _agree, _native
 from .._comm import Communicator
 
 __all__ = ["PortableEngine"]
@@ -95,6 +95,12 @@ def reduce_rows_by_token(rows, tok_ids: torch.Tensor, bounds: Sequence[int], num
     device = tok_ids.device
     out = torch.empty((num_tokens, hidden), dtype=dtype, device=device)
     if num_tokens == 0:
+        return out
+    lib = _native.library() if device.type == "cpu" and not block_tokens else None
+    if (lib is not None and hidden > 0 and dtype == torch.bfloat16
+            and all(s.dtype == dtype and (s.numel() == 0 or s.stride(1) == 1) for s in segs)
+            and all(b.dtype == dtype and b.stride(1) == 1 for b in bias)):
+        _native.reduce_segments_bf16(lib, segs, tok_ids, bounds, num_tokens, bias, out)  # the same sums in C
         return out
     block = block_tokens or max(8, _REDUCE_BLOCK_BYTES // max(1, hidden * 4))
     edges = list(range(0, num_tokens, block)) + [num_tokens]

@@ -93,6 +93,50 @@ static int64_t ll_reduce_bf16(const uint16_t *recv, int64_t recv_rows, const int
     return 0;
 }
 
+/*
+ * The normal-mode combine's reduce: out[t] = bf16(bias_0[t] + bias_1[t] + ... + the rows of token t,
+ * segment by segment in ascending order), the sum starting from +0.0f, one float32 add per term.
+ * Segment d: seg_rows[d] rows at seg[d] (row stride seg_stride[d] elements) for the tokens tok[d]
+ * (int64, strictly ascending). bias[b]: [T, H] bf16 with row stride bias_stride[b]. out: [T, H] bf16
+ * with row stride out_stride. acc: H floats and cursor: num_seg int64 of scratch.
+ */
+DEEP_EP_MULTIVERSION
+static int64_t reduce_segments_bf16(const uint16_t *const *seg, const int64_t *seg_stride, const int64_t *const *tok,
+                                    const int64_t *seg_rows, int64_t num_seg, const uint16_t *const *bias,
+                                    const int64_t *bias_stride, int64_t num_bias, int64_t T, int64_t H, uint16_t *out,
+                                    int64_t out_stride, float *acc, int64_t *cursor) {
+    for (int64_t d = 0; d < num_seg; ++d) {
+        for (int64_t i = 0; i < seg_rows[d]; ++i) {
+            int64_t t = tok[d][i];
+            if (t < 0 || t >= T || (i > 0 && t <= tok[d][i - 1]))
+                return -1;
+        }
+        cursor[d] = 0;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = 0; h < H; ++h)
+            acc[h] = 0.0f;
+        for (int64_t b = 0; b < num_bias; ++b) {
+            const uint16_t *y = bias[b] + t * bias_stride[b];
+            for (int64_t h = 0; h < H; ++h)
+                acc[h] = acc[h] + bf16_to_f32(y[h]);
+        }
+        for (int64_t d = 0; d < num_seg; ++d) {
+            int64_t c = cursor[d];
+            if (c >= seg_rows[d] || tok[d][c] != t)
+                continue;
+            const uint16_t *y = seg[d] + c * seg_stride[d];
+            for (int64_t h = 0; h < H; ++h)
+                acc[h] = acc[h] + bf16_to_f32(y[h]);
+            cursor[d] = c + 1;
+        }
+        uint16_t *o = out + t * out_stride;
+        for (int64_t h = 0; h < H; ++h)
+            o[h] = f32_to_bf16(acc[h]);
+    }
+    return 0;
+}
+
 /* ---- the Python module: every argument is an integer (addresses as integers) ---- */
 
 static PyObject *py_copy_rows(PyObject *self, PyObject *args) {
@@ -123,12 +167,31 @@ static PyObject *py_ll_reduce_bf16(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_reduce_segments_bf16(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t seg, seg_stride, tok, seg_rows, num_seg, bias, bias_stride, num_bias, T, H, out, out_stride, acc, cursor;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnnn", &seg, &seg_stride, &tok, &seg_rows, &num_seg, &bias, &bias_stride,
+                          &num_bias, &T, &H, &out, &out_stride, &acc, &cursor))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = reduce_segments_bf16((const uint16_t *const *)seg, (const int64_t *)seg_stride, (const int64_t *const *)tok,
+                              (const int64_t *)seg_rows, num_seg, (const uint16_t *const *)bias,
+                              (const int64_t *)bias_stride, num_bias, T, H, (uint16_t *)out, out_stride, (float *)acc,
+                              (int64_t *)cursor);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
 static PyMethodDef methods[] = {
     {"copy_rows", py_copy_rows, METH_VARARGS,
      "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
      "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
     {"ll_reduce_bf16", py_ll_reduce_bf16, METH_VARARGS,
      "ll_reduce_bf16(recv, recv_rows, row_of, w, T, K, H, out, out_stride, acc) -> 0 or -1"},
+    {"reduce_segments_bf16", py_reduce_segments_bf16, METH_VARARGS,
+     "reduce_segments_bf16(seg_ptrs, seg_strides, tok_ptrs, seg_rows, num_seg, bias_ptrs, bias_strides, num_bias, "
+     "T, H, out, out_stride, acc, cursor) -> 0 or -1"},
     {NULL, NULL, 0, NULL},
 };
 
