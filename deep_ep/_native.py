@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_rows", "ll_reduce_bf16", "reduce_segments_bf16"]
+__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -137,6 +137,20 @@ def status() -> str:
 
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+# Copies at least this large go through `copy_bytes` in the shared-memory transport.
+COPY_BYTES_MIN = 64 << 10
+
+
+def copy_bytes(lib: ModuleType, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for contiguous CPU tensors of the same size in bytes that do not overlap, with
+    non-temporal stores for the bulk (see `deep_ep/native/cpu_kernels.c`, ``copy_nt``)."""
+    n = dst.numel() * dst.element_size()
+    assert dst.is_contiguous() and src.is_contiguous() and n == src.numel() * src.element_size()
+    lo, hi = dst.data_ptr(), src.data_ptr()
+    assert lo + n <= hi or hi + n <= lo or n == 0, "copy_bytes: the tensors overlap"
+    lib.copy_bytes(lo, hi, n)
 
 
 def copy_rows(lib: ModuleType, src: torch.Tensor, src_index: torch.Tensor, dst: Sequence[torch.Tensor],

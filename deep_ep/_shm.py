@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _native
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._comm import Communicator
 
@@ -84,6 +86,17 @@ def _store_fence() -> None:
     also orders earlier non-temporal stores (large copies may use them), not only ordinary ones."""
     with _FENCE:
         pass
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (flat uint8); large contiguous copies through the native helpers, whose
+    non-temporal stores do not first read the destination into the cache (`deep_ep._native`)."""
+    n = dst.numel()
+    lib = _native.library() if n >= _native.COPY_BYTES_MIN else None
+    if lib is not None and dst.is_contiguous() and src.is_contiguous():
+        _native.copy_bytes(lib, dst, src)
+    else:
+        dst.copy_(src)
 
 
 def _op_tag(op: str) -> int:
@@ -201,7 +214,7 @@ class ShmTransport:
             views[:] = [None] * R
             views[me] = inp[in_off[me]:in_off[me] + in_splits[me]]
         elif in_splits[me]:
-            out[out_off[me]:out_off[me] + in_splits[me]].copy_(inp[in_off[me]:in_off[me] + in_splits[me]])
+            _copy(out[out_off[me]:out_off[me] + in_splits[me]], inp[in_off[me]:in_off[me] + in_splits[me]])
         zero_copy = total > 0 and inp.data_ptr() == self._my_data.data_ptr() and total <= cap
         rounds = 1 if zero_copy else max(1, -(-total // cap))
         mine, ctrl, data = self._mine, self._ctrl, self._data
@@ -217,7 +230,7 @@ class ShmTransport:
                     lo = next_round * cap
                     hi = min(total, lo + cap)
                     if not zero_copy and hi > lo:
-                        self._my_data[:hi - lo].copy_(inp[lo:hi])
+                        _copy(self._my_data[:hi - lo], inp[lo:hi])
                     if next_round == 0:
                         for d in range(R):
                             mine[_W_SEGS + d] = in_off[d]
@@ -261,10 +274,10 @@ class ShmTransport:
                         if views[s] is None:
                             views[s] = torch.empty(out_splits[s], dtype=torch.uint8)
                         if b > a:
-                            views[s][a - seg_off:b - seg_off].copy_(data[s][a - lo:b - lo])
+                            _copy(views[s][a - seg_off:b - seg_off], data[s][a - lo:b - lo])
                     elif b > a:
                         dst = out_off[s] + (a - seg_off)
-                        out[dst:dst + (b - a)].copy_(data[s][a - lo:b - lo])
+                        _copy(out[dst:dst + (b - a)], data[s][a - lo:b - lo])
                     self._acked[s] = post
                     _store_fence()  # the copy out of the peer's area is done before the peer may reuse it
                     mine[lay.ack + s] = post

@@ -775,8 +775,15 @@ class PortableLowLatency(DoubleBufferSlots):
             # after sum(sent[:rank, d]) rows of its receive slot.
             slots = [a.view(torch.bfloat16).view(-1, hidden) for a in push]
             offsets = _exclusive_cumsum(sent, dim=0)[rank].tolist()
-            at = 0
-            for dst, count in enumerate(send_counts):
+            lib = _native.library()
+            at = 0 if lib is None or early is not None else num_send  # native: one call for every owner
+            if at:
+                per_owner = torch.tensor(send_counts, dtype=torch.int64)
+                owner = torch.repeat_interleave(torch.arange(size), per_owner)
+                shift = torch.tensor(offsets, dtype=torch.int64) - _exclusive_cumsum(per_owner, 0)
+                _native.copy_rows(lib, rows_src, send_rows, slots, owner,
+                                  torch.arange(num_send) + shift.index_select(0, owner))
+            for dst, count in enumerate(send_counts if not at else []):
                 if count:
                     target = slots[dst][offsets[dst]:offsets[dst] + count]
                     if early is not None:

@@ -14,6 +14,10 @@
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define DEEP_EP_HAVE_SSE2 1
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 /* One body, compiled for several instruction sets; the loader picks the best (glibc ifunc). The
@@ -39,6 +43,54 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /*
+ * Copy n bytes; 1 KiB and more go with non-temporal stores (after a head copied normally up to a 16-byte
+ * boundary of the destination): the destination, usually shared memory that another process reads
+ * later, is not first read into this core's cache, which halves the memory traffic of a large copy.
+ * (glibc's memcpy switches to such stores only above a threshold scaled to the last-level cache, which
+ * virtual machines may report as hundreds of MiB.) The caller ends with a store fence.
+ */
+static inline void copy_nt(uint8_t *to, const uint8_t *from, int64_t n) {
+#ifdef DEEP_EP_HAVE_SSE2
+    if (n >= 1024) {
+        int64_t head = (int64_t)((16 - ((uintptr_t)to & 15)) & 15);
+        if (head) {
+            memcpy(to, from, (size_t)head);
+            to += head, from += head, n -= head;
+        }
+        int64_t i = 0;
+        for (; i + 64 <= n; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(from + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(from + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(from + i + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(from + i + 48));
+            _mm_stream_si128((__m128i *)(to + i), a);
+            _mm_stream_si128((__m128i *)(to + i + 16), b);
+            _mm_stream_si128((__m128i *)(to + i + 32), c);
+            _mm_stream_si128((__m128i *)(to + i + 48), d);
+        }
+        if (i < n)
+            memcpy(to + i, from + i, (size_t)(n - i));
+        return;
+    }
+#endif
+    memcpy(to, from, (size_t)n);
+}
+
+static inline void store_fence(void) {
+#ifdef DEEP_EP_HAVE_SSE2
+    _mm_sfence(); /* the non-temporal stores are visible before anything this thread stores next */
+#endif
+}
+
+/* Copy n bytes from src to dst (non-overlapping), as copy_nt. */
+static int64_t copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n) {
+    if (n > 0)
+        copy_nt(dst, src, n);
+    store_fence();
+    return 0;
+}
+
+/*
  * Copy n rows of row_bytes bytes: row i goes from src + src_index[i] * src_stride to
  * dst[dst_rank[i]] + dst_index[i] * dst_stride (dst_rank NULL: every row to dst[0]).
  * Bounds: src_index[i] < src_rows, dst_rank[i] < num_dst, dst_index[i] < dst_rows.
@@ -54,8 +106,9 @@ static int64_t copy_rows(const uint8_t *src, int64_t src_stride, int64_t src_row
     }
     for (int64_t i = 0; i < n; ++i) {
         uint8_t *to = dst[dst_rank ? dst_rank[i] : 0] + dst_index[i] * dst_stride;
-        memcpy(to, src + src_index[i] * src_stride, (size_t)row_bytes);
+        copy_nt(to, src + src_index[i] * src_stride, row_bytes);
     }
+    store_fence();
     return 0;
 }
 
@@ -183,10 +236,23 @@ static PyObject *py_reduce_segments_bf16(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_copy_bytes(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t dst, src, n;
+    if (!PyArg_ParseTuple(args, "nnn", &dst, &src, &n))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = copy_bytes((uint8_t *)dst, (const uint8_t *)src, n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
 static PyMethodDef methods[] = {
     {"copy_rows", py_copy_rows, METH_VARARGS,
      "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
      "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
+    {"copy_bytes", py_copy_bytes, METH_VARARGS, "copy_bytes(dst, src, n) -> 0 (non-overlapping)"},
     {"ll_reduce_bf16", py_ll_reduce_bf16, METH_VARARGS,
      "ll_reduce_bf16(recv, recv_rows, row_of, w, T, K, H, out, out_stride, acc) -> 0 or -1"},
     {"reduce_segments_bf16", py_reduce_segments_bf16, METH_VARARGS,
