@@ -263,7 +263,13 @@ class PortableEngine:
         n_send = ch_counts.sum(1).tolist()                                         # to each dst
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
         send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
-        torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
+        lib = _native.library() if device.type == "cpu" else None
+        if lib is not None and len(tok_ids) and x.stride(-1) == 1:
+            # Non-temporal stores (deep_ep._native): the staging buffer (with shared memory: this rank's
+            # shared area) is read by the transport next, not by this core.
+            _native.copy_rows(lib, _bytes(x), tok_ids, [send_rows], None, torch.arange(len(tok_ids)))
+        else:
+            torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
         table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
         meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
         if not multi_node:
@@ -477,7 +483,13 @@ class PortableEngine:
         row_bytes = x.size(1) * x.element_size()
         _, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
         send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
-        torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
+        lib = _native.library() if device.type == "cpu" else None
+        if lib is not None and len(tok_ids) and x.stride(-1) == 1:
+            # Non-temporal stores (deep_ep._native): the staging buffer (with shared memory: this rank's
+            # shared area) is read by the transport next, not by this core.
+            _native.copy_rows(lib, _bytes(x), tok_ids, [send_rows], None, torch.arange(len(tok_ids)))
+        else:
+            torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
         recv_x = (torch.zeros if num_rows != num_recv else torch.empty)((num_rows,) + tuple(x.shape[1:]),
                                                                         dtype=x.dtype, device=device)
         work = self.comm.all_to_all_single(_bytes(recv_x)[:num_recv], send_rows, n_recv, n_send,
