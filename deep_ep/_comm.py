@@ -843,8 +843,8 @@ class Communicator:
         return [self.shm.engine_area(r) for r in range(self.size)]
 
     def fence_round(self, op: str) -> None:
-        """Shared-memory transport: an exchange of no bytes; when it returns, every store any rank made
-        before entering it is visible here (`deep_ep._shm.ShmTransport.fence_round`)."""
+        """Shared-memory transport: a barrier; when it returns, every store any rank made before entering
+        it is visible here (`deep_ep._shm.ShmTransport.fence_round`)."""
         self._check_open(op)
         self.shm.fence_round(op)
 

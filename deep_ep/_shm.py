@@ -23,8 +23,8 @@ An all-to-all (``all_to_all``) is pull-based and synchronous:
 
 The low-latency engine moves its rows by *push* instead (one copy instead of two): after its header
 exchange (which every rank enters only once it is done with the slot's previous contents) each sender
-writes its rows straight into the receivers' engine areas, then `fence_round` (an all-to-all of no
-bytes) tells every receiver that its peers' writes are complete and visible.
+writes its rows straight into the receivers' engine areas, then `fence_round` (a barrier on a counter
+word per rank) tells every receiver that its peers' writes are complete and visible.
 
 Synchronisation is by those counters in shared memory (x86-64 only: its stores are seen in program
 order, and a locked instruction before each counter store orders the non-temporal stores of large
@@ -57,8 +57,8 @@ MIN_DATA_BYTES = 4 << 20
 _PAGE = 4096
 # Control words of one region (int64). The posting words are written by the owner before the post
 # counter; the acknowledgement words (one per sender) start on their own cache line.
-_W_POST, _W_SEQ, _W_ROUND, _W_ROUNDS, _W_LO, _W_HI, _W_TAG, _W_ALIVE = range(8)
-_W_SEGS = 8                      # [_W_SEGS, +R): offset of each destination's segment; [+R, +2R): length
+_W_POST, _W_SEQ, _W_ROUND, _W_ROUNDS, _W_LO, _W_HI, _W_TAG, _W_ALIVE, _W_FENCE = range(9)
+_W_SEGS = 9                      # [_W_SEGS, +R): offset of each destination's segment; [+R, +2R): length
 _OP_TEXT_BYTES = 128             # the op's name, for a readable divergence error
 
 
@@ -121,6 +121,7 @@ class ShmTransport:
         self._mine = self._ctrl[self.rank]
         self._my_data = self._data[self.rank]
         self._seq = 0                   # shared-memory all-to-alls so far (the same on every rank)
+        self._fences = 0                # fence rounds so far (the same on every rank)
         self._posted = 0                # this rank's post counter
         self._acked = [0] * self.size   # per sender: the post counter this rank consumed last
         self._broken: Optional[str] = None
@@ -152,11 +153,30 @@ class ShmTransport:
         return self._engine[rank]
 
     def fence_round(self, op: str) -> None:
-        """An all-to-all of no bytes: when it returns on a rank, every store that any rank made before
-        entering it (into any region) is visible to this rank. Waits, times out and fails like any exchange."""
-        empty = torch.empty(0, dtype=torch.uint8)
-        zeros = [0] * self.size
-        self.all_to_all(empty, empty, zeros, zeros, op)
+        """A barrier: when it returns on a rank, every store that any rank made before entering it (into
+        any region) is visible to this rank. Each rank counts its fences in its own control word and
+        waits until every peer's count has reached its own (a peer may already be further on). Waits,
+        times out and fails like an exchange."""
+        if self._broken is not None:
+            raise RuntimeError(f"deep_ep: `{op}`: the shared-memory transport failed earlier ({self._broken})")
+        ctrl, me = self._ctrl, self.rank
+        peers = [r for r in range(self.size) if r != me]
+        started = self.comm._begin(op)
+        try:
+            self._fences += 1
+            count = self._fences
+            _store_fence()              # this rank's earlier stores are visible before its count
+            self._mine[_W_FENCE] = count
+            waiter = None
+            while not all(ctrl[r][_W_FENCE] >= count for r in peers):
+                if waiter is None:
+                    waiter = _Waiter(self.comm, op, started)
+                waiter.idle()
+        except BaseException as exc:
+            self._broken = f"`{op}`: {type(exc).__name__}"
+            raise
+        finally:
+            self.comm._end()
 
     # ------------------------------------------------------------------------------------ sending
     def send_buffer(self, num_bytes: int, op: str) -> Optional[torch.Tensor]:
