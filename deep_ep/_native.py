@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_reduce_bf16", "reduce_segments_bf16"]
+__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_dispatch_place", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -221,4 +221,37 @@ def reduce_segments_bf16(lib: ModuleType, segs: Sequence[torch.Tensor], tok_ids:
                                   out.stride(0), _ptr(acc), _ptr(cursor))
     if rc != 0:
         raise IndexError("deep_ep: native reduce_segments_bf16: a token index is out of range or not ascending "
+                         "(nothing was written)")
+
+
+def ll_dispatch_place(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int, num_local: int, num_rows: int,
+                      begin: torch.Tensor, x: torch.Tensor, scales: Optional[torch.Tensor],
+                      rows: Sequence[torch.Tensor], infos: Sequence[torch.Tensor],
+                      stages: Optional[Sequence[torch.Tensor]]) -> None:
+    """The low-latency push dispatch's writes (`deep_ep/native/cpu_kernels.c`, ``ll_dispatch_place``):
+    every valid (t, k) row-major, expert e's next row of rank e // L's block e % L from ``begin[e]`` on.
+    `x`: ``[T, W]`` rows (contiguous rows); `rows[d]`: rank d's ``[L * num_rows, W]`` (same dtype),
+    `infos[d]` its int32 ``[L * num_rows]``, `stages[d]` its ``[L * num_rows, S]`` (with `scales`
+    ``[T, S]``)."""
+    num_tokens, num_topk = topk_idx.shape
+    topk = topk_idx.to(torch.int64).contiguous()
+    begin = begin.to(torch.int64).contiguous()
+    assert x.stride(-1) == 1 and all(r.dtype == x.dtype and r.size(-1) == x.size(-1) and r.is_contiguous()
+                                     and r.numel() >= num_local * num_rows * x.size(-1) for r in rows)
+    assert all(i.dtype == torch.int32 and i.numel() >= num_local * num_rows for i in infos)
+    if scales is not None:
+        assert stages is not None and scales.stride(-1) == 1 and all(
+            st.dtype == scales.dtype and st.size(-1) == scales.size(-1) and st.is_contiguous() for st in stages)
+    ptrs = torch.tensor([_ptr(r) for r in rows] + [_ptr(i) for i in infos]
+                        + ([_ptr(st) for st in stages] if scales is not None else [0] * len(rows)), dtype=torch.int64)
+    n = len(rows)
+    cursor = torch.empty(max(num_experts, 1), dtype=torch.int64)
+    rc = lib.ll_dispatch_place(_ptr(topk), num_tokens, num_topk, num_experts, num_local, num_rows, _ptr(begin),
+                               _ptr(x), x.stride(0) * x.element_size(), x.size(1) * x.element_size(),
+                               _ptr(scales) if scales is not None else 0,
+                               scales.stride(0) * scales.element_size() if scales is not None else 0,
+                               scales.size(1) * scales.element_size() if scales is not None else 0,
+                               _ptr(ptrs), _ptr(ptrs) + 8 * n, _ptr(ptrs) + 16 * n, _ptr(cursor))
+    if rc != 0:
+        raise IndexError("deep_ep: native ll_dispatch_place: an expert id or a row position is out of range "
                          "(nothing was written)")

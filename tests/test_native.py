@@ -140,3 +140,24 @@ def test_reduce_segments_refuses_bad_tokens_and_writes_nothing():
         with pytest.raises(IndexError, match="out of range or not ascending"):
             _native.reduce_segments_bf16(lib, [rows], torch.tensor(tokens), [0, 3], 4, [], out)
         assert not out.float().any()
+
+
+@needs_lib
+def test_ll_dispatch_place_refuses_bad_experts_and_overflow():
+    """An expert id >= E, or more rows for an expert than its block holds from `begin` on: an error, and
+    nothing written (the engine's own checks come first; this guards the C code)."""
+    x = torch.ones(3, 16, dtype=torch.bfloat16)
+    rows = [torch.zeros(2 * 4, 16, dtype=torch.bfloat16)]
+    infos = [torch.full((2 * 4,), -5, dtype=torch.int32)]
+    for topk, begin in (([[0, 2], [1, -1], [0, 1]], [0, 0]), ([[0, 1], [0, -1], [0, 1]], [2, 0]),
+                        ([[0, 1], [1, -1], [0, 1]], [-1, 0])):
+        with pytest.raises(IndexError, match="out of range"):
+            _native.ll_dispatch_place(lib, torch.tensor(topk), 2, 2, 4, torch.tensor(begin), x, None, rows, infos,
+                                      None)
+        assert not rows[0].float().any() and bool((infos[0] == -5).all())
+    # In range: rows land in (token, k) order after `begin`, the token index beside each.
+    _native.ll_dispatch_place(lib, torch.tensor([[1, 0], [1, -1], [0, 1]]), 2, 2, 4, torch.tensor([1, 0]),
+                              torch.arange(3, dtype=torch.bfloat16).view(3, 1).expand(3, 16).contiguous(), None,
+                              rows, infos, None)
+    assert infos[0].tolist() == [-5, 0, 2, -5, 0, 1, 2, -5]
+    assert rows[0][:, 0].tolist() == [0, 0, 2, 0, 0, 1, 2, 0]

@@ -492,13 +492,8 @@ class PortableLowLatency(DoubleBufferSlots):
 
         if _overlaps(x, areas[rank]):  # e.g. a slice of a recv_x of this slot: the peers will overwrite it
             x = x.clone()
-        # This rank's valid (token, k) pairs sorted by expert, stable: within an expert, token order.
         flat_topk = topk_idx.reshape(-1).to(torch.int64)
-        pair = (flat_topk >= 0).nonzero().squeeze(1)              # (token, k) row-major
-        pair_expert = flat_topk.index_select(0, pair)
-        expert_sorted, order = torch.sort(pair_expert, stable=True)
-        token_sorted = torch.div(pair.index_select(0, order), num_topk, rounding_mode="floor")
-        my_counts = torch.bincount(pair_expert, minlength=num_experts)
+        my_counts = torch.bincount(flat_topk[flat_topk >= 0], minlength=num_experts)
         overflow = int((my_counts > t_max).sum())
 
         words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts), (_H_TOPK, num_topk),
@@ -531,21 +526,21 @@ class PortableLowLatency(DoubleBufferSlots):
         stages = [a[scale_at:scale_at + slot_rows * num_scales * 4].view(torch.float32).view(slot_rows, num_scales)
                   for a in areas] if use_fp8 else None
         my_begin = begins[rank]
-        starts = _exclusive_cumsum(my_counts)
-        flat = ((expert_sorted % num_local) * num_rows + my_begin.index_select(0, expert_sorted)
-                + torch.arange(expert_sorted.numel()) - starts.index_select(0, expert_sorted))
-        token32 = token_sorted.to(torch.int32)
         lib = _native.library()
-        if lib is not None:  # the same copies in three C calls (deep_ep._native)
-            dest = torch.div(expert_sorted, num_local, rounding_mode="floor")
-            _native.copy_rows(lib, payload, token_sorted, [r.view(slot_rows, -1) for r in rows], dest, flat)
-            _native.copy_rows(lib, token32.unsqueeze(1), torch.arange(token32.numel()),
-                              [i.view(slot_rows, 1) for i in infos], dest, flat)
-            if use_fp8:
-                _native.copy_rows(lib, scale_inv.contiguous(), token_sorted, stages, dest, flat)
+        if lib is not None:  # the same writes in one C call (deep_ep._native)
+            _native.ll_dispatch_place(lib, topk_idx, num_experts, num_local, num_rows, my_begin, payload,
+                                      scale_inv.contiguous() if use_fp8 else None,
+                                      [r.view(slot_rows, -1) for r in rows], infos, stages)
         else:
-            self._push_rows(payload, token_sorted, token32, scale_inv, flat, my_counts, my_begin, rows, infos,
-                            stages, num_local, num_rows)
+            # The valid (token, k) pairs sorted by expert, stable: within an expert, (token, k) order.
+            pair = (flat_topk >= 0).nonzero().squeeze(1)          # (token, k) row-major
+            expert_sorted, order = torch.sort(flat_topk.index_select(0, pair), stable=True)
+            token_sorted = torch.div(pair.index_select(0, order), num_topk, rounding_mode="floor")
+            starts = _exclusive_cumsum(my_counts)
+            flat = ((expert_sorted % num_local) * num_rows + my_begin.index_select(0, expert_sorted)
+                    + torch.arange(expert_sorted.numel()) - starts.index_select(0, expert_sorted))
+            self._push_rows(payload, token_sorted, token_sorted.to(torch.int32), scale_inv, flat, my_counts,
+                            my_begin, rows, infos, stages, num_local, num_rows)
         if int(counts.sum()):  # else nothing moved anywhere (every rank knows it from the table)
             wait_start = time.perf_counter_ns()
             comm.fence_round("low_latency_dispatch (data exchange)")

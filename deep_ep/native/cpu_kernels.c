@@ -113,6 +113,51 @@ static int64_t copy_rows(const uint8_t *src, int64_t src_stride, int64_t src_row
 }
 
 /*
+ * The low-latency dispatch's writes on the shared-memory push path. For every valid (token t, k) of this
+ * rank, row-major (so within an expert: tokens ascending, then k), expert e = topk[t, k] gets the next
+ * row of its block on rank e / L: position p = begin[e] + (pairs of e so far), flat row
+ * (e % L) * num_rows + p. The row of x (row_bytes bytes at x + t * x_stride) goes to rows[e / L] + flat
+ * row * row_bytes, t to info[e / L][flat row] (int32), and with scales (scale_bytes at scales +
+ * t * scale_stride) to stage[e / L] + flat row * scale_bytes. topk: [T, K] int64, -1 = none; begin: [E].
+ * Checks first that every expert id is below E and every position below num_rows (-1, nothing written).
+ * cursor: E int64 of scratch.
+ */
+static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int64_t E, int64_t L, int64_t num_rows,
+                                 const int64_t *begin, const uint8_t *x, int64_t x_stride, int64_t row_bytes,
+                                 const uint8_t *scales, int64_t scale_stride, int64_t scale_bytes,
+                                 uint8_t *const *rows, int32_t *const *info, uint8_t *const *stage, int64_t *cursor) {
+    for (int64_t e = 0; e < E; ++e)
+        cursor[e] = 0;
+    for (int64_t i = 0; i < T * K; ++i) {
+        int64_t e = topk[i];
+        if (e >= E)
+            return -1;
+        if (e >= 0)
+            cursor[e] += 1;
+    }
+    for (int64_t e = 0; e < E; ++e) {
+        if (begin[e] < 0 || begin[e] + cursor[e] > num_rows)
+            return -1;
+        cursor[e] = 0;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t k = 0; k < K; ++k) {
+            int64_t e = topk[t * K + k];
+            if (e < 0)
+                continue;
+            int64_t d = e / L;
+            int64_t row = (e % L) * num_rows + begin[e] + cursor[e]++;
+            copy_nt(rows[d] + row * row_bytes, x + t * x_stride, row_bytes);
+            info[d][row] = (int32_t)t;
+            if (scales)
+                memcpy(stage[d] + row * scale_bytes, scales + t * scale_stride, (size_t)scale_bytes);
+        }
+    }
+    store_fence();
+    return 0;
+}
+
+/*
  * The low-latency combine's reduce: out[t] = bf16(sum over k ascending with row_of[t, k] >= 0 of
  * float(w[t, k]) * float(recv[row_of[t, k]])), the sum starting from +0.0f, one float32 multiply and
  * then one float32 add per term. recv: [recv_rows, H] bf16 (rows contiguous, row stride H); row_of:
@@ -248,11 +293,30 @@ static PyObject *py_copy_bytes(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_ll_dispatch_place(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t topk, T, K, E, L, num_rows, begin, x, x_stride, row_bytes, scales, scale_stride, scale_bytes, rows, info,
+        stage, cursor;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnnnnnn", &topk, &T, &K, &E, &L, &num_rows, &begin, &x, &x_stride,
+                          &row_bytes, &scales, &scale_stride, &scale_bytes, &rows, &info, &stage, &cursor))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ll_dispatch_place((const int64_t *)topk, T, K, E, L, num_rows, (const int64_t *)begin, (const uint8_t *)x,
+                           x_stride, row_bytes, (const uint8_t *)scales, scale_stride, scale_bytes,
+                           (uint8_t *const *)rows, (int32_t *const *)info, (uint8_t *const *)stage, (int64_t *)cursor);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
 static PyMethodDef methods[] = {
     {"copy_rows", py_copy_rows, METH_VARARGS,
      "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
      "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
     {"copy_bytes", py_copy_bytes, METH_VARARGS, "copy_bytes(dst, src, n) -> 0 (non-overlapping)"},
+    {"ll_dispatch_place", py_ll_dispatch_place, METH_VARARGS,
+     "ll_dispatch_place(topk, T, K, E, L, num_rows, begin, x, x_stride, row_bytes, scales, scale_stride, "
+     "scale_bytes, rows, info, stage, cursor) -> 0 or -1"},
     {"ll_reduce_bf16", py_ll_reduce_bf16, METH_VARARGS,
      "ll_reduce_bf16(recv, recv_rows, row_of, w, T, K, H, out, out_stride, acc) -> 0 or -1"},
     {"reduce_segments_bf16", py_reduce_segments_bf16, METH_VARARGS,
