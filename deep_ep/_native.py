@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_dispatch_place", "ll_reduce_bf16", "reduce_segments_bf16"]
+__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "ll_dispatch_place", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -254,4 +254,39 @@ def ll_dispatch_place(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int,
                                _ptr(ptrs), _ptr(ptrs) + 8 * n, _ptr(ptrs) + 16 * n, _ptr(cursor))
     if rc != 0:
         raise IndexError("deep_ep: native ll_dispatch_place: an expert id or a row position is out of range "
+                         "(nothing was written)")
+
+
+def ll_combine_row_of(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int, num_local: int,
+                      num_ranks: int) -> Tuple[torch.Tensor, List[int]]:
+    """``(row_of [T, K] int64, pairs per owner rank)``: the low-latency combine's arrival row of every
+    (token, k) (grouped by expert ascending, then (token, k) row-major; -1 where ``topk_idx`` is -1)."""
+    topk = topk_idx.to(torch.int64).contiguous()
+    row_of = torch.empty(topk.shape, dtype=torch.int64)
+    per_owner = torch.empty(num_ranks, dtype=torch.int64)
+    scratch = torch.empty(max(num_experts, 1), dtype=torch.int64)
+    rc = lib.ll_combine_row_of(_ptr(topk), topk.size(0), topk.size(1), num_experts, num_local, num_ranks,
+                               _ptr(row_of), _ptr(per_owner), _ptr(scratch))
+    if rc != 0:
+        raise IndexError("deep_ep: native ll_combine_row_of: an expert id is out of range")
+    return row_of, per_owner.tolist()
+
+
+def ll_combine_push(lib: ModuleType, layout_range: torch.Tensor, num_rows: int, offsets: Sequence[int],
+                    src: torch.Tensor, slots: Sequence[torch.Tensor]) -> None:
+    """The low-latency combine's push writes: for each owner s and local expert j ascending, the rows of
+    block ``layout_range[j, s]`` of `src` (``[L * num_rows, H]``, contiguous rows) go to ``slots[s]`` (the
+    owners' receive slots, ``[rows, H]`` alike) from row ``offsets[s]`` on."""
+    ranges = layout_range.to(torch.int64).contiguous()
+    num_local, num_ranks = ranges.shape
+    assert src.stride(1) == 1 and len(slots) == num_ranks
+    assert all(sl.dtype == src.dtype and sl.size(1) == src.size(1) and sl.is_contiguous() for sl in slots)
+    assert len({sl.size(0) for sl in slots}) == 1 and src.size(0) >= num_local * num_rows
+    offs = torch.tensor(list(offsets), dtype=torch.int64)
+    bases = torch.tensor([_ptr(sl) for sl in slots], dtype=torch.int64)
+    rc = lib.ll_combine_push(_ptr(ranges), num_local, num_ranks, num_rows, _ptr(offs), _ptr(src),
+                             src.stride(0) * src.element_size(), src.size(1) * src.element_size(), _ptr(bases),
+                             slots[0].size(0))
+    if rc != 0:
+        raise IndexError("deep_ep: native ll_combine_push: a block or a destination is out of range "
                          "(nothing was written)")

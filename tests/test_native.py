@@ -161,3 +161,39 @@ def test_ll_dispatch_place_refuses_bad_experts_and_overflow():
                               rows, infos, None)
     assert infos[0].tolist() == [-5, 0, 2, -5, 0, 1, 2, -5]
     assert rows[0][:, 0].tolist() == [0, 0, 2, 0, 0, 1, 2, 0]
+
+
+@needs_lib
+def test_ll_combine_row_of_and_push_match_torch():
+    """The combine's arrival order (pairs sorted by expert, stable) and its block walk, against torch."""
+    g = torch.Generator().manual_seed(make_seed())
+    num_ranks, num_local, num_tokens, num_topk, num_rows = 3, 4, 9, 5, 16
+    num_experts = num_ranks * num_local
+    topk = torch.randint(0, num_experts, (num_tokens, num_topk), generator=g)
+    topk[torch.rand(topk.shape, generator=g) < 0.3] = -1
+    topk[2, 1] = topk[2, 3] = 7 if int(topk[2, 0]) != 7 else 6     # a duplicate expert in one row
+    row_of, per_owner = _native.ll_combine_row_of(lib, topk, num_experts, num_local, num_ranks)
+    token, k = (topk >= 0).nonzero(as_tuple=True)
+    order = torch.sort(topk[token, k], stable=True).indices
+    want = torch.full(topk.shape, -1, dtype=torch.int64)
+    want[token[order], k[order]] = torch.arange(order.numel())
+    assert torch.equal(row_of, want)
+    assert per_owner == torch.bincount(topk[topk >= 0] // num_local, minlength=num_ranks).tolist()
+    with pytest.raises(IndexError):
+        _native.ll_combine_row_of(lib, torch.tensor([[num_experts]]), num_experts, num_local, num_ranks)
+
+    counts = torch.randint(0, 5, (num_local, num_ranks), generator=g)
+    begins = torch.randint(0, num_rows - 5, (num_local, num_ranks), generator=g)
+    ranges = (begins << 32) | counts
+    src = torch.randn(num_local * num_rows, 8, generator=g).to(torch.bfloat16)
+    slots = [torch.zeros(40, 8, dtype=torch.bfloat16) for _ in range(num_ranks)]
+    offsets = [3, 0, 7]
+    _native.ll_combine_push(lib, ranges, num_rows, offsets, src, slots)
+    for s in range(num_ranks):
+        rows = torch.cat([torch.arange(int(begins[j, s]), int(begins[j, s] + counts[j, s])) + j * num_rows
+                          for j in range(num_local)])
+        n = rows.numel()
+        assert torch.equal(slots[s][offsets[s]:offsets[s] + n], src[rows])
+        assert not slots[s][:offsets[s]].float().any() and not slots[s][offsets[s] + n:].float().any()
+    with pytest.raises(IndexError):
+        _native.ll_combine_push(lib, ranges, num_rows, [38, 0, 0], src, slots)

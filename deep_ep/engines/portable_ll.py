@@ -703,34 +703,40 @@ class PortableLowLatency(DoubleBufferSlots):
 
         def rows_src_of(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(num_local * num_rows, hidden)
-        ranges = layout_range.to(device)
-        block_count = ranges & 0xFFFFFFFF
-        block_begin = ranges >> 32
-        if rank_ok is not None:
-            block_count = block_count * rank_ok.to(torch.int64).unsqueeze(0)
-        count_by_source = block_count.t().reshape(-1)
-        begin_by_source = (block_begin + torch.arange(num_local, device=device).unsqueeze(1) * num_rows).t().reshape(-1)
-        num_send = int(count_by_source.sum())
-        send_rows = (torch.repeat_interleave(begin_by_source, count_by_source)
-                     + torch.arange(num_send, device=device)
-                     - torch.repeat_interleave(_exclusive_cumsum(count_by_source), count_by_source))
-        send_counts = block_count.sum(dim=0).tolist()
-
-        # Receiver side: this rank's valid (token, k) pairs, sorted by expert (stable) = arrival order.
-        topk = topk_idx.to(torch.int64)
-        valid = topk >= 0
-        owner = torch.div(topk, num_local, rounding_mode="floor")
-        if rank_ok is not None:
-            valid &= rank_ok[owner.clamp(min=0)]
-        pair_token, pair_k = valid.nonzero(as_tuple=True)
-        pair_expert = topk[pair_token, pair_k]
-        pair_owner = torch.div(pair_expert, num_local, rounding_mode="floor")
-        order = torch.sort(pair_expert, stable=True).indices
-        expect_counts = torch.bincount(pair_owner, minlength=size).tolist()
-
         # Push path: the rows go straight into the owners' receive slots (at most E*T_max rows per rank).
         push = self._push_areas(use_p2p, device, LowLatencyLayout(t_max, hidden, num_experts), slot,
                                 num_experts * t_max * 2 * hidden)
+        lib = _native.library() if device.type == "cpu" else None
+        # Native push path: the sender's block walk and the owner's arrival order in C (deep_ep._native).
+        fast = push is not None and lib is not None and not use_logfmt and not _overlaps(data, push[rank])
+        if fast:
+            send_counts = (layout_range.to(torch.int64) & 0xFFFFFFFF).sum(dim=0).tolist()
+            row_of, expect_counts = _native.ll_combine_row_of(lib, topk_idx, num_experts, num_local, size)
+        else:
+            ranges = layout_range.to(device)
+            block_count = ranges & 0xFFFFFFFF
+            block_begin = ranges >> 32
+            if rank_ok is not None:
+                block_count = block_count * rank_ok.to(torch.int64).unsqueeze(0)
+            count_by_source = block_count.t().reshape(-1)
+            begin_by_source = (block_begin + torch.arange(num_local, device=device).unsqueeze(1) * num_rows).t().reshape(-1)
+            num_send = int(count_by_source.sum())
+            send_rows = (torch.repeat_interleave(begin_by_source, count_by_source)
+                         + torch.arange(num_send, device=device)
+                         - torch.repeat_interleave(_exclusive_cumsum(count_by_source), count_by_source))
+            send_counts = block_count.sum(dim=0).tolist()
+
+            # Receiver side: this rank's valid (token, k) pairs, sorted by expert (stable) = arrival order.
+            topk = topk_idx.to(torch.int64)
+            valid = topk >= 0
+            owner = torch.div(topk, num_local, rounding_mode="floor")
+            if rank_ok is not None:
+                valid &= rank_ok[owner.clamp(min=0)]
+            pair_token, pair_k = valid.nonzero(as_tuple=True)
+            pair_expert = topk[pair_token, pair_k]
+            pair_owner = torch.div(pair_expert, num_local, rounding_mode="floor")
+            order = torch.sort(pair_expert, stable=True).indices
+            expect_counts = torch.bincount(pair_owner, minlength=size).tolist()
         words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts), (_H_PUSH, push is not None))
         early = None
         if push is not None and (use_logfmt or _overlaps(data, push[rank])):
@@ -770,15 +776,10 @@ class PortableLowLatency(DoubleBufferSlots):
             # after sum(sent[:rank, d]) rows of its receive slot.
             slots = [a.view(torch.bfloat16).view(-1, hidden) for a in push]
             offsets = _exclusive_cumsum(sent, dim=0)[rank].tolist()
-            lib = _native.library()
-            at = 0 if lib is None or early is not None else num_send  # native: one call for every owner
-            if at:
-                per_owner = torch.tensor(send_counts, dtype=torch.int64)
-                owner = torch.repeat_interleave(torch.arange(size), per_owner)
-                shift = torch.tensor(offsets, dtype=torch.int64) - _exclusive_cumsum(per_owner, 0)
-                _native.copy_rows(lib, rows_src, send_rows, slots, owner,
-                                  torch.arange(num_send) + shift.index_select(0, owner))
-            for dst, count in enumerate(send_counts if not at else []):
+            if fast:
+                _native.ll_combine_push(lib, layout_range, num_rows, offsets, rows_src, slots)
+            at = 0
+            for dst, count in enumerate(send_counts if not fast else []):
                 if count:
                     target = slots[dst][offsets[dst]:offsets[dst] + count]
                     if early is not None:
@@ -799,6 +800,19 @@ class PortableLowLatency(DoubleBufferSlots):
                                                      int(sent.sum()) == 0, "low_latency_combine (data exchange)",
                                                      slot)
         weights = topk_weights.to(torch.float32)
+
+        if fast:
+            def finish() -> None:
+                if combined.stride(1) == 1:
+                    _native.ll_reduce_bf16(lib, recv_buf, row_of, weights, combined)
+                else:
+                    row_token, row_k = (row_of >= 0).nonzero(as_tuple=True)
+                    self._reduce(recv_buf, row_token, row_k, row_of[row_token, row_k], weights, num_tokens, num_topk,
+                                 hidden, out=combined)
+                if combine_wait_recv_cost_stats is not None:
+                    self._add_wait(combine_wait_recv_cost_stats, recv_counts, header_ns)
+
+            return combined, self._make_hook(finish, exchange, slot, use, return_recv_hook, "low_latency_combine")
 
         def finish() -> None:
             wait_start = time.perf_counter_ns()

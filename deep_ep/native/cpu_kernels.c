@@ -158,6 +158,73 @@ static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int6
 }
 
 /*
+ * The low-latency combine's arrival order, on the owner of the tokens: rows come grouped by expert
+ * ascending and, within an expert, in (token, k) row-major order, so the row of pair (t, k) with expert
+ * e is (pairs of the experts below e) + (pairs of e before (t, k)). Writes row_of [T, K] (-1 where
+ * topk is -1) and per_owner [R] (pairs whose expert lives on each rank, L experts per rank).
+ * -1 (nothing written) when an expert id is E or more. scratch: E int64.
+ */
+static int64_t ll_combine_row_of(const int64_t *topk, int64_t T, int64_t K, int64_t E, int64_t L, int64_t R,
+                                 int64_t *row_of, int64_t *per_owner, int64_t *scratch) {
+    for (int64_t e = 0; e < E; ++e)
+        scratch[e] = 0;
+    for (int64_t i = 0; i < T * K; ++i) {
+        int64_t e = topk[i];
+        if (e >= E)
+            return -1;
+        if (e >= 0)
+            scratch[e] += 1;
+    }
+    int64_t running = 0;
+    for (int64_t r = 0; r < R; ++r)
+        per_owner[r] = 0;
+    for (int64_t e = 0; e < E; ++e) {
+        int64_t c = scratch[e];
+        per_owner[e / L] += c;
+        scratch[e] = running;
+        running += c;
+    }
+    for (int64_t i = 0; i < T * K; ++i) {
+        int64_t e = topk[i];
+        row_of[i] = e < 0 ? -1 : scratch[e]++;
+    }
+    return 0;
+}
+
+/*
+ * The low-latency combine's sends on the shared-memory push path, on an expert rank: for each owner s
+ * (ascending) and local expert j (ascending), the block of rows (begin, count) = (ranges[j, s] >> 32,
+ * ranges[j, s] & 0xffffffff) of expert j, rows j * num_rows + begin + i of src, goes to owner s's receive
+ * slot from row offsets[s] on, consecutively. ranges: [L, R] int64; slots: R pointers to slot_rows rows.
+ * Checks every block and destination first (-1, nothing written).
+ */
+static int64_t ll_combine_push(const int64_t *ranges, int64_t L, int64_t R, int64_t num_rows, const int64_t *offsets,
+                               const uint8_t *src, int64_t src_stride, int64_t row_bytes, uint8_t *const *slots,
+                               int64_t slot_rows) {
+    for (int64_t s = 0; s < R; ++s) {
+        int64_t total = 0;
+        for (int64_t j = 0; j < L; ++j) {
+            int64_t begin = ranges[j * R + s] >> 32, count = ranges[j * R + s] & 0xffffffff;
+            if (begin < 0 || begin + count > num_rows)
+                return -1;
+            total += count;
+        }
+        if (offsets[s] < 0 || offsets[s] + total > slot_rows)
+            return -1;
+    }
+    for (int64_t s = 0; s < R; ++s) {
+        int64_t at = offsets[s];
+        for (int64_t j = 0; j < L; ++j) {
+            int64_t begin = ranges[j * R + s] >> 32, count = ranges[j * R + s] & 0xffffffff;
+            for (int64_t i = 0; i < count; ++i)
+                copy_nt(slots[s] + (at++) * row_bytes, src + (j * num_rows + begin + i) * src_stride, row_bytes);
+        }
+    }
+    store_fence();
+    return 0;
+}
+
+/*
  * The low-latency combine's reduce: out[t] = bf16(sum over k ascending with row_of[t, k] >= 0 of
  * float(w[t, k]) * float(recv[row_of[t, k]])), the sum starting from +0.0f, one float32 multiply and
  * then one float32 add per term. recv: [recv_rows, H] bf16 (rows contiguous, row stride H); row_of:
@@ -309,11 +376,42 @@ static PyObject *py_ll_dispatch_place(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_ll_combine_row_of(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t topk, T, K, E, L, R, row_of, per_owner, scratch;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnn", &topk, &T, &K, &E, &L, &R, &row_of, &per_owner, &scratch))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ll_combine_row_of((const int64_t *)topk, T, K, E, L, R, (int64_t *)row_of, (int64_t *)per_owner,
+                           (int64_t *)scratch);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
+static PyObject *py_ll_combine_push(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t ranges, L, R, num_rows, offsets, src, src_stride, row_bytes, slots, slot_rows;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnn", &ranges, &L, &R, &num_rows, &offsets, &src, &src_stride, &row_bytes,
+                          &slots, &slot_rows))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ll_combine_push((const int64_t *)ranges, L, R, num_rows, (const int64_t *)offsets, (const uint8_t *)src,
+                         src_stride, row_bytes, (uint8_t *const *)slots, slot_rows);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
 static PyMethodDef methods[] = {
     {"copy_rows", py_copy_rows, METH_VARARGS,
      "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
      "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
     {"copy_bytes", py_copy_bytes, METH_VARARGS, "copy_bytes(dst, src, n) -> 0 (non-overlapping)"},
+    {"ll_combine_row_of", py_ll_combine_row_of, METH_VARARGS,
+     "ll_combine_row_of(topk, T, K, E, L, R, row_of, per_owner, scratch) -> 0 or -1"},
+    {"ll_combine_push", py_ll_combine_push, METH_VARARGS,
+     "ll_combine_push(ranges, L, R, num_rows, offsets, src, src_stride, row_bytes, slots, slot_rows) -> 0 or -1"},
     {"ll_dispatch_place", py_ll_dispatch_place, METH_VARARGS,
      "ll_dispatch_place(topk, T, K, E, L, num_rows, begin, x, x_stride, row_bytes, scales, scale_stride, "
      "scale_bytes, rows, info, stage, cursor) -> 0 or -1"},
