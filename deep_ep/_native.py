@@ -86,7 +86,8 @@ def _build() -> Tuple[Optional[ModuleType], str]:
     if not os.path.exists(os.path.join(include, "Python.h")):
         return None, f"Python's headers are missing (no Python.h in {include!r})"
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    flags = _FLAGS + [f"-I{include}"]
+    # DEEP_EP_NATIVE_CFLAGS: extra compiler flags (e.g. sanitizers, for the tests); part of the cache key.
+    flags = _FLAGS + [f"-I{include}"] + os.environ.get("DEEP_EP_NATIVE_CFLAGS", "").split()
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc] + flags + [platform.machine(), sys.version, suffix])
                          .encode()).hexdigest()[:16]
     problems = []

@@ -114,7 +114,7 @@ def test_switches(tmp_path):
     assert off.returncode == 0 and off.stdout.split("\n")[:2] == ["torch operations (DEEP_EP_CPU_NATIVE=0)", "False"]
     # No compiler: the automatic mode falls back and says why; DEEP_EP_CPU_NATIVE=1 makes it an error.
     nocc = {"CC": str(tmp_path / "no-such-cc"), "PATH": str(tmp_path), "DEEP_EP_CACHE_DIR": str(tmp_path / "c"),
-            "XDG_CACHE_HOME": str(tmp_path / "x"), "TMPDIR": str(tmp_path)}
+            "XDG_CACHE_HOME": str(tmp_path / "x"), "TMPDIR": str(tmp_path), "DEEP_EP_CPU_NATIVE": "auto"}
     auto = _status_in_subprocess(nocc)
     assert auto.returncode == 0, auto.stderr
     assert "torch operations (native helpers unavailable: no C compiler found" in auto.stdout
@@ -195,5 +195,34 @@ def test_ll_combine_row_of_and_push_match_torch():
         n = rows.numel()
         assert torch.equal(slots[s][offsets[s]:offsets[s] + n], src[rows])
         assert not slots[s][:offsets[s]].float().any() and not slots[s][offsets[s] + n:].float().any()
-    with pytest.raises(IndexError):
-        _native.ll_combine_push(lib, ranges, num_rows, [38, 0, 0], src, slots)
+    with pytest.raises(IndexError):  # owner 0's rows would end one row past its slot
+        _native.ll_combine_push(lib, ranges, num_rows, [41 - int(counts[:, 0].sum()), 0, 0], src, slots)
+
+
+_SANITIZED = ["tests/test_native.py", "tests/test_cpu_kernels.py", "tests/test_low_latency.py"]
+
+
+def test_native_helpers_under_asan_and_ubsan(tmp_path):
+    """The helpers' tests and the 2-rank low-latency suite (push path: placement, combine walk and reduce)
+    with the helpers built under AddressSanitizer + UndefinedBehaviorSanitizer, halting on the first report."""
+    import shutil
+    cc = shutil.which(os.environ.get("CC") or "gcc") or shutil.which("gcc")
+    if lib is None or cc is None:
+        pytest.skip("native helpers or gcc unavailable")
+    asan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not asan or not os.path.isabs(asan) or not os.path.exists(asan):
+        pytest.skip("libasan.so not found")
+    env = dict(os.environ, DEEP_EP_CACHE_DIR=str(tmp_path), DEEP_EP_CPU_NATIVE="1", LD_PRELOAD=asan,
+               DEEP_EP_NATIVE_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer "
+                                     "-fno-sanitize-recover=all -O1",
+               ASAN_OPTIONS="detect_leaks=0:halt_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+               DEEP_EP_SANITIZED_RUN="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", *_SANITIZED, "-k",
+                          "not under_asan and (not test_low_latency or 2-bad_inputs)"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    text = run.stdout + run.stderr
+    report = max(text.find("ERROR: AddressSanitizer"), text.find("runtime error:"))
+    assert run.returncode == 0, text[report:report + 3000] if report >= 0 else text[-4000:]
+    assert "passed" in run.stdout and " failed" not in run.stdout
+    assert any(p.name.startswith("cpu_kernels-") for p in tmp_path.iterdir())  # built with the sanitizers
