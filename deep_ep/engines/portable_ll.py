@@ -328,6 +328,17 @@ class PortableLowLatency(DoubleBufferSlots):
     # ------------------------------------------------------------------------------------------
     # Dispatch
 
+    def _check_dispatch_header(self, table: torch.Tensor, peers: List[int], t_max: int) -> None:
+        """The dispatch header's checks, raised alike on every rank: the signatures agree, and no rank
+        routes more than `t_max` pairs to one expert."""
+        self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
+        overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
+        if overflowing:
+            raise _agree.coordinated(RuntimeError(
+                f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
+                f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
+                f"same expert several times); a rank's block per expert holds at most {t_max} rows"))
+
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                  num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor],
                  dispatch_wait_recv_cost_stats: Optional[torch.Tensor], use_fp8: bool, round_scale: bool,
@@ -421,13 +432,7 @@ class PortableLowLatency(DoubleBufferSlots):
         table, peers = self._gather_header(self._header(_KIND_DISPATCH, words, send_counts), peers, use_p2p,
                                            "low_latency_dispatch (header exchange)")
         header_ns = time.perf_counter_ns() - start_ns
-        self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
-        overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
-        if overflowing:
-            raise _agree.coordinated(RuntimeError(
-                f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
-                f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
-                f"same expert several times); a rank's block per expert holds at most {t_max} rows"))
+        self._check_dispatch_header(table, peers, t_max)
         counts = table[:, _HEADER_WORDS:_HEADER_WORDS + size]
         recv_counts = counts[:, rank].tolist()
 
@@ -502,13 +507,7 @@ class PortableLowLatency(DoubleBufferSlots):
         start_ns = time.perf_counter_ns()
         table, peers = self._gather_header(self._header(_KIND_DISPATCH, words, [0] * size, extra=my_counts),
                                            list(range(size)), False, "low_latency_dispatch (header exchange)")
-        self._check_signatures(table, peers, _KIND_DISPATCH, _DISPATCH_SIGNATURE)
-        overflowing = [p for p in peers if int(table[p, _H_OVERFLOW]) > 0]
-        if overflowing:
-            raise _agree.coordinated(RuntimeError(
-                f"deep_ep.Buffer.low_latency_dispatch: `topk_idx` on rank(s) {overflowing} routes more than "
-                f"num_max_dispatch_tokens_per_rank={t_max} (token, k) pairs to one expert (a token lists the "
-                f"same expert several times); a rank's block per expert holds at most {t_max} rows"))
+        self._check_dispatch_header(table, peers, t_max)
         counts = table[:, _HEADER_WORDS + 2 * size:]              # [R, E] pairs of each rank per expert
         begins = _exclusive_cumsum(counts, dim=0)                 # where each rank's rows start in a block
         header_ns = time.perf_counter_ns() - start_ns
@@ -596,7 +595,7 @@ class PortableLowLatency(DoubleBufferSlots):
                               src_info: torch.Tensor, layout_range: torch.Tensor) -> None:
         """Push path: the rows are in place already; fill the counts, the handle and the FP8 scales from
         the header table (`counts`, `begins`: ``[R, E]``) and the receive slot (`info`, `stage`)."""
-        size, rank = self.comm.size, self.comm.rank
+        rank = self.comm.rank
         num_local, num_rows = src_info.shape
         local = counts[:, rank * num_local:(rank + 1) * num_local]        # [R, L] rows from each source
         local_begin = begins[:, rank * num_local:(rank + 1) * num_local]
