@@ -97,7 +97,10 @@ def expert_forward(x: torch.Tensor, local_idx: torch.Tensor, weights: torch.Tens
     out = torch.zeros((n, x.size(1)), dtype=torch.float32, device=x.device)
     token, slot = (local_idx >= 0).nonzero(as_tuple=True)
     if token.numel() == 0:
-        return out.to(x.dtype) + 0 * x  # keep the graph connected to x
+        # No rows for this rank's experts: zeros, still connected to x, w1 and w2 (their gradients are then
+        # zeros, not None, as when rows arrive). Sums of empty slices: exactly 0, whatever the values.
+        zero = x.reshape(-1)[:0].sum() + w1.reshape(-1)[:0].sum() + w2.reshape(-1)[:0].sum()
+        return out.to(x.dtype) + zero.to(x.dtype)
     expert = local_idx[token, slot]
     order = torch.argsort(expert, stable=True)
     token, slot, expert = token[order], slot[order], expert[order]

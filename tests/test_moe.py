@@ -88,3 +88,19 @@ def test_moe_layer_trains_like_single_process(num_ranks, ranks_per_node):
     results = run_ranks(_train_worker, num_ranks, seed, 24, 128, 96, 4 * num_ranks, 3, 3,
                         ranks_per_node=ranks_per_node)
     assert results == [True] * num_ranks
+
+
+def test_expert_forward_without_rows_keeps_every_gradient():
+    """A rank whose experts receive no rows still returns zeros connected to x, w1 and w2: after backward
+    their gradients are zeros, as when rows arrive (a None gradient broke the training test for seeds
+    where one rank got no tokens in a step)."""
+    from deep_ep.moe import expert_forward
+    x = torch.randn(3, 8).to(torch.bfloat16).requires_grad_()
+    w1 = torch.randn(2, 8, 4).to(torch.bfloat16).requires_grad_()
+    w2 = torch.randn(2, 4, 8).to(torch.bfloat16).requires_grad_()
+    local_idx = torch.full((3, 2), -1)
+    y = expert_forward(x, local_idx, torch.rand(3, 2), w1, w2)
+    assert y.dtype == torch.bfloat16 and not y.float().any()
+    y.float().sum().backward()
+    for t in (x, w1, w2):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.float().any()
