@@ -112,6 +112,20 @@ static int64_t copy_rows(const uint8_t *src, int64_t src_stride, int64_t src_row
     return 0;
 }
 
+/* counts[e] = entries of topk[0, n) equal to e (negative entries: none); -1 when one is E or more. */
+static int64_t count_experts(const int64_t *topk, int64_t n, int64_t E, int64_t *counts) {
+    for (int64_t e = 0; e < E; ++e)
+        counts[e] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t e = topk[i];
+        if (e >= E)
+            return -1;
+        if (e >= 0)
+            counts[e] += 1;
+    }
+    return 0;
+}
+
 /*
  * The low-latency dispatch's writes on the shared-memory push path. For every valid (token t, k) of this
  * rank, row-major (so within an expert: tokens ascending, then k), expert e = topk[t, k] gets the next
@@ -126,15 +140,8 @@ static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int6
                                  const int64_t *begin, const uint8_t *x, int64_t x_stride, int64_t row_bytes,
                                  const uint8_t *scales, int64_t scale_stride, int64_t scale_bytes,
                                  uint8_t *const *rows, int32_t *const *info, uint8_t *const *stage, int64_t *cursor) {
-    for (int64_t e = 0; e < E; ++e)
-        cursor[e] = 0;
-    for (int64_t i = 0; i < T * K; ++i) {
-        int64_t e = topk[i];
-        if (e >= E)
-            return -1;
-        if (e >= 0)
-            cursor[e] += 1;
-    }
+    if (count_experts(topk, T * K, E, cursor) != 0)
+        return -1;
     for (int64_t e = 0; e < E; ++e) {
         if (begin[e] < 0 || begin[e] + cursor[e] > num_rows)
             return -1;
@@ -166,15 +173,8 @@ static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int6
  */
 static int64_t ll_combine_row_of(const int64_t *topk, int64_t T, int64_t K, int64_t E, int64_t L, int64_t R,
                                  int64_t *row_of, int64_t *per_owner, int64_t *scratch) {
-    for (int64_t e = 0; e < E; ++e)
-        scratch[e] = 0;
-    for (int64_t i = 0; i < T * K; ++i) {
-        int64_t e = topk[i];
-        if (e >= E)
-            return -1;
-        if (e >= 0)
-            scratch[e] += 1;
-    }
+    if (count_experts(topk, T * K, E, scratch) != 0)
+        return -1;
     int64_t running = 0;
     for (int64_t r = 0; r < R; ++r)
         per_owner[r] = 0;
