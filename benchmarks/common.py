@@ -392,13 +392,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _loopback_store(port: int, rank: int, world: int, timeout_s: float):
+def _loopback_listener() -> Optional[socket.socket]:
+    """rank 0's store socket, already listening (None with an older deep_ep: rank 0 binds the port itself)."""
+    try:
+        from deep_ep._comm import loopback_listener
+    except ImportError:
+        return None
+    return loopback_listener()
+
+
+def _loopback_store(port: int, rank: int, world: int, timeout_s: float, listener: Optional[socket.socket]):
     try:
         from deep_ep._comm import loopback_store  # listens on 127.0.0.1 only
     except ImportError:  # an older deep_ep: a plain store (the address is explicit, no tcp:// init)
         timeout = datetime.timedelta(seconds=timeout_s)
         return dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout, wait_for_workers=False)
-    return loopback_store(port, rank, world, timeout_s)
+    if rank != 0 or listener is None:
+        if listener is not None:
+            listener.close()  # every spawned rank received a copy; only rank 0 serves on it
+        return loopback_store(port, rank, world, timeout_s)
+    return loopback_store(port, rank, world, timeout_s, listener)
 
 
 @dataclass
@@ -407,6 +420,7 @@ class _Rendezvous:
     addr: str
     port: int
     world: int
+    listener: Optional[socket.socket] = None  # "loopback": rank 0's store socket, already listening
 
 
 def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, args, launch_kind: str,
@@ -426,7 +440,7 @@ def _init_rank(rank: int, local_rank: int, num_local: int, rdv: _Rendezvous, arg
         store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     elif rdv.kind == "loopback":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        store = _loopback_store(rdv.port, rank, rdv.world, args.timeout)
+        store = _loopback_store(rdv.port, rank, rdv.world, args.timeout, rdv.listener)
     else:
         store = dist.TCPStore(rdv.addr, rdv.port, rdv.world, rank == 0, timeout=timeout, wait_for_workers=False)
     if device_kind == "cuda":
@@ -501,12 +515,17 @@ def launch(worker: Callable[[RankContext, argparse.Namespace], object], args, pr
     if int(getattr(args, "threads", 0) or 0) > 0:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     if kind == "spawn":
-        port = free_port()
+        listener = _loopback_listener()
+        port = listener.getsockname()[1] if listener is not None else free_port()
         if not quiet:
             print(f"{prefix} spawning {args.num_ranks} ranks (gloo, 127.0.0.1:{port})"
                   + (f", DEEP_EP_RANKS_PER_NODE={args.ranks_per_node}" if args.ranks_per_node else ""), flush=True)
-        rdv = _Rendezvous("loopback", "127.0.0.1", port, args.num_ranks)
-        return _spawn(worker, args, rdv, 0, args.num_ranks, kind, device_kind, True)
+        rdv = _Rendezvous("loopback", "127.0.0.1", port, args.num_ranks, listener)
+        try:
+            return _spawn(worker, args, rdv, 0, args.num_ranks, kind, device_kind, True)
+        finally:
+            if listener is not None:
+                listener.close()
     if kind == "env":
         try:
             addr, port = os.environ["MASTER_ADDR"], int(os.environ.get("MASTER_PORT", "8361"))

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import sys
 import threading
 import time
@@ -332,18 +331,12 @@ def compare(results: List[Dict[str, Any]], rss_tolerance: int, tensor_tolerance:
 # --------------------------------------------------------------------------------------------------
 # Launcher (the script)
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, num_ranks: int, port: int, args: Dict[str, Any], queue) -> None:
+def _worker(rank: int, num_ranks: int, port: int, listener, args: Dict[str, Any], queue) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     try:
         from deep_ep._comm import loopback_store  # torch's tcp:// init would listen on every interface
-        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, 300), rank=rank,
+        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, 300, listener), rank=rank,
                                 world_size=num_ranks, timeout=timedelta(seconds=300))
         res = pressure_rank(rank, num_ranks, dist.group.WORLD, args["iters"], args["seed"], args["repeats"],
                             not args["no_check"], args["device"], args["log_every"])
@@ -378,12 +371,18 @@ def main() -> int:
     os.environ.update(env)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    from deep_ep._comm import loopback_listener
+    listener = loopback_listener()  # rank 0's store socket, already listening: no race for the port
+    port = listener.getsockname()[1]
     args = {"iters": a.iters, "seed": seed, "repeats": a.repeats, "no_check": a.no_check, "device": a.device,
             "log_every": a.log_every}
-    procs = [ctx.Process(target=_worker, args=(r, a.num_ranks, port, args, queue)) for r in range(a.num_ranks)]
-    for p in procs:
-        p.start()
+    procs = [ctx.Process(target=_worker, args=(r, a.num_ranks, port, listener if r == 0 else None, args, queue))
+             for r in range(a.num_ranks)]
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        listener.close()
     results: Dict[int, Any] = {}
     failures = []
     try:

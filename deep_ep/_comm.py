@@ -78,7 +78,26 @@ def _fmt_exc(exc: Optional[BaseException]) -> str:
     return line if line.endswith((".", "!", "?")) else line + "."
 
 
-def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+def loopback_listener() -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 at a port the kernel picks; pass it to rank 0's `loopback_store`.
+
+    Picking a port by binding to port 0 and closing the socket leaves a window in which another process
+    (say, gloo binding its own connections) can take the port before rank 0 binds it again. A launcher
+    that creates this listener, passes it to rank 0's process (``multiprocessing`` sends sockets to
+    spawned and forkserver children) and gives ``listener.getsockname()[1]`` to the others has no window.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300.0,
+                   listener: Optional[socket.socket] = None) -> dist.TCPStore:
     """A rendezvous store for ranks that all run on this host, listening on 127.0.0.1 only.
 
     ``dist.init_process_group(init_method="tcp://127.0.0.1:PORT")`` makes rank 0's store listen on
@@ -88,15 +107,21 @@ def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300
         store = loopback_store(port, rank, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
 
-    Rank 0 binds ``127.0.0.1:port`` (pick it with a bind to port 0 beforehand); the others connect.
+    Rank 0 binds ``127.0.0.1:port`` (pick it with a bind to port 0 beforehand), or, when `listener`
+    is given (see `loopback_listener`), serves on that already-listening socket and ignores `port`;
+    the others connect to ``127.0.0.1:port``.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank != 0:
         return dist.TCPStore("127.0.0.1", port, world_size, False, timeout=timeout)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(max(128, world_size))
+    if listener is not None:
+        sock = listener
+        port = sock.getsockname()[1]
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(max(128, world_size))
     # The store owns the descriptor from now on (detach: the socket object must not close it).
     return dist.TCPStore("127.0.0.1", port, world_size, True, timeout=timeout, wait_for_workers=False,
                          master_listen_fd=sock.detach())

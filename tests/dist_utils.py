@@ -89,14 +89,14 @@ def _patched_environ(values: Dict[str, str]):
                     os.environ[key] = old
 
 
-def _worker(rank: int, num_ranks: int, port: int, env: Dict[str, str], fn: Callable, args: tuple,
+def _worker(rank: int, num_ranks: int, port: int, listener, env: Dict[str, str], fn: Callable, args: tuple,
             result_queue, timeout_s: float) -> None:
     # The environment was already inherited at spawn; set it again in case fn's module changed it.
     os.environ.update(env)
     try:
         torch.set_num_threads(1)
         from deep_ep._comm import loopback_store  # torch's tcp:// init method would listen on every interface
-        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, timeout_s), rank=rank,
+        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, timeout_s, listener), rank=rank,
                                 world_size=num_ranks, timeout=timedelta(seconds=timeout_s))
         group = dist.new_group(list(range(num_ranks)))
         value = fn(rank, num_ranks, group, *args)
@@ -132,16 +132,20 @@ def run_ranks(fn: Callable, num_ranks: int, *args: Any, ranks_per_node: Optional
     __tracebackhide__ = True  # pytest: show the ranks' tracebacks, not this function's source
     ctx = mp.get_context("spawn")
     result_queue = ctx.Queue()
-    port = free_port()
+    # Rank 0 gets the store's socket already listening (no window for another process to take the port).
+    from deep_ep._comm import loopback_listener
+    listener = loopback_listener()
+    port = listener.getsockname()[1]
     rank_env = _rank_env(ranks_per_node, env)
     # gloo's own collective timeout: below ours, so that a blocked rank reports instead of being killed.
     gloo_timeout_s = max(10.0, timeout_s - 30.0)
 
     processes = []
-    with _patched_environ(rank_env):
+    with _patched_environ(rank_env), contextlib.closing(listener):
         for rank in range(num_ranks):
             process = ctx.Process(target=_worker, name=f"deep_ep-test-rank{rank}",
-                                  args=(rank, num_ranks, port, rank_env, fn, args, result_queue, gloo_timeout_s),
+                                  args=(rank, num_ranks, port, listener if rank == 0 else None, rank_env, fn, args,
+                                        result_queue, gloo_timeout_s),
                                   daemon=True)
             process.start()
             processes.append(process)

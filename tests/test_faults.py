@@ -18,7 +18,6 @@ import multiprocessing as mp
 import os
 import queue as queue_module
 import signal
-import socket
 import time
 import traceback
 from typing import Any, Dict, List
@@ -141,7 +140,7 @@ def _ll_reference(x_all, topk_all, w_all, rank, alive):
     return acc.to(torch.bfloat16)
 
 
-def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None:
+def _rank_main(name: str, rank: int, num_ranks: int, port: int, listener, results) -> None:
     import datetime
     timeout_s = SKEWED_TIMEOUT_S if "-skewed" in name and rank == 0 else TIMEOUT_S
     os.environ.update({"DEEP_EP_TIMEOUT_S": str(timeout_s), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
@@ -155,7 +154,7 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
     started = [None]
     try:
         from deep_ep._comm import loopback_store
-        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, 60), rank=rank,
+        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, 60, listener), rank=rank,
                                 world_size=num_ranks, timeout=datetime.timedelta(seconds=60))
         num_experts = 2 * num_ranks
         rdma = deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, num_ranks, num_experts) if ll else 0
@@ -253,21 +252,6 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, results) -> None
 # ------------------------------------------------------------------------------------------------
 # Parent side
 
-def _free_ports(n: int) -> List[int]:
-    """`n` distinct free ports (all sockets are held until every port is chosen, so the scenarios that
-    start together never draw the same one)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _context():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "deep_ep", "deep_ep.engines.portable_ll",
@@ -279,13 +263,20 @@ def run_scenarios(names: List[str], deadline_s: float = 90.0) -> Dict[str, Dict[
     """Start every scenario at once; collect each rank's report, exit code and leftover state."""
     ctx = _context()
     runs: Dict[str, Dict[str, Any]] = {}
-    for name, port in zip(names, _free_ports(len(names))):
+    from deep_ep._comm import loopback_listener
+    for name in names:
         num_ranks = SCENARIOS[name][0]
         q = ctx.Queue()
-        procs = [ctx.Process(target=_rank_main, args=(name, r, num_ranks, port, q), name=f"{name}-rank{r}")
-                 for r in range(num_ranks)]
-        for p in procs:
-            p.start()
+        # Rank 0 gets the store's socket already listening: no other scenario's process can take its port.
+        listener = loopback_listener()
+        port = listener.getsockname()[1]
+        procs = [ctx.Process(target=_rank_main, args=(name, r, num_ranks, port, listener if r == 0 else None, q),
+                             name=f"{name}-rank{r}") for r in range(num_ranks)]
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            listener.close()
         runs[name] = {"procs": procs, "queue": q, "reports": {}, "reported_at": {}, "exited_at": {}, "exit": {},
                       "left": [], "start": time.monotonic()}
     end = time.monotonic() + deadline_s

@@ -117,3 +117,26 @@ def test_launch_scripts_use_explicit_loopback_rendezvous():
                         offenders.append(f"{os.path.relpath(path, _REPO)}:{lineno}: {line.strip()}")
     assert not offenders, ("these launchers make rank 0's store listen on every interface; use "
                            "deep_ep.utils.loopback_store:\n  " + "\n  ".join(offenders))
+
+
+def test_loopback_listener_holds_its_port_until_the_store_serves_on_it():
+    """Launchers pass rank 0 an already-listening socket (`loopback_listener`): between choosing the port
+    and rank 0's store serving on it, no other process can bind it (the port race that a bind-to-0-and-close
+    leaves open failed a CI run: another scenario's process took a chosen port before its rank 0 bound it)."""
+    import errno
+    import socket
+    from deep_ep._comm import loopback_listener, loopback_store
+    listener = loopback_listener()
+    port = listener.getsockname()[1]
+    assert listener.getsockname()[0] == "127.0.0.1"
+    intruder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with pytest.raises(OSError) as caught:
+        intruder.bind(("127.0.0.1", port))
+    intruder.close()
+    assert caught.value.errno == errno.EADDRINUSE
+    server = loopback_store(0, 0, 2, 30, listener)   # `port` is ignored when a listener is given
+    client = loopback_store(port, 1, 2, 30)
+    client.set("key", "value")
+    assert server.get("key") == b"value"
+    assert ("127.0.0.1", port) in listening_sockets()

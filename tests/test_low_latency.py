@@ -668,7 +668,7 @@ def _gone_rank_suite(rank: int, num_ranks: int, group, seed: int) -> str:
     return "ok"
 
 
-def _gone_worker(rank: int, num_ranks: int, port: int, fn, args: tuple, results) -> None:
+def _gone_worker(rank: int, num_ranks: int, port: int, listener, fn, args: tuple, results) -> None:
     import os
     import traceback
     from datetime import timedelta
@@ -676,7 +676,7 @@ def _gone_worker(rank: int, num_ranks: int, port: int, fn, args: tuple, results)
     os.environ.update({"DEEP_EP_TIMEOUT_S": "30", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     try:
         from deep_ep._comm import loopback_store  # torch's tcp:// init method would listen on every interface
-        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, 60), rank=rank,
+        dist.init_process_group("gloo", store=loopback_store(port, rank, num_ranks, 60, listener), rank=rank,
                                 world_size=num_ranks, timeout=timedelta(seconds=60))
         group = dist.new_group(list(range(num_ranks)))
         results.put((rank, True, fn(rank, num_ranks, group, *args)))
@@ -692,14 +692,19 @@ def run_ranks_with_a_death(fn, num_ranks: int, dead_rank: int, *args, timeout_s:
     import queue
     import time
     import torch.multiprocessing as mp
-    from dist_utils import free_port
+    from deep_ep._comm import loopback_listener
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_gone_worker, args=(r, num_ranks, port, fn, args, results), daemon=True)
+    listener = loopback_listener()
+    port = listener.getsockname()[1]
+    procs = [ctx.Process(target=_gone_worker, args=(r, num_ranks, port, listener if r == 0 else None, fn, args,
+                                                    results), daemon=True)
              for r in range(num_ranks)]
-    for proc in procs:
-        proc.start()
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        listener.close()
     outcome = {}
     deadline = time.monotonic() + timeout_s
     try:
