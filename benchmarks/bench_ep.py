@@ -638,13 +638,15 @@ def render_markdown(summaries: List[Dict[str, object]]) -> str:
           "wall time is roughly the total CPU work divided by the cores, so only removing work helps.",
           "Targets (issue 16, 4 ranks): shm dispatch >= 1.0x and combine >= 0.85x the raw all-to-all,",
           "low-latency dispatch and combine at most 1.5x it (>= 0.67); gloo dispatch >= 0.7x, combine >= 0.55x.",
-          "On gloo a dispatch must first gather its rows into one send buffer (a gloo message is one",
-          "contiguous buffer; the raw baseline gets them pre-arranged). `benchmarks/gloo_dispatch_floor.py`",
-          "measures that floor at 4 ranks: the gather adds about 2.5 ms of CPU per rank to gloo's 5.6-6.0 ms,",
-          "and as wall time follows CPU here, gather + gloo all-to-all alone reaches only 0.70-0.74x the raw",
-          "time, before the counts exchange, metadata and bookkeeping of a dispatch: the 0.7 target is not",
-          "met. The same rows sent with `sendmsg` straight from `x` over plain sockets (the kernel's copy",
-          "does the gather) reach 0.85-0.96x: the way to the target is a socket transport of deep_ep's own.",
+          "On gloo a dispatch whose rows gloo carries must first gather them into one send buffer (a gloo",
+          "message is one contiguous buffer): `benchmarks/gloo_dispatch_floor.py` measures gather + gloo",
+          "all-to-all alone at 0.70-0.74x the raw time at 4 ranks (the gather adds about 2.5 ms of CPU per",
+          "rank to gloo's 5.6-6.0 ms, and wall time follows CPU here), and the same rows sent with `sendmsg`",
+          "straight from `x` over plain sockets at 0.85-0.99x. So on gloo the normal dispatch's rows go over",
+          "deep_ep's own TCP streams, sent from `x` (`DEEP_EP_GLOO_ROWS`, docs/api.md): 0.55-0.60x became",
+          "0.63-0.67x. The rest is the counts exchange that must come first (no row moves before every rank",
+          "has agreed) and about 2 ms of CPU per rank of bookkeeping, with 4 ranks on 2 cores: the 0.7 target",
+          "is still not met.",
           "`make bench BENCH_ARGS=\"--num-ranks 8\"` adds an 8-rank section (no targets).", ""]
     for summary in summaries:
         cfg, meta = summary["config"], summary["meta"]

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Where the gloo transport's dispatch time goes: the floor of any dispatch whose rows gloo carries.
 
-Issue 16's gloo target (dispatch BF16 >= 0.70x the raw gloo all-to-all of its bytes) is not met
-(0.56-0.62x in ``make bench``). This script measures, on local ranks over 127.0.0.1, the same rows
+Issue 16's gloo target (dispatch BF16 >= 0.70x the raw gloo all-to-all of its bytes) is not met:
+0.56-0.62x in ``make bench`` with the rows on gloo, 0.63-0.67x since they take deep_ep's own TCP
+streams (``deep_ep/_rowsock.py``, which this measurement motivated). This script measures, on local ranks over 127.0.0.1, the same rows
 (the bench shape by default: 1024 tokens/rank, hidden 2048, top-8 of 64 experts) moved three ways,
 each round after a barrier, slowest rank, median of rounds; and the CPU time (user + system, every
 thread of the process) per rank per round:
@@ -22,7 +23,7 @@ Every rank checks that the socket path received exactly what the gloo path did.
     python benchmarks/gloo_dispatch_floor.py --num-ranks 8 --out benchmarks/results/gloo_floor_8.txt
 
 On the 2-core machine, 4 ranks, 2026-12-03 (three runs): raw 12.2-12.7 ms (5.6-6.0 ms CPU/rank),
-gather + gloo 0.70-0.74x raw (8.0-8.1 ms CPU), sockets 0.85-0.96x raw (6.2-6.6 ms CPU). The cores are
+gather + gloo 0.70-0.74x raw (7.9-8.1 ms CPU), sockets 0.85-0.99x raw (6.2-6.6 ms CPU). The cores are
 saturated, so time follows CPU work: the gather adds ~2.5 ms of CPU per rank to gloo's own copies,
 which leaves ~0.7x before the counts round, the metadata and the bookkeeping of a real dispatch.
 """

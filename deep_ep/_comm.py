@@ -412,6 +412,7 @@ class Communicator:
         # failure (`error`, or deep_ep._agree for an exception that left peers in an exchange).
         self.failed = ""
         self.shm = None  # same-host shared-memory transport for CPU tensors (`enable_shm`), else gloo
+        self.rows = None  # with gloo: the dispatch rows' own TCP connections (`enable_row_streams`), or None
 
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
@@ -845,6 +846,14 @@ class Communicator:
         self.shm, reason = _shm.setup(self, data_bytes, _env.transport_override(), engine_bytes)
         return reason
 
+    def enable_row_streams(self) -> str:
+        """With the gloo transport: collectively connect the dispatch rows' own TCP streams
+        (`deep_ep._rowsock`), unless ``DEEP_EP_GLOO_ROWS=gloo``. Returns why the rows travel as they do
+        (for ``Buffer.engine_reason``); every rank gets the same outcome."""
+        from . import _rowsock
+        self.rows, reason = _rowsock.setup(self)
+        return reason
+
     @property
     def transport(self) -> str:
         """``"shm"`` or ``"gloo"``: what moves CPU tensors."""
@@ -1057,6 +1066,9 @@ class Communicator:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
         self.pg = None
         self._store = None
         self._diag_store = None

@@ -207,6 +207,8 @@ class Buffer:
             self.transport_reason = self._comm.enable_shm(
                 num_nvl_bytes + (0 if low_latency_mode else num_rdma_bytes),
                 num_rdma_bytes if low_latency_mode else 0)
+            if self._comm.shm is None:
+                self.transport_reason += f"; {self._comm.enable_row_streams()}"
             self.engine_reason += f"; CPU tensors: {self.transport_reason}; CPU loops: {_native.status()}"
             self._local = LocalBuffers(num_nvl_bytes, num_rdma_bytes)
             self.ll_engine, self.ll_engine_reason = "portable", "low_latency_mode=False"

@@ -56,6 +56,8 @@ SCENARIOS: Dict[str, tuple] = {
     "dispatch-during-sigstop@gloo": (3, 1, "dispatch", "during", "stop", False),
     "ll_dispatch-during-sigkill@gloo": (3, 1, "ll_dispatch", "during", "kill", False),
     "dispatch-before-raise-alive-skewed@gloo": (3, 2, "dispatch", "before", "raise_linger", False),
+    # Killed inside the row streams' exchange (deep_ep._rowsock), after a message header went out.
+    "dispatch-midstream-sigkill@gloo": (3, 1, "dispatch", "midstream", "kill", False),
 }
 
 # The collective inside each operation at which a "during" victim dies: the operation has already
@@ -188,6 +190,20 @@ def _rank_main(name: str, rank: int, num_ranks: int, port: int, listener, result
                 return original_send_buffer(num_bytes, op)
 
             comm.send_buffer = send_buffer
+
+        if rank == victim and when == "midstream":
+            streams = buf._comm.rows
+            assert streams is not None, buf.engine_reason
+            original_send_some = streams._send_some
+
+            def send_some(p, st, op, t0):
+                if armed[0] and started[0] is not None:
+                    st.out = st.out[:1]  # its header only: this peer will wait for rows that never come
+                    original_send_some(p, st, op, t0)
+                    _die(how)
+                return original_send_some(p, st, op, t0)
+
+            streams._send_some = send_some
 
         def hook(op: str) -> None:
             if op == operation:

@@ -23,7 +23,7 @@ Arguments arrive validated by `deep_ep.Buffer`.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,6 +65,60 @@ def _slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
     before = torch.cat([torch.zeros((1, num_dst), dtype=_I32, device=mask.device), inclusive], dim=0)[starts]
     slot = inclusive - before - 1
     return torch.where(mask, slot, torch.full_like(slot, -1))
+
+
+def _memview(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview (empty for no elements)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.contiguous().view(torch.uint8).view(-1).numpy())
+
+
+# A destination's rows go as one iovec per run of consecutive tokens when the runs average at least
+# this many rows; shorter runs would cost more in Python than gathering them into one buffer.
+_MIN_RUN_ROWS = 4
+
+
+def _row_runs(x_bytes: torch.Tensor, dst_ids: torch.Tensor, tok_ids: torch.Tensor, n_send: List[int], me: int,
+              staging) -> Dict[int, List[memoryview]]:
+    """The dispatch's rows for each other rank as byte buffers for `deep_ep._rowsock` (``sendmsg``):
+    views of ``x`` itself, one per run of consecutive tokens, or for a destination whose runs are short
+    one buffer its rows are gathered into. ``dst_ids``/``tok_ids``: every (destination, token) pair,
+    sorted by destination then token."""
+    num = tok_ids.numel()
+    out: Dict[int, List[memoryview]] = {}
+    if num == 0:
+        return out
+    row_bytes = x_bytes.size(1)
+    base = x_bytes.view(-1).numpy()
+    # A run starts where the destination changes or the token does not follow the previous one.
+    starts = torch.ones(num, dtype=torch.bool)
+    starts[1:] = (tok_ids[1:] != tok_ids[:-1] + 1) | (dst_ids[1:] != dst_ids[:-1])
+    first = starts.nonzero().view(-1)
+    runs_per_dst = torch.bincount(dst_ids.index_select(0, first), minlength=len(n_send)).tolist()
+    bounds = torch.cat([first, torch.tensor([num])])
+    run_tok = tok_ids.index_select(0, first).tolist()
+    run_len = (bounds[1:] - bounds[:-1]).tolist()
+    short = [d for d in range(len(n_send)) if d != me and n_send[d] and n_send[d] < _MIN_RUN_ROWS * runs_per_dst[d]]
+    gathered = None
+    if short:
+        rows = sum(n_send[d] for d in short)
+        gathered = staging(rows * row_bytes, x_bytes.device).view(rows, row_bytes)
+    run_at, row_at, gat = 0, 0, 0
+    for d in range(len(n_send)):
+        n_runs = runs_per_dst[d]
+        if d != me and n_send[d]:
+            if d in short:
+                part = gathered[gat:gat + n_send[d]]
+                torch.index_select(x_bytes, 0, tok_ids[row_at:row_at + n_send[d]], out=part)
+                out[d] = [_memview(part)]
+                gat += n_send[d]
+            else:
+                out[d] = [memoryview(base[t * row_bytes:(t + n) * row_bytes])
+                          for t, n in zip(run_tok[run_at:run_at + n_runs], run_len[run_at:run_at + n_runs])]
+        run_at += n_runs
+        row_at += n_send[d]
+    return out
 
 
 def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -262,14 +316,21 @@ class PortableEngine:
         # ---- pack (local only): rows sorted by destination, then token, in a reused staging buffer
         n_send = ch_counts.sum(1).tolist()                                         # to each dst
         dst_ids, tok_ids = is_token_in_rank.t().nonzero(as_tuple=True)
-        send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
-        lib = _native.library() if device.type == "cpu" else None
-        if lib is not None and len(tok_ids) and x.stride(-1) == 1:
-            # Non-temporal stores (deep_ep._native): the staging buffer (with shared memory: this rank's
-            # shared area) is read by the transport next, not by this core.
-            _native.copy_rows(lib, _bytes(x), tok_ids, [send_rows], None, torch.arange(len(tok_ids)))
+        x_bytes = _bytes(x)
+        # With the gloo transport the rows go over deep_ep's own streams (deep_ep._rowsock): sendmsg
+        # gathers them straight from x, so nothing is packed here.
+        streams = self.comm.rows if device.type == "cpu" else None
+        if streams is not None:
+            row_sends = _row_runs(x_bytes, dst_ids, tok_ids, n_send, me, self._staging)
         else:
-            torch.index_select(_bytes(x), 0, tok_ids, out=send_rows)
+            send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
+            lib = _native.library() if device.type == "cpu" else None
+            if lib is not None and len(tok_ids) and x.stride(-1) == 1:
+                # Non-temporal stores (deep_ep._native): the staging buffer (with shared memory: this rank's
+                # shared area) is read by the transport next, not by this core.
+                _native.copy_rows(lib, x_bytes, tok_ids, [send_rows], None, torch.arange(len(tok_ids)))
+            else:
+                torch.index_select(x_bytes, 0, tok_ids, out=send_rows)
         table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
         meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
         if not multi_node:
@@ -339,11 +400,33 @@ class PortableEngine:
         # ---- the data: rows straight into recv_x, metadata alongside
         recv_x = (torch.zeros if num_rows != num_recv else torch.empty)(
             (num_rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=device)
-        work_x = self.comm.all_to_all_single(_bytes(recv_x)[:num_recv], send_rows, n_recv, n_send,
-                                             op="dispatch (data)", async_op=True)
+        recv_rows = _bytes(recv_x)[:num_recv]
         recv_buf = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-        self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
-        work_x.wait()
+        if streams is not None:
+            # One message per pair: the rows, then the metadata (each lands straight in its place).
+            recv_at, meta_in, meta_out = [0], [0], [0]
+            for n, a, b in zip(n_recv, recv_sizes, send_sizes):
+                recv_at.append(recv_at[-1] + n)
+                meta_in.append(meta_in[-1] + a)
+                meta_out.append(meta_out[-1] + b)
+            recv_buf[meta_in[me]:meta_in[me + 1]].copy_(meta_buf[meta_out[me]:meta_out[me + 1]])
+            mine = recv_rows[recv_at[me]:recv_at[me + 1]]
+            own = tok_ids[sum(n_send[:me]):sum(n_send[:me + 1])]
+            lib = _native.library()
+            if lib is not None and own.numel():
+                _native.copy_rows(lib, x_bytes, own, [mine], None, torch.arange(own.numel()))
+            else:
+                torch.index_select(x_bytes, 0, own, out=mine)
+            sends = {d: row_sends.get(d, []) + [_memview(meta_buf[meta_out[d]:meta_out[d + 1]])]
+                     for d in range(R) if d != me}
+            recvs = {s: [_memview(recv_rows[recv_at[s]:recv_at[s + 1]]), _memview(recv_buf[meta_in[s]:meta_in[s + 1]])]
+                     for s in range(R) if s != me}
+            streams.exchange(sends, recvs, "dispatch (data)")
+        else:
+            work_x = self.comm.all_to_all_single(recv_rows, send_rows, n_recv, n_send, op="dispatch (data)",
+                                                 async_op=True)
+            self.comm.all_to_all_single(recv_buf, meta_buf, recv_sizes, send_sizes, op="dispatch (metadata)")
+            work_x.wait()
 
         # ---- unpack the metadata: columns of the received row table
         if not multi_node:

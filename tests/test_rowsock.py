@@ -1,0 +1,93 @@
+"""The gloo transport's row streams (deep_ep/_rowsock.py): how they are chosen, and that dispatch through
+them gives bit for bit what it gives with the rows on gloo (``DEEP_EP_GLOO_ROWS=gloo``).
+
+Failures inside an exchange (a rank killed after a header went out) are in ``test_faults.py``
+(``dispatch-midstream-sigkill@gloo``); the whole gloo pass of ``make test`` runs through the streams.
+"""
+
+import pytest
+import torch
+
+from dist_utils import make_seed, run_ranks
+
+GLOO = {"DEEP_EP_TRANSPORT": "gloo"}
+
+
+def _dispatch_cases(rank, num_ranks, group, seed):
+    """Dispatch several routings; return every output (and the transport's description)."""
+    import deep_ep
+    from test_loopback import listening_sockets
+    before = listening_sockets()
+    nvl = max(c.get_nvl_buffer_size_hint(7168 * 2, num_ranks)
+              for c in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
+    buf = deep_ep.Buffer(group, num_nvl_bytes=nvl, explicitly_destroy=True)
+    out = {"reason": buf.engine_reason, "streams": buf._comm.rows is not None,
+           "listening_added": sorted(set(listening_sockets()) - set(before))}
+    num_experts = 4 * num_ranks
+    gen = torch.Generator().manual_seed(seed * 31 + rank)
+    # (tokens, hidden, top-k, mode): dense routings send long runs of consecutive tokens (one iovec per
+    # run), sparse ones short runs (gathered into one buffer); rank 1 has no tokens in one case.
+    cases = [(200, 1008, 8, "dense"), (300, 256, 1, "sparse"), (0 if rank == 1 else 64, 7168, 4, "dense"),
+             (96, 384, 3, "all -1 on rank 0")]
+    results = []
+    for tokens, hidden, topk, mode in cases:
+        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+        scores = torch.rand(tokens, num_experts, generator=gen)
+        idx = scores.topk(topk, dim=1).indices
+        if mode == "sparse":  # every token to one expert of a random rank: runs of about one token
+            idx = torch.randint(0, num_experts, (tokens, 1), generator=gen)
+        if mode.startswith("all -1") and rank == 0:
+            idx = torch.full_like(idx, -1)
+        weights = torch.rand(tokens, topk, generator=gen)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, num_experts)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            topk_idx=idx, topk_weights=weights)
+        # FP8 rows (bytes of another width) through the same path
+        x8 = x.to(torch.float8_e4m3fn)
+        scales = torch.rand(tokens, (hidden + 127) // 128, generator=gen)
+        (recv_x8, recv_s8), *_ = buf.dispatch((x8, scales), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                              num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
+        results.append([recv_x, recv_idx, recv_w, torch.tensor(counts), *handle, recv_x8.view(torch.uint8), recv_s8])
+    out["results"] = results
+    buf.destroy()
+    return out
+
+
+def test_dispatch_through_row_streams_equals_rows_on_gloo():
+    seed = make_seed()
+    streams = run_ranks(_dispatch_cases, 3, seed, env=GLOO)
+    plain = run_ranks(_dispatch_cases, 3, seed, env=dict(GLOO, DEEP_EP_GLOO_ROWS="gloo"))
+    for rank in range(3):
+        assert streams[rank]["streams"], streams[rank]["reason"]
+        assert "dispatch rows over deep_ep's own TCP connections (127.0.0.1, sendmsg)" in streams[rank]["reason"]
+        assert not plain[rank]["streams"]
+        assert "dispatch rows over gloo (row streams unavailable on rank 0: DEEP_EP_GLOO_ROWS=gloo)" in \
+            plain[rank]["reason"], plain[rank]["reason"]
+        # the set-up's listener is closed once every rank has connected: no more listening sockets than gloo's
+        added = streams[rank]["listening_added"]
+        assert len(added) == len(plain[rank]["listening_added"]), (added, plain[rank]["listening_added"])
+        assert all(addr == "127.0.0.1" for addr, _ in added), added
+        for case, (a, b) in enumerate(zip(streams[rank]["results"], plain[rank]["results"])):
+            for field, (u, v) in enumerate(zip(a, b)):
+                if isinstance(u, torch.Tensor):
+                    assert u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v), \
+                        f"seed {seed}, rank {rank}, case {case}, output {field} differs"
+                else:
+                    assert u == v, (seed, rank, case, field)
+
+
+def _bad_value(rank, num_ranks, group):
+    import deep_ep
+    try:
+        deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("value", ["tcp"])
+def test_bad_gloo_rows_value_is_a_clear_error(value):
+    texts = run_ranks(_bad_value, 2, env=dict(GLOO, DEEP_EP_GLOO_ROWS=value))
+    for text in texts:
+        assert text is not None and "DEEP_EP_GLOO_ROWS must be 'sockets' or 'gloo'" in text, text
