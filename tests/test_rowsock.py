@@ -26,9 +26,10 @@ def _dispatch_cases(rank, num_ranks, group, seed):
     num_experts = 4 * num_ranks
     gen = torch.Generator().manual_seed(seed * 31 + rank)
     # (tokens, hidden, top-k, mode): dense routings send long runs of consecutive tokens (one iovec per
-    # run), sparse ones short runs (gathered into one buffer); rank 1 has no tokens in one case.
-    cases = [(200, 1008, 8, "dense"), (300, 256, 1, "sparse"), (0 if rank == 1 else 64, 7168, 4, "dense"),
-             (96, 384, 3, "all -1 on rank 0")]
+    # run); sparse ones short runs: of small rows (gathered into one buffer), of 2 KiB rows (an iovec per
+    # run, over 1000 of them per destination: several sendmsg calls); rank 1 has no tokens in one case.
+    cases = [(200, 1008, 8, "dense"), (300, 256, 1, "sparse"), (6000, 1024, 1, "sparse"),
+             (0 if rank == 1 else 64, 7168, 4, "dense"), (96, 384, 3, "all -1 on rank 0")]
     results = []
     for tokens, hidden, topk, mode in cases:
         x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
