@@ -312,8 +312,10 @@ def machine_info(device: str = "cpu") -> Dict[str, object]:
         "python": platform.python_version(),
         "device": device,
         "git_commit": _git("rev-parse", "--short", "HEAD"),
-        # Results and the page generated from them do not make the measured code dirty.
-        "git_tree_dirty": any(not (path.startswith("benchmarks/results/") or path == "docs/performance.md")
+        # Results and the pages generated from them (docs/performance.md, the README's figures block) do
+        # not make the measured code dirty.
+        "git_tree_dirty": any(not (path.startswith("benchmarks/results/") or path in ("docs/performance.md",
+                                                                                      "README.md"))
                               for path in (line.split(maxsplit=1)[-1] for line in
                                            _git("status", "--porcelain", "--untracked-files=no").splitlines())),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO_ROOT) if sys.argv else "?"] + sys.argv[1:]),
