@@ -207,18 +207,10 @@ def main() -> int:
     ap.add_argument("--out", help="also write the table to this file")
     args = ap.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    from deep_ep._comm import loopback_listener
+    from deep_ep._comm import start_loopback_ranks
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    listener = loopback_listener()
-    port = listener.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, args.num_ranks, port, listener if r == 0 else None, args, results))
-             for r in range(args.num_ranks)]
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        listener.close()
+    procs = start_loopback_ranks(ctx, _rank, args.num_ranks, args, results)
     reports = {}
     deadline = time.monotonic() + 900
     try:

@@ -371,18 +371,10 @@ def main() -> int:
     os.environ.update(env)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    from deep_ep._comm import loopback_listener
-    listener = loopback_listener()  # rank 0's store socket, already listening: no race for the port
-    port = listener.getsockname()[1]
+    from deep_ep._comm import start_loopback_ranks  # rank 0 gets the store's socket already listening
     args = {"iters": a.iters, "seed": seed, "repeats": a.repeats, "no_check": a.no_check, "device": a.device,
             "log_every": a.log_every}
-    procs = [ctx.Process(target=_worker, args=(r, a.num_ranks, port, listener if r == 0 else None, args, queue))
-             for r in range(a.num_ranks)]
-    try:
-        for p in procs:
-            p.start()
-    finally:
-        listener.close()
+    procs = start_loopback_ranks(ctx, _worker, a.num_ranks, args, queue)
     results: Dict[int, Any] = {}
     failures = []
     try:

@@ -96,6 +96,25 @@ def loopback_listener() -> socket.socket:
     return sock
 
 
+def start_loopback_ranks(ctx: Any, target: Any, num_ranks: int, *args: Any, name: Optional[str] = None,
+                         daemon: Optional[bool] = None) -> List[Any]:
+    """Start ``target(rank, num_ranks, port, listener, *args)`` in `num_ranks` processes of the
+    ``multiprocessing`` context `ctx` (spawn or forkserver) for a single-host launch: rank 0 gets the
+    store's socket already listening (`loopback_listener`; pass it to `loopback_store`), the others
+    None, all the port. `name`: a format string with ``{rank}`` for the process names.
+    Returns the started processes."""
+    listener = loopback_listener()
+    port = listener.getsockname()[1]
+    procs = [ctx.Process(target=target, args=(r, num_ranks, port, listener if r == 0 else None, *args),
+                         name=name.format(rank=r) if name else None, daemon=daemon) for r in range(num_ranks)]
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        listener.close()  # the children hold their own copies
+    return procs
+
+
 def loopback_store(port: int, rank: int, world_size: int, timeout_s: float = 300.0,
                    listener: Optional[socket.socket] = None) -> dist.TCPStore:
     """A rendezvous store for ranks that all run on this host, listening on 127.0.0.1 only.

@@ -132,23 +132,15 @@ def run_ranks(fn: Callable, num_ranks: int, *args: Any, ranks_per_node: Optional
     __tracebackhide__ = True  # pytest: show the ranks' tracebacks, not this function's source
     ctx = mp.get_context("spawn")
     result_queue = ctx.Queue()
-    # Rank 0 gets the store's socket already listening (no window for another process to take the port).
-    from deep_ep._comm import loopback_listener
-    listener = loopback_listener()
-    port = listener.getsockname()[1]
     rank_env = _rank_env(ranks_per_node, env)
     # gloo's own collective timeout: below ours, so that a blocked rank reports instead of being killed.
     gloo_timeout_s = max(10.0, timeout_s - 30.0)
 
-    processes = []
-    with _patched_environ(rank_env), contextlib.closing(listener):
-        for rank in range(num_ranks):
-            process = ctx.Process(target=_worker, name=f"deep_ep-test-rank{rank}",
-                                  args=(rank, num_ranks, port, listener if rank == 0 else None, rank_env, fn, args,
-                                        result_queue, gloo_timeout_s),
-                                  daemon=True)
-            process.start()
-            processes.append(process)
+    # Rank 0 gets the store's socket already listening (no window for another process to take the port).
+    from deep_ep._comm import start_loopback_ranks
+    with _patched_environ(rank_env):
+        processes = start_loopback_ranks(ctx, _worker, num_ranks, rank_env, fn, args, result_queue, gloo_timeout_s,
+                                         name="deep_ep-test-rank{rank}", daemon=True)
 
     results: Dict[int, Any] = {}
     failures: Dict[int, str] = {}

@@ -142,7 +142,7 @@ def _ll_reference(x_all, topk_all, w_all, rank, alive):
     return acc.to(torch.bfloat16)
 
 
-def _rank_main(name: str, rank: int, num_ranks: int, port: int, listener, results) -> None:
+def _rank_main(rank: int, num_ranks: int, port: int, listener, name: str, results) -> None:
     import datetime
     timeout_s = SKEWED_TIMEOUT_S if "-skewed" in name and rank == 0 else TIMEOUT_S
     os.environ.update({"DEEP_EP_TIMEOUT_S": str(timeout_s), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
@@ -279,20 +279,12 @@ def run_scenarios(names: List[str], deadline_s: float = 90.0) -> Dict[str, Dict[
     """Start every scenario at once; collect each rank's report, exit code and leftover state."""
     ctx = _context()
     runs: Dict[str, Dict[str, Any]] = {}
-    from deep_ep._comm import loopback_listener
+    from deep_ep._comm import start_loopback_ranks
     for name in names:
         num_ranks = SCENARIOS[name][0]
         q = ctx.Queue()
         # Rank 0 gets the store's socket already listening: no other scenario's process can take its port.
-        listener = loopback_listener()
-        port = listener.getsockname()[1]
-        procs = [ctx.Process(target=_rank_main, args=(name, r, num_ranks, port, listener if r == 0 else None, q),
-                             name=f"{name}-rank{r}") for r in range(num_ranks)]
-        try:
-            for p in procs:
-                p.start()
-        finally:
-            listener.close()
+        procs = start_loopback_ranks(ctx, _rank_main, num_ranks, name, q, name=name + "-rank{rank}")
         runs[name] = {"procs": procs, "queue": q, "reports": {}, "reported_at": {}, "exited_at": {}, "exit": {},
                       "left": [], "start": time.monotonic()}
     end = time.monotonic() + deadline_s

@@ -692,19 +692,10 @@ def run_ranks_with_a_death(fn, num_ranks: int, dead_rank: int, *args, timeout_s:
     import queue
     import time
     import torch.multiprocessing as mp
-    from deep_ep._comm import loopback_listener
+    from deep_ep._comm import start_loopback_ranks
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    listener = loopback_listener()
-    port = listener.getsockname()[1]
-    procs = [ctx.Process(target=_gone_worker, args=(r, num_ranks, port, listener if r == 0 else None, fn, args,
-                                                    results), daemon=True)
-             for r in range(num_ranks)]
-    try:
-        for proc in procs:
-            proc.start()
-    finally:
-        listener.close()
+    procs = start_loopback_ranks(ctx, _gone_worker, num_ranks, fn, args, results, daemon=True)
     outcome = {}
     deadline = time.monotonic() + timeout_s
     try:
