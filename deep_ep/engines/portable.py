@@ -68,10 +68,22 @@ def _slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
 
 
 def _memview(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a writable memoryview (empty for no elements)."""
+    """The bytes of a contiguous CPU tensor as a memoryview of its own memory (empty for no elements)."""
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.contiguous().view(torch.uint8).view(-1).numpy())
+    assert t.is_contiguous(), "deep_ep: a row stream buffer must be contiguous (received bytes would be lost)"
+    return memoryview(t.view(torch.uint8).view(-1).numpy())
+
+
+def _gather_rows(x_bytes: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = x_bytes[index[i]]`` (uint8 rows of contiguous CPU tensors), with the native helper's
+    non-temporal stores when it is there (deep_ep._native): the rows are read next by a transport or a
+    peer, not by this core."""
+    lib = _native.library() if x_bytes.device.type == "cpu" else None
+    if lib is not None and index.numel():
+        _native.copy_rows(lib, x_bytes, index, [out], None, torch.arange(index.numel()))
+    else:
+        torch.index_select(x_bytes, 0, index, out=out)
 
 
 # A destination's rows go as one iovec per run of consecutive tokens when the runs average at least
@@ -113,7 +125,7 @@ def _row_runs(x_bytes: torch.Tensor, dst_ids: torch.Tensor, tok_ids: torch.Tenso
         if d != me and n_send[d]:
             if d in short:
                 part = gathered[gat:gat + n_send[d]]
-                torch.index_select(x_bytes, 0, tok_ids[row_at:row_at + n_send[d]], out=part)
+                _gather_rows(x_bytes, tok_ids[row_at:row_at + n_send[d]], part)
                 out[d] = [_memview(part)]
                 gat += n_send[d]
             else:
@@ -326,14 +338,9 @@ class PortableEngine:
         if streams is not None:
             row_sends = _row_runs(x_bytes, dst_ids, tok_ids, n_send, me, self._staging)
         else:
+            # (with shared memory the staging buffer is this rank's shared area)
             send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
-            lib = _native.library() if device.type == "cpu" else None
-            if lib is not None and len(tok_ids) and x.stride(-1) == 1:
-                # Non-temporal stores (deep_ep._native): the staging buffer (with shared memory: this rank's
-                # shared area) is read by the transport next, not by this core.
-                _native.copy_rows(lib, x_bytes, tok_ids, [send_rows], None, torch.arange(len(tok_ids)))
-            else:
-                torch.index_select(x_bytes, 0, tok_ids, out=send_rows)
+            _gather_rows(x_bytes, tok_ids, send_rows)
         table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
         meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
         if not multi_node:
@@ -413,17 +420,12 @@ class PortableEngine:
                 meta_in.append(meta_in[-1] + a)
                 meta_out.append(meta_out[-1] + b)
             recv_buf[meta_in[me]:meta_in[me + 1]].copy_(meta_buf[meta_out[me]:meta_out[me + 1]])
-            mine = recv_rows[recv_at[me]:recv_at[me + 1]]
             own = tok_ids[sum(n_send[:me]):sum(n_send[:me + 1])]
-            lib = _native.library()
-            if lib is not None and own.numel():
-                _native.copy_rows(lib, x_bytes, own, [mine], None, torch.arange(own.numel()))
-            else:
-                torch.index_select(x_bytes, 0, own, out=mine)
+            _gather_rows(x_bytes, own, recv_rows[recv_at[me]:recv_at[me + 1]])
             sends = {d: row_sends.get(d, []) + [_memview(meta_buf[meta_out[d]:meta_out[d + 1]])]
                      for d in range(R) if d != me}
-            recvs = {s: [_memview(recv_rows[recv_at[s]:recv_at[s + 1]]), _memview(recv_buf[meta_in[s]:meta_in[s + 1]])]
-                     for s in range(R) if s != me}
+            recvs = {s: [_memview(recv_rows[recv_at[s]:recv_at[s + 1]]),
+                         _memview(recv_buf[meta_in[s]:meta_in[s + 1]])] for s in range(R) if s != me}
             streams.exchange(sends, recvs, "dispatch (data)")
         else:
             work_x = self.comm.all_to_all_single(recv_rows, send_rows, n_recv, n_send, op="dispatch (data)",
