@@ -4,7 +4,7 @@ import os
 from typing import Optional
 
 __all__ = ["timeout_s", "ranks_per_node_override", "engine_override", "store_addr_override", "cpu_threads_override",
-           "transport_override"]
+           "transport_override", "shm_wait"]
 
 
 def _int_env(name: str, default: Optional[int]) -> Optional[int]:
@@ -76,4 +76,15 @@ def transport_override() -> Optional[str]:
         return None
     if value not in ("gloo", "shm"):
         raise ValueError(f"deep_ep: DEEP_EP_TRANSPORT must be 'gloo', 'shm' or 'auto', got {value!r}")
+    return value
+
+
+def shm_wait() -> str:
+    """``DEEP_EP_SHM_WAIT``: how the same-host shared-memory transport waits for its peers: ``futex``
+    (default: sleep on a doorbell word the peers ring) or ``sleep`` (poll with growing sleeps)."""
+    value = os.environ.get("DEEP_EP_SHM_WAIT", "").strip().lower()
+    if value in ("", "futex"):
+        return "futex"
+    if value != "sleep":
+        raise ValueError(f"deep_ep: DEEP_EP_SHM_WAIT must be 'futex' or 'sleep', got {value!r}")
     return value

@@ -28,25 +28,34 @@ word per rank) tells every receiver that its peers' writes are complete and visi
 
 Synchronisation is by those counters in shared memory (x86-64 only: its stores are seen in program
 order, and a locked instruction before each counter store orders the non-temporal stores of large
-copies too). Waiting polls a few times and then sleeps in growing steps
-(at most 0.2 ms). While it waits, the `Communicator`'s diagnosis runs as for gloo: a
+copies too). Waiting polls a few times and then sleeps on a *doorbell*: a word of the waiter's control
+block that the peers write (a stamp that never repeats) after each counter store the waiter may be
+waiting for, followed by a ``FUTEX_WAKE`` on it; the waiter reads its doorbell before it checks the
+counters and sleeps in ``FUTEX_WAIT`` only while the doorbell still holds that value, so a store is
+never missed and a waiter wakes once, when a peer moved, instead of polling (with more ranks than
+cores, every poll takes CPU time from the ranks being waited for). Without a usable ``futex``
+(or with ``DEEP_EP_SHM_WAIT=sleep``) it sleeps in growing steps (at most 0.2 ms) instead. Either way
+it wakes at least once per heartbeat period. While it waits, the `Communicator`'s diagnosis runs as for gloo: a
 peer whose process is gone fails the call at once, and after ``DEEP_EP_TIMEOUT_S`` the error names
 the peers that did not answer (gone, frozen, or elsewhere) through the heartbeats.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import platform
+import sys
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _native
+from . import _env, _native
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._comm import Communicator
@@ -56,8 +65,9 @@ __all__ = ["ShmTransport", "MIN_DATA_BYTES", "setup"]
 MIN_DATA_BYTES = 4 << 20
 _PAGE = 4096
 # Control words of one region (int64). The posting words are written by the owner before the post
-# counter; the acknowledgement words (one per sender) start on their own cache line.
-_W_POST, _W_SEQ, _W_ROUND, _W_ROUNDS, _W_LO, _W_HI, _W_TAG, _W_ALIVE, _W_FENCE = range(9)
+# counter; the acknowledgement words (one per sender) start on their own cache line, and so does the
+# doorbell (`_Bells`), the one word the peers write.
+_W_POST, _W_SEQ, _W_ROUND, _W_ROUNDS, _W_LO, _W_HI, _W_TAG, _W_UNUSED, _W_FENCE = range(9)
 _W_SEGS = 9                      # [_W_SEGS, +R): offset of each destination's segment; [+R, +2R): length
 _OP_TEXT_BYTES = 128             # the op's name, for a readable divergence error
 
@@ -70,7 +80,8 @@ class _Layout:
     def __init__(self, size: int, data_bytes: int, engine_bytes: int = 0) -> None:
         self.size = size
         self.ack = _round_up(_W_SEGS + 2 * size, 8)          # first ack word
-        self.text = (self.ack + _round_up(size, 8)) * 8       # byte offset of the op text
+        self.bell = self.ack + _round_up(size, 8)             # the doorbell word, on a cache line of its own
+        self.text = (self.bell + 8) * 8                       # byte offset of the op text
         self.data = _round_up(self.text + _OP_TEXT_BYTES, _PAGE)
         self.data_bytes = _round_up(max(int(data_bytes), 1), _PAGE)
         self.engine = self.data + self.data_bytes             # byte offset of the engine area
@@ -79,6 +90,72 @@ class _Layout:
 
 
 _FENCE = threading.Lock()
+
+_SYS_FUTEX = 202                 # x86-64's futex system call (the transport is x86-64 only)
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared futexes (no FUTEX_PRIVATE_FLAG): the word is in memory processes share
+_MAX_BELL_WAIT = 0.05            # seconds a doorbell wait lasts at most before the waiter looks again
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex_call() -> Optional[Callable[..., int]]:
+    """libc's ``syscall`` through ctypes, set up for ``futex``; None where it cannot be used."""
+    if sys.byteorder != "little" or not sys.platform.startswith("linux"):
+        return None  # the doorbell is the low half of an int64 word
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int]
+    return fn
+
+
+class _Bells:
+    """The ranks' doorbells (module docstring): a peer `ring`s after each counter store this rank may wait
+    for; `wait` sleeps until this rank's doorbell no longer holds the value read before the wait's
+    condition was checked (or a timeout)."""
+
+    def __init__(self, call: Callable[..., int], ctrl: List[memoryview], addrs: List[int], word: int,
+                 rank: int) -> None:
+        self._call = call
+        self._ctrl = ctrl            # every rank's control words
+        self._addrs = addrs          # the address of every rank's doorbell word in this process
+        self._word = word
+        self._rank = rank
+        self._rings = 0
+        self.waits = 0               # futex waits so far, and how many of them ran out their timeout
+        self.timeouts = 0
+        self._ts = _Timespec()
+        self._ts_ref = ctypes.byref(self._ts)
+
+    def read(self) -> int:
+        """This rank's doorbell now (read it before checking what the wait is for)."""
+        return self._ctrl[self._rank][self._word]
+
+    def ring(self, peers: Sequence[int]) -> None:
+        """Tell `peers` that this rank stored a counter (call it after the store). The stamp (ring
+        count, rank) differs from any value the doorbell held recently, so it always changes it."""
+        self._rings = (self._rings + 1) & 0xFFFFF
+        stamp = (self._rings << 11) | (self._rank & 0x7FF)  # below 2**31: the futex word's value as is
+        ctrl, word, call, addrs = self._ctrl, self._word, self._call, self._addrs
+        for p in peers:
+            ctrl[p][word] = stamp
+            call(_SYS_FUTEX, addrs[p], _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+
+    def wait(self, seen: int, timeout_s: float) -> None:
+        """Sleep while this rank's doorbell holds `seen`, at most `timeout_s` (returns early on a ring,
+        a signal, or when the doorbell moved already)."""
+        timeout_s = max(0.0, timeout_s)
+        self._ts.tv_sec = int(timeout_s)
+        self._ts.tv_nsec = int((timeout_s - int(timeout_s)) * 1e9)
+        self.waits += 1
+        if self._call(_SYS_FUTEX, self._addrs[self._rank], _FUTEX_WAIT, seen & 0x7FFFFFFF, self._ts_ref, None,
+                      0) != 0 and ctypes.get_errno() == errno.ETIMEDOUT:
+            self.timeouts += 1
 
 
 def _store_fence() -> None:
@@ -106,7 +183,7 @@ def _op_tag(op: str) -> int:
 class ShmTransport:
     """The mapped regions of all ranks and the all-to-all over them (see the module docstring)."""
 
-    def __init__(self, comm: "Communicator", layout: _Layout, maps: List[mmap.mmap]) -> None:
+    def __init__(self, comm: "Communicator", layout: _Layout, maps: List[mmap.mmap], doorbells: bool = True) -> None:
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
         self.layout = layout
@@ -126,10 +203,26 @@ class ShmTransport:
         self._acked = [0] * self.size   # per sender: the post counter this rank consumed last
         self._broken: Optional[str] = None
         self._held: List[Tuple[int, int]] = []  # (sender, post) read in place, not yet acknowledged
+        call = _futex_call() if doorbells else None
+        self._bells: Optional[_Bells] = None
+        if call is not None:
+            addrs = [d.data_ptr() - layout.data + 8 * layout.bell for d in self._data]
+            self._bells = _Bells(call, self._ctrl, addrs, layout.bell, self.rank)
+        self._peers = [r for r in range(self.size) if r != self.rank]
+
+    @property
+    def uses_doorbells(self) -> bool:
+        """Whether waits sleep on the futex doorbell (else: growing sleeps)."""
+        return self._bells is not None
+
+    def _ring(self, peers: Sequence[int]) -> None:
+        if self._bells is not None:
+            self._bells.ring(peers)
 
     # ---------------------------------------------------------------------------------- life cycle
     def close(self) -> None:
         """Drop this rank's mappings (the memory goes once every rank has dropped them)."""
+        self._bells = None
         self._ctrl = []
         self._data = []
         self._engine = []
@@ -167,10 +260,11 @@ class ShmTransport:
             count = self._fences
             _store_fence()              # this rank's earlier stores are visible before its count
             self._mine[_W_FENCE] = count
+            self._ring(peers)
             waiter = None
             while not all(ctrl[r][_W_FENCE] >= count for r in peers):
                 if waiter is None:
-                    waiter = _Waiter(self.comm, op, started)
+                    waiter = _Waiter(self.comm, op, started, self._bells)
                 waiter.idle()
         except BaseException as exc:
             self._broken = f"`{op}`: {type(exc).__name__}"
@@ -198,7 +292,7 @@ class ShmTransport:
             return
         started = self.comm._begin(op)
         try:
-            waiter = _Waiter(self.comm, op, started)
+            waiter = _Waiter(self.comm, op, started, self._bells)
             while not self._all_acked():
                 waiter.idle()
         finally:
@@ -268,6 +362,7 @@ class ShmTransport:
                     self._posted += 1
                     _store_fence()
                     mine[_W_POST] = self._posted      # the flag: everything above is visible before it
+                    self._ring(self._peers)
                     next_round += 1
                     progress = True
                 for s in list(pending):
@@ -301,6 +396,7 @@ class ShmTransport:
                     self._acked[s] = post
                     _store_fence()  # the copy out of the peer's area is done before the peer may reuse it
                     mine[lay.ack + s] = post
+                    self._ring((s,))
                     if k == k_total - 1:
                         pending.remove(s)
                     progress = True
@@ -308,7 +404,7 @@ class ShmTransport:
                     break
                 if not progress:
                     if waiter is None:
-                        waiter = _Waiter(self.comm, op, started)
+                        waiter = _Waiter(self.comm, op, started, self._bells)
                     waiter.idle()
                 elif waiter is not None:
                     waiter.progressed()
@@ -332,6 +428,7 @@ class ShmTransport:
         for s, post in held:
             self._acked[s] = post
             self._mine[self.layout.ack + s] = post
+        self._ring([s for s, _ in held])
 
     def _diverged(self, op: str, peer: int, seq: int, c) -> None:
         raw = bytes(memoryview(self._maps[peer])[self.layout.text:self.layout.text + _OP_TEXT_BYTES])
@@ -343,17 +440,22 @@ class ShmTransport:
 
 
 class _Waiter:
-    """Backoff while waiting for a peer, with the Communicator's liveness checks and timeout."""
+    """Backoff while waiting for a peer, with the Communicator's liveness checks and timeout.
 
-    # A few polls without giving up the core, then sleeps of growing length. Not sched_yield: on a
-    # loaded host it parks the caller behind every runnable task (measured 6 ms per call at load 10 on
-    # 2 cores), where a sleeper is woken promptly.
+    The caller's loop is ``while not condition(): waiter.idle()``. With doorbells (`_Bells`) each `idle`
+    reads the doorbell for the next one, so every wait is on the value read before the latest check."""
+
+    # A few polls without giving up the core, then doorbell waits or sleeps of growing length. Not
+    # sched_yield: on a loaded host it parks the caller behind every runnable task (measured 6 ms per call
+    # at load 10 on 2 cores), where a sleeper is woken promptly.
     _SPINS = 2
     _FIRST_SLEEP = 10e-6
     _MAX_SLEEP = 2e-4
 
-    def __init__(self, comm: "Communicator", op: str, started: float) -> None:
+    def __init__(self, comm: "Communicator", op: str, started: float, bells: Optional[_Bells] = None) -> None:
         self.comm, self.op, self.started = comm, op, started
+        self.bells = bells
+        self.seen = 0
         self.idles = 0
         self.sleep = self._FIRST_SLEEP
         self.next_check = time.monotonic() + comm._period
@@ -365,9 +467,15 @@ class _Waiter:
 
     def idle(self) -> None:
         self.idles += 1
+        bells = self.bells
         if self.idles > self._SPINS:
-            time.sleep(self.sleep)
-            self.sleep = min(self.sleep * 1.5, self._MAX_SLEEP)
+            if bells is not None:
+                bells.wait(self.seen, min(_MAX_BELL_WAIT, self.next_check - time.monotonic()))
+            else:
+                time.sleep(self.sleep)
+                self.sleep = min(self.sleep * 1.5, self._MAX_SLEEP)
+        if bells is not None:
+            self.seen = bells.read()
         now = time.monotonic()
         if now < self.next_check:
             return
@@ -407,6 +515,7 @@ def setup(comm: "Communicator", data_bytes: int, forced: Optional[str],
     """
     if forced == "gloo":
         return None, "gloo transport (forced by DEEP_EP_TRANSPORT=gloo)"
+    wait = _env.shm_wait()  # a bad value raises here, on every rank, before any exchange
     size, rank = comm.size, comm.rank
     layout = _Layout(size, max(int(data_bytes), MIN_DATA_BYTES), engine_bytes)
     why = ""
@@ -424,12 +533,15 @@ def setup(comm: "Communicator", data_bytes: int, forced: Optional[str],
             fd, own = _open_region(layout.total)
         except OSError as exc:
             why = f"memfd_create/mmap of {layout.total} bytes failed: {exc}"
-    answers = comm.all_gather_object((why, os.getpid(), fd), op="__init__ (shared-memory set-up)")
-    failed = [(r, w) for r, (w, _, _) in enumerate(answers) if w]
+    # Doorbells only where every rank rings them (a waiter would otherwise sleep out its timeouts).
+    can_ring = wait == "futex" and _futex_call() is not None
+    answers = comm.all_gather_object((why, os.getpid(), fd, can_ring), op="__init__ (shared-memory set-up)")
+    failed = [(r, w) for r, (w, _, _, _) in enumerate(answers) if w]
+    doorbells = all(a[3] for a in answers)
     maps: List[Optional[mmap.mmap]] = [None] * size
     if not failed:
         maps[rank] = own
-        for r, (_, pid, peer_fd) in enumerate(answers):
+        for r, (_, pid, peer_fd, _) in enumerate(answers):
             if r == rank:
                 continue
             try:
@@ -457,5 +569,7 @@ def setup(comm: "Communicator", data_bytes: int, forced: Optional[str],
             raise RuntimeError(f"deep_ep.Buffer: DEEP_EP_TRANSPORT=shm, but {reason[len('gloo transport ('):-1]}")
         return None, reason
     engine = f" + {layout.engine_bytes} bytes of low-latency receive slots" if layout.engine_bytes else ""
-    return ShmTransport(comm, layout, maps), (f"same-host shared-memory transport ({layout.data_bytes} bytes per "
-                                              f"rank{engine}, memfd)")
+    transport = ShmTransport(comm, layout, maps, doorbells)
+    waits = "futex doorbells" if transport.uses_doorbells else "sleeping waits"
+    return transport, (f"same-host shared-memory transport ({layout.data_bytes} bytes per rank{engine}, memfd, "
+                       f"{waits})")

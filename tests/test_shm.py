@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from dist_utils import make_seed, run_ranks
@@ -56,11 +57,13 @@ def _exchanges(rank, num_ranks, group, seed):
     return info
 
 
-def test_shm_all_to_all_matches_gloo_including_rounds():
-    results = run_ranks(_exchanges, 3, make_seed())
+@pytest.mark.parametrize("wait", ["futex", "sleep"])
+def test_shm_all_to_all_matches_gloo_including_rounds(wait):
+    results = run_ranks(_exchanges, 3, make_seed(), env={"DEEP_EP_SHM_WAIT": wait})
     for info in results:
         assert info["transport"] == "shm", info
         assert "same-host shared-memory transport" in info["reason"], info["reason"]
+        assert ("futex doorbells" if wait == "futex" else "sleeping waits") in info["reason"], info["reason"]
         cases = {c for c, _, _ in info["checked"]}
         assert cases == {0, 1, 2, 3}
         assert any(z for _, z, _ in info["checked"]), "no zero-copy exchange ran"
@@ -71,6 +74,62 @@ def test_gloo_forced_by_env():
     results = run_ranks(_exchanges, 2, 1, env={"DEEP_EP_TRANSPORT": "gloo"})
     for info in results:
         assert info["transport"] == "gloo" and "forced by DEEP_EP_TRANSPORT=gloo" in info["reason"], info
+
+
+def _doorbell_waits(rank, num_ranks, group, seed):
+    import random
+    import time
+
+    import deep_ep
+    import deep_ep._shm as shm_mod
+    shm_mod._MAX_BELL_WAIT = 10.0  # a wait then ends by a ring, or at the heartbeat check (2 s), never sooner
+    buf = deep_ep.Buffer(group, num_nvl_bytes=0, explicitly_destroy=True)
+    shm = buf._comm.shm
+    bells = shm._bells
+    rng = random.Random(seed * 31 + rank)
+    t = torch.arange(num_ranks, dtype=torch.int64) + 100 * rank
+    for i in range(200):
+        time.sleep(rng.random() * 1e-3)  # arrive in a random order, so that every rank waits sometimes
+        if i % 2:
+            shm.fence_round("test fence")
+        else:
+            got = torch.empty_like(t)
+            buf._comm.all_to_all_single(got, t, [1] * num_ranks, [1] * num_ranks, op="test exchange")
+            assert got.tolist() == [100 * s + rank for s in range(num_ranks)]
+    # A long wait: rank 0 arrives 0.5 s late; the others sleep through it instead of polling.
+    before = bells.waits
+    if rank == 0:
+        time.sleep(0.5)
+    shm.fence_round("test late fence")
+    out = {"waits": bells.waits, "timeouts": bells.timeouts, "late_waits": bells.waits - before}
+    buf.destroy()
+    return out
+
+
+def test_doorbells_wake_every_waiter_and_replace_polling():
+    """Every doorbell wait ends with a ring (a lost wakeup would run out its timeout), and a rank that
+    waits half a second sleeps through it in a few waits (polling takes thousands)."""
+    results = run_ranks(_doorbell_waits, 3, make_seed())
+    assert sum(r["waits"] for r in results) > 0, results  # the ranks did wait on their doorbells
+    for r in results:
+        assert r["timeouts"] == 0, results
+    for r in results[1:]:
+        assert 1 <= r["late_waits"] <= 5, results
+
+
+def test_bad_shm_wait_value_is_refused_on_every_rank():
+    texts = run_ranks(_bad_wait, 2)
+    assert all("DEEP_EP_SHM_WAIT" in t and "'futex' or 'sleep'" in t for t in texts), texts
+
+
+def _bad_wait(rank, num_ranks, group):
+    os.environ["DEEP_EP_SHM_WAIT"] = "spin"
+    import deep_ep
+    try:
+        deep_ep.Buffer(group, num_nvl_bytes=0, explicitly_destroy=True)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
 
 
 def _diverge(rank, num_ranks, group):
