@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "ll_dispatch_place", "ll_reduce_bf16", "reduce_segments_bf16"]
+__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "ll_dispatch_place", "ll_dispatch_unpack", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -256,6 +256,29 @@ def ll_dispatch_place(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int,
     if rc != 0:
         raise IndexError("deep_ep: native ll_dispatch_place: an expert id or a row position is out of range "
                          "(nothing was written)")
+
+
+def ll_dispatch_unpack(lib: ModuleType, counts: torch.Tensor, begins: torch.Tensor, rank: int, info: torch.Tensor,
+                       recv_count: torch.Tensor, layout_range: torch.Tensor, src_info: torch.Tensor) -> None:
+    """The low-latency push dispatch's receive-side bookkeeping (`deep_ep/native/cpu_kernels.c`,
+    ``ll_dispatch_unpack``): from the header's ``counts``/``begins`` (``[R, E]``, pairs of each source
+    per expert and where they start in the block) and this rank's `info` (int32 ``[L * num_rows]``), fill
+    `recv_count` (int32 ``[L]``), `layout_range` (int64 ``[L, R]``, ``(begin << 32) | count``) and the
+    first ``recv_count[j]`` entries of each row of `src_info` (int32 ``[L, num_rows]``)."""
+    counts = counts.to(torch.int64).contiguous()
+    begins = begins.to(torch.int64).contiguous()
+    num_ranks, num_experts = counts.shape
+    num_local, num_rows = src_info.shape
+    assert begins.shape == counts.shape and info.dtype == torch.int32 and info.numel() >= num_local * num_rows
+    assert info.is_contiguous() and src_info.is_contiguous() and src_info.dtype == torch.int32
+    assert recv_count.is_contiguous() and recv_count.dtype == torch.int32 and recv_count.numel() == num_local
+    assert layout_range.is_contiguous() and layout_range.dtype == torch.int64
+    assert tuple(layout_range.shape) == (num_local, num_ranks)
+    rc = lib.ll_dispatch_unpack(_ptr(counts), _ptr(begins), num_ranks, num_experts, num_local, rank, num_rows,
+                                _ptr(info), _ptr(recv_count), _ptr(layout_range), _ptr(src_info))
+    if rc != 0:
+        raise IndexError("deep_ep: native ll_dispatch_unpack: a block runs past its expert's rows (nothing was "
+                         "written)")
 
 
 def ll_combine_row_of(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int, num_local: int,

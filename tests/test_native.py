@@ -226,3 +226,43 @@ def test_native_helpers_under_asan_and_ubsan(tmp_path):
     assert run.returncode == 0, text[report:report + 3000] if report >= 0 else text[-4000:]
     assert "passed" in run.stdout and " failed" not in run.stdout
     assert any(p.name.startswith("cpu_kernels-") for p in tmp_path.iterdir())  # built with the sanitizers
+
+
+@needs_lib
+def test_ll_dispatch_unpack_matches_torch(monkeypatch):
+    """The push dispatch's receive-side bookkeeping (recv_count, layout_range, src_info): the C helper
+    against the torch operations it replaces, on random blocks (a source that sends nothing, an expert
+    that receives nothing); and a block past the expert's rows is refused with nothing written."""
+    import types
+
+    from deep_ep.engines import portable_ll
+    g = torch.Generator().manual_seed(make_seed())
+    num_ranks, num_local, t_max = 3, 4, 6
+    num_experts, num_rows = num_ranks * num_local, num_ranks * t_max
+    counts = torch.randint(0, t_max + 1, (num_ranks, num_experts), generator=g)
+    counts[1] = 0
+    counts[:, 2] = 0
+    begins = torch.cumsum(counts, dim=0) - counts
+    info = torch.randint(0, 1000, (num_local * num_rows,), dtype=torch.int32, generator=g)
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(portable_ll._native, "library", lambda: None)
+        for rank in range(num_ranks):
+            engine = types.SimpleNamespace(comm=types.SimpleNamespace(rank=rank))
+            recv_count = torch.zeros(num_local, dtype=torch.int32)
+            src_info = torch.full((num_local, num_rows), -1, dtype=torch.int32)
+            layout_range = torch.zeros((num_local, num_ranks), dtype=torch.int64)
+            portable_ll.PortableLowLatency._unpack_dispatch_push(engine, counts, begins, info, None, False, None,
+                                                                 recv_count, src_info, layout_range)
+            results.append((recv_count, src_info, layout_range))
+    for a, b in zip(results[:num_ranks], results[num_ranks:]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    bad = counts.clone()
+    bad[0, 0] = num_rows + 1
+    out = torch.full((num_local, num_rows), -7, dtype=torch.int32)
+    with pytest.raises(IndexError):
+        _native.ll_dispatch_unpack(lib, bad, begins, 0, info, torch.zeros(num_local, dtype=torch.int32),
+                                   torch.zeros((num_local, num_ranks), dtype=torch.int64), out)
+    assert (out == -7).all()

@@ -597,6 +597,12 @@ class PortableLowLatency(DoubleBufferSlots):
         the header table (`counts`, `begins`: ``[R, E]``) and the receive slot (`info`, `stage`)."""
         rank = self.comm.rank
         num_local, num_rows = src_info.shape
+        lib = _native.library()
+        if lib is not None:  # the same in one C call (deep_ep._native)
+            _native.ll_dispatch_unpack(lib, counts, begins, rank, info, recv_count, layout_range, src_info)
+            if stage is not None:
+                recv_x_out[1].copy_((pack_ue8m0(stage) if use_ue8m0 else stage).view(num_local, num_rows, -1))
+            return
         local = counts[:, rank * num_local:(rank + 1) * num_local]        # [R, L] rows from each source
         local_begin = begins[:, rank * num_local:(rank + 1) * num_local]
         per_expert = local.sum(dim=0)

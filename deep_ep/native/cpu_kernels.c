@@ -165,6 +165,43 @@ static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int6
 }
 
 /*
+ * The low-latency push dispatch's bookkeeping on the receiving rank `rank`, once the senders' writes are
+ * visible. counts, begins: [R, E] int64 (pairs of each source rank per expert, and the row where they
+ * start in the expert's block); info: this rank's [L * num_rows] int32 token indices (written by the
+ * senders). Writes recv_count [L] int32 (rows of each local expert), layout_range [L, R] int64
+ * ((begin << 32) | count, per source) and src_info [L, num_rows] int32: rows below recv_count from info,
+ * the others left as they are. Checks every block first (-1, nothing written).
+ */
+static int64_t ll_dispatch_unpack(const int64_t *counts, const int64_t *begins, int64_t R, int64_t E, int64_t L,
+                                  int64_t rank, int64_t num_rows, const int32_t *info, int32_t *recv_count,
+                                  int64_t *layout_range, int32_t *src_info) {
+    if (rank < 0 || (rank + 1) * L > E)
+        return -1;
+    for (int64_t j = 0; j < L; ++j) {
+        int64_t total = 0;
+        for (int64_t s = 0; s < R; ++s) {
+            int64_t c = counts[s * E + rank * L + j], b = begins[s * E + rank * L + j];
+            if (c < 0 || b < 0 || c > num_rows || b > num_rows - c)
+                return -1;
+            total += c;
+        }
+        if (total > num_rows)
+            return -1;
+    }
+    for (int64_t j = 0; j < L; ++j) {
+        int64_t total = 0;
+        for (int64_t s = 0; s < R; ++s) {
+            int64_t c = counts[s * E + rank * L + j], b = begins[s * E + rank * L + j];
+            layout_range[j * R + s] = (b << 32) | c;
+            total += c;
+        }
+        recv_count[j] = (int32_t)total;
+        memcpy(src_info + j * num_rows, info + j * num_rows, (size_t)total * sizeof(int32_t));
+    }
+    return 0;
+}
+
+/*
  * The low-latency combine's arrival order, on the owner of the tokens: rows come grouped by expert
  * ascending and, within an expert, in (token, k) row-major order, so the row of pair (t, k) with expert
  * e is (pairs of the experts below e) + (pairs of e before (t, k)). Writes row_of [T, K] (-1 where
@@ -376,6 +413,20 @@ static PyObject *py_ll_dispatch_place(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_ll_dispatch_unpack(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t counts, begins, R, E, L, rank, num_rows, info, recv_count, layout_range, src_info;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnn", &counts, &begins, &R, &E, &L, &rank, &num_rows, &info, &recv_count,
+                          &layout_range, &src_info))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ll_dispatch_unpack((const int64_t *)counts, (const int64_t *)begins, R, E, L, rank, num_rows,
+                            (const int32_t *)info, (int32_t *)recv_count, (int64_t *)layout_range, (int32_t *)src_info);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
 static PyObject *py_ll_combine_row_of(PyObject *self, PyObject *args) {
     (void)self;
     Py_ssize_t topk, T, K, E, L, R, row_of, per_owner, scratch;
@@ -415,6 +466,8 @@ static PyMethodDef methods[] = {
     {"ll_dispatch_place", py_ll_dispatch_place, METH_VARARGS,
      "ll_dispatch_place(topk, T, K, E, L, num_rows, begin, x, x_stride, row_bytes, scales, scale_stride, "
      "scale_bytes, rows, info, stage, cursor) -> 0 or -1"},
+    {"ll_dispatch_unpack", py_ll_dispatch_unpack, METH_VARARGS,
+     "ll_dispatch_unpack(counts, begins, R, E, L, rank, num_rows, info, recv_count, layout_range, src_info) -> 0 or -1"},
     {"ll_reduce_bf16", py_ll_reduce_bf16, METH_VARARGS,
      "ll_reduce_bf16(recv, recv_rows, row_of, w, T, K, H, out, out_stride, acc) -> 0 or -1"},
     {"reduce_segments_bf16", py_reduce_segments_bf16, METH_VARARGS,
