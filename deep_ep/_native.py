@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "ll_dispatch_place", "ll_dispatch_unpack", "ll_reduce_bf16", "reduce_segments_bf16"]
+__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "dispatch_local_topk", "dispatch_slots", "ll_dispatch_place", "ll_dispatch_unpack", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -256,6 +256,37 @@ def ll_dispatch_place(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int,
     if rc != 0:
         raise IndexError("deep_ep: native ll_dispatch_place: an expert id or a row position is out of range "
                          "(nothing was written)")
+
+
+def dispatch_slots(lib: ModuleType, mask: torch.Tensor, per: int) -> torch.Tensor:
+    """The normal dispatch's ring slot of every (token, destination) (``deep_ep/native/cpu_kernels.c``,
+    ``dispatch_slots``): earlier tokens of the same channel (``per`` tokens each) with the same
+    destination, or -1 where `mask` (bool ``[T, D]``) is False. Returns int32 ``[T, D]``."""
+    m = mask.contiguous()
+    num_tokens, num_dst = m.shape
+    out = torch.empty((num_tokens, num_dst), dtype=torch.int32)
+    cnt = torch.empty(max(num_dst, 1), dtype=torch.int64)
+    if num_tokens and num_dst:
+        if lib.dispatch_slots(_ptr(m), num_tokens, num_dst, per, _ptr(out), _ptr(cnt)) != 0:
+            raise ValueError(f"deep_ep: native dispatch_slots: tokens per channel must be positive, got {per}")
+    return out
+
+
+def dispatch_local_topk(lib: ModuleType, meta: torch.Tensor, idx_off: int, w_off: int, num_topk: int, lo: int,
+                        num_local: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The normal dispatch's received top-k made local (``dispatch_local_topk``): `meta` uint8 ``[N, W]``
+    rows (unit column stride) hold int32 global expert ids at byte `idx_off` and float32 weights at
+    `w_off`; returns ``(int64 [N, K]: id - lo for ids in [lo, lo + num_local), else -1; float32 [N, K]:
+    the weight there, else +0.0)``, the weights' bits unchanged."""
+    num_rows = meta.size(0)
+    assert meta.dtype == torch.uint8 and meta.dim() == 2 and (meta.stride(1) == 1 or meta.size(1) <= 1)
+    assert 0 <= idx_off and idx_off + 4 * num_topk <= meta.size(1) and 0 <= w_off and w_off + 4 * num_topk <= meta.size(1)
+    out_idx = torch.empty((num_rows, num_topk), dtype=torch.int64)
+    out_w = torch.empty((num_rows, num_topk), dtype=torch.float32)
+    if num_rows and num_topk:
+        lib.dispatch_local_topk(_ptr(meta), meta.stride(0), idx_off, w_off, num_rows, num_topk, lo, num_local,
+                                _ptr(out_idx), _ptr(out_w))
+    return out_idx, out_w
 
 
 def ll_dispatch_unpack(lib: ModuleType, counts: torch.Tensor, begins: torch.Tensor, rank: int, info: torch.Tensor,

@@ -266,3 +266,43 @@ def test_ll_dispatch_unpack_matches_torch(monkeypatch):
         _native.ll_dispatch_unpack(lib, bad, begins, 0, info, torch.zeros(num_local, dtype=torch.int32),
                                    torch.zeros((num_local, num_ranks), dtype=torch.int64), out)
     assert (out == -7).all()
+
+
+@needs_lib
+@pytest.mark.parametrize("num_tokens,num_channels", [(37, 5), (8, 8), (1, 3), (0, 2), (100, 1)])
+def test_dispatch_slots_matches_torch(num_tokens, num_channels, monkeypatch):
+    """The handle's ring slots (send_head) from the C loop against the torch operations (channels of
+    unequal length, more channels than tokens, no tokens)."""
+    from deep_ep.engines import portable
+    g = torch.Generator().manual_seed(make_seed())
+    mask = torch.rand(num_tokens, 5, generator=g) < 0.4
+    native = portable._slots(mask, num_channels)
+    monkeypatch.setattr(portable._native, "library", lambda: None)
+    want = portable._slots(mask, num_channels)
+    assert native.dtype == want.dtype == torch.int32 and torch.equal(native, want)
+    assert torch.equal(portable._slots(mask.t().contiguous().t(), num_channels), want)  # a transposed mask
+
+
+@needs_lib
+def test_dispatch_local_topk_matches_torch():
+    """Received top-k ids made local and their weights: the C loop against the torch formula, ids at
+    the range's edges and -1, weights NaN / -0.0 / inf kept bit for bit, rows with a column stride."""
+    g = torch.Generator().manual_seed(make_seed())
+    n, k, lo, num_local = 50, 6, 8, 4
+    ids = torch.randint(-1, 20, (n, k), dtype=torch.int32, generator=g)
+    ids[0] = torch.tensor([lo - 1, lo, lo + num_local - 1, lo + num_local, -1, 0], dtype=torch.int32)
+    w = torch.randn(n, k, generator=g)
+    w[0] = torch.tensor([float("nan"), -0.0, float("inf"), 1.5, float("-inf"), 2.0])
+    w[1] = -0.0
+    meta = torch.cat([torch.randint(0, 256, (n, 3), dtype=torch.uint8, generator=g),
+                      ids.view(torch.uint8).view(n, 4 * k), w.view(torch.uint8).view(n, 4 * k)], dim=1)
+    local, weights = _native.dispatch_local_topk(lib, meta, 3, 3 + 4 * k, k, lo, num_local)
+    gidx = ids.to(torch.int64)
+    is_local = (gidx >= 0) & (gidx - lo >= 0) & (gidx - lo < num_local)
+    assert torch.equal(local, torch.where(is_local, gidx - lo, torch.full_like(gidx, -1)))
+    want_w = torch.where(is_local, w, torch.zeros_like(w))
+    assert torch.equal(weights.view(torch.int32), want_w.view(torch.int32))
+    wide = torch.zeros(n, meta.size(1) + 5, dtype=torch.uint8)
+    wide[:, :meta.size(1)] = meta
+    again = _native.dispatch_local_topk(lib, wide[:, :meta.size(1)], 3, 3 + 4 * k, k, lo, num_local)
+    assert torch.equal(again[0], local) and torch.equal(again[1].view(torch.int32), weights.view(torch.int32))

@@ -58,6 +58,9 @@ def _slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
     if num_tokens == 0:
         return torch.empty((0, num_dst), dtype=_I32, device=mask.device)
     per = _channel_bounds(num_tokens, num_channels)
+    lib = _native.library() if mask.device.type == "cpu" else None
+    if lib is not None and mask.dtype == torch.bool:  # the same in one C loop (deep_ep._native)
+        return _native.dispatch_slots(lib, mask, per)
     m = mask.to(_I32)
     inclusive = torch.cumsum(m, dim=0, dtype=_I32)
     # Subtract the count before each token's channel start.
@@ -456,7 +459,13 @@ class PortableEngine:
             recv_scales = padded(gather_part("scales", num_scales * 4).view(x_scales.dtype).view(num_recv, num_scales),
                                  0)
         recv_topk_idx = recv_topk_weights = None
-        if has_topk:
+        lib = _native.library() if device.type == "cpu" else None
+        if has_topk and lib is not None:  # the same in one C loop (deep_ep._native)
+            local, w = _native.dispatch_local_topk(lib, recv_meta, col_range["topk_idx"][0],
+                                                   col_range["topk_weights"][0], num_topk, me * experts_per_rank,
+                                                   experts_per_rank)
+            recv_topk_idx, recv_topk_weights = padded(local, -1), padded(w, 0)
+        elif has_topk:
             gidx = gather_part("topk_idx", num_topk * 4).view(_I32).view(num_recv, num_topk).to(torch.int64)
             local = gidx - me * experts_per_rank
             is_local = (gidx >= 0) & (local >= 0) & (local < experts_per_rank)

@@ -165,6 +165,44 @@ static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int6
 }
 
 /*
+ * The normal dispatch's ring slots (the handle's send_head): out[t, d] = number of earlier tokens of
+ * t's channel (channels of `per` tokens: t / per) with mask[., d] set, or -1 where mask[t, d] is 0.
+ * mask: [T, D] bytes (0 or 1); out: [T, D] int32; cnt: D int64 of scratch.
+ */
+static void dispatch_slots(const uint8_t *mask, int64_t T, int64_t D, int64_t per, int32_t *out, int64_t *cnt) {
+    for (int64_t t = 0; t < T; ++t) {
+        if (t % per == 0)
+            for (int64_t d = 0; d < D; ++d)
+                cnt[d] = 0;
+        for (int64_t d = 0; d < D; ++d)
+            out[t * D + d] = mask[t * D + d] ? (int32_t)cnt[d]++ : -1;
+    }
+}
+
+/*
+ * The normal dispatch's received top-k, made local: for every received row i and k, the global expert
+ * id g (int32 at meta + i * meta_stride + idx_off + 4k) becomes g - lo when lo <= g < lo + num_local
+ * (and g >= 0), else -1 (out_idx: [N, K] int64); its weight (float32 at w_off + 4k, copied bit for bit)
+ * is kept there, else +0.0 (out_w: [N, K] float32).
+ */
+static void dispatch_local_topk(const uint8_t *meta, int64_t meta_stride, int64_t idx_off, int64_t w_off, int64_t N,
+                                int64_t K, int64_t lo, int64_t num_local, int64_t *out_idx, uint32_t *out_w) {
+    for (int64_t i = 0; i < N; ++i) {
+        const uint8_t *row = meta + i * meta_stride;
+        for (int64_t k = 0; k < K; ++k) {
+            int32_t g;
+            uint32_t w;
+            memcpy(&g, row + idx_off + 4 * k, sizeof g);
+            memcpy(&w, row + w_off + 4 * k, sizeof w);
+            int64_t local = (int64_t)g - lo;
+            int is_local = g >= 0 && local >= 0 && local < num_local;
+            out_idx[i * K + k] = is_local ? local : -1;
+            out_w[i * K + k] = is_local ? w : 0u;
+        }
+    }
+}
+
+/*
  * The low-latency push dispatch's bookkeeping on the receiving rank `rank`, once the senders' writes are
  * visible. counts, begins: [R, E] int64 (pairs of each source rank per expert, and the row where they
  * start in the expert's block); info: this rank's [L * num_rows] int32 token indices (written by the
@@ -413,6 +451,32 @@ static PyObject *py_ll_dispatch_place(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_dispatch_slots(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t mask, T, D, per, out, cnt;
+    if (!PyArg_ParseTuple(args, "nnnnnn", &mask, &T, &D, &per, &out, &cnt))
+        return NULL;
+    if (per <= 0)
+        return PyLong_FromLongLong(-1LL);
+    Py_BEGIN_ALLOW_THREADS
+    dispatch_slots((const uint8_t *)mask, T, D, per, (int32_t *)out, (int64_t *)cnt);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(0LL);
+}
+
+static PyObject *py_dispatch_local_topk(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t meta, meta_stride, idx_off, w_off, N, K, lo, num_local, out_idx, out_w;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnn", &meta, &meta_stride, &idx_off, &w_off, &N, &K, &lo, &num_local, &out_idx,
+                          &out_w))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    dispatch_local_topk((const uint8_t *)meta, meta_stride, idx_off, w_off, N, K, lo, num_local, (int64_t *)out_idx,
+                        (uint32_t *)out_w);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(0LL);
+}
+
 static PyObject *py_ll_dispatch_unpack(PyObject *self, PyObject *args) {
     (void)self;
     Py_ssize_t counts, begins, R, E, L, rank, num_rows, info, recv_count, layout_range, src_info;
@@ -466,6 +530,9 @@ static PyMethodDef methods[] = {
     {"ll_dispatch_place", py_ll_dispatch_place, METH_VARARGS,
      "ll_dispatch_place(topk, T, K, E, L, num_rows, begin, x, x_stride, row_bytes, scales, scale_stride, "
      "scale_bytes, rows, info, stage, cursor) -> 0 or -1"},
+    {"dispatch_slots", py_dispatch_slots, METH_VARARGS, "dispatch_slots(mask, T, D, per, out, cnt) -> 0 or -1"},
+    {"dispatch_local_topk", py_dispatch_local_topk, METH_VARARGS,
+     "dispatch_local_topk(meta, meta_stride, idx_off, w_off, N, K, lo, num_local, out_idx, out_w) -> 0"},
     {"ll_dispatch_unpack", py_ll_dispatch_unpack, METH_VARARGS,
      "ll_dispatch_unpack(counts, begins, R, E, L, rank, num_rows, info, recv_count, layout_range, src_info) -> 0 or -1"},
     {"ll_reduce_bf16", py_ll_reduce_bf16, METH_VARARGS,
