@@ -63,7 +63,7 @@ class ArgChecker:
         """``idx`` values must lie in ``[-1, upper)``."""
         if idx.numel() == 0:
             return
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = (int(v) for v in torch.aminmax(idx))  # one pass
         if lo < -1 or hi >= upper:
             bad = lo if lo < -1 else hi
             self.fail(name, f"holds {what} outside [-1, {upper}) (found {bad}); -1 marks an unused slot")

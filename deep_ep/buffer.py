@@ -85,9 +85,9 @@ class _Launch:
             self._threads = None
 
     def finish(self, outputs: Sequence[Any]) -> EventOverlap:
-        tensors = _flatten_tensors(outputs)
         if not self.cuda:
             return EventOverlap(EventHandle()) if self.async_finish else EventOverlap()
+        tensors = _flatten_tensors(outputs)
         for t in tensors:
             if t.is_cuda:
                 t.record_stream(self.compute)

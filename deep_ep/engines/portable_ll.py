@@ -274,8 +274,8 @@ class PortableLowLatency(DoubleBufferSlots):
         return gone
 
     def _header(self, kind: int, words: Sequence[Tuple[int, int]], send_counts: Sequence[int],
-                expect_counts: Optional[Sequence[int]] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[signature (10 words) | send_counts (R) | expect_counts (R) | extra]`` int64."""
+                expect_counts: Optional[Sequence[int]] = None, extra: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``[signature (10 words) | send_counts (R) | expect_counts (R) | extra]`` int64 (`extra`: ints)."""
         size = self.comm.size
         head = [0] * _HEADER_WORDS  # a list first: one tensor construction, not one tensor write per word
         head[_H_KIND] = kind
@@ -283,8 +283,9 @@ class PortableLowLatency(DoubleBufferSlots):
             head[index] = int(value)
         head += [int(c) for c in send_counts]
         head += [int(c) for c in expect_counts] if expect_counts is not None else [0] * size
-        vec = torch.tensor(head, dtype=torch.int64)
-        return vec if extra is None else torch.cat([vec, extra.to(torch.int64)])
+        if extra is not None:
+            head += extra
+        return torch.tensor(head, dtype=torch.int64)
 
     def _push_areas(self, use_p2p: bool, device: torch.device, layout: LowLatencyLayout, slot: int,
                     need: int) -> Optional[List[torch.Tensor]]:
@@ -498,14 +499,16 @@ class PortableLowLatency(DoubleBufferSlots):
         if _overlaps(x, areas[rank]):  # e.g. a slice of a recv_x of this slot: the peers will overwrite it
             x = x.clone()
         flat_topk = topk_idx.reshape(-1).to(torch.int64)
-        my_counts = torch.bincount(flat_topk[flat_topk >= 0], minlength=num_experts)
-        overflow = int((my_counts > t_max).sum())
+        # Pairs per expert: ids are >= -1 (Buffer checked), so bin 0 counts the -1 slots and is dropped.
+        my_counts = torch.bincount(flat_topk + 1, minlength=num_experts + 1)[1:]
+        count_list = my_counts.tolist()
+        overflow = sum(1 for c in count_list if c > t_max)
 
         words = ((_H_TMAX, t_max), (_H_HIDDEN, hidden), (_H_EXPERTS, num_experts), (_H_TOPK, num_topk),
                  (_H_FP8, use_fp8), (_H_ROUND, round_scale), (_H_UE8M0, use_ue8m0), (_H_OVERFLOW, overflow),
                  (_H_PUSH, 1))
         start_ns = time.perf_counter_ns()
-        table, peers = self._gather_header(self._header(_KIND_DISPATCH, words, [0] * size, extra=my_counts),
+        table, peers = self._gather_header(self._header(_KIND_DISPATCH, words, [0] * size, extra=count_list),
                                            list(range(size)), False, "low_latency_dispatch (header exchange)")
         self._check_dispatch_header(table, peers, t_max)
         counts = table[:, _HEADER_WORDS + 2 * size:]              # [R, E] pairs of each rank per expert
