@@ -644,9 +644,13 @@ def render_markdown(summaries: List[Dict[str, object]]) -> str:
           "rank to gloo's 5.6-6.0 ms, and wall time follows CPU here), and the same rows sent with `sendmsg`",
           "straight from `x` over plain sockets at 0.85-0.99x. So on gloo the normal dispatch's rows go over",
           "deep_ep's own TCP streams, sent from `x` (`DEEP_EP_GLOO_ROWS`, docs/api.md): 0.55-0.60x became",
-          "0.63-0.67x. The rest is the counts exchange that must come first (no row moves before every rank",
-          "has agreed) and about 2 ms of CPU per rank of bookkeeping, with 4 ranks on 2 cores: the 0.7 target",
-          "is still not met.",
+          "0.63-0.67x, and the handle's ring slots and the received top-k in C loops (`deep_ep/_native.py`)",
+          "made it 0.66-0.69x. The rest is the counts exchange that must come first (no row moves before",
+          "every rank has agreed) and about 1.5 ms of CPU per rank of bookkeeping, with 4 ranks on 2 cores:",
+          "the 0.7 target is still not met.",
+          "Waits on shared memory sleep on a futex doorbell that the peers ring (`DEEP_EP_SHM_WAIT`,",
+          "docs/api.md); the earlier polling with short sleeps (each of which lasts at least ~90 us on this",
+          "machine) cost about 10% of a low-latency dispatch with 4 ranks on 2 cores.",
           "`make bench BENCH_ARGS=\"--num-ranks 8\"` adds an 8-rank section (no targets).", ""]
     for summary in summaries:
         cfg, meta = summary["config"], summary["meta"]
