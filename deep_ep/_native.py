@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "dispatch_local_topk", "dispatch_slots", "ll_dispatch_place", "ll_dispatch_unpack", "ll_reduce_bf16", "reduce_segments_bf16"]
+__all__ = ["library", "status", "copy_bytes", "copy_rows", "ll_combine_push", "ll_combine_row_of", "dispatch_channel_counts", "dispatch_local_topk", "dispatch_pack_meta", "dispatch_row_runs", "dispatch_slots", "ll_dispatch_place", "ll_dispatch_unpack", "ll_reduce_bf16", "reduce_segments_bf16"]
 
 _SOURCE = Path(__file__).resolve().parent / "native" / "cpu_kernels.c"
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math"]
@@ -256,6 +256,61 @@ def ll_dispatch_place(lib: ModuleType, topk_idx: torch.Tensor, num_experts: int,
     if rc != 0:
         raise IndexError("deep_ep: native ll_dispatch_place: an expert id or a row position is out of range "
                          "(nothing was written)")
+
+
+def dispatch_channel_counts(lib: ModuleType, mask: torch.Tensor, per: int, num_channels: int) -> torch.Tensor:
+    """Per destination, the tokens of each channel (``per`` tokens each) set in `mask` (bool ``[T, D]``,
+    ``T >= 1``): int32 ``[D, C]`` (``dispatch_channel_counts``)."""
+    m = mask.contiguous()
+    num_tokens, num_dst = m.shape
+    counts = torch.empty((num_dst, num_channels), dtype=torch.int32)
+    if lib.dispatch_channel_counts(_ptr(m), num_tokens, num_dst, per, num_channels, _ptr(counts)) != 0:
+        raise ValueError(f"deep_ep: native dispatch_channel_counts: {num_tokens} tokens do not fit {num_channels} "
+                         f"channels of {per}")
+    return counts
+
+
+def dispatch_row_runs(lib: ModuleType, dst_ids: torch.Tensor, tok_ids: torch.Tensor,
+                      num_dst: int) -> Tuple[List[int], List[int], List[int]]:
+    """The runs of consecutive tokens of the dispatch's (destination, token) pairs (sorted by destination,
+    then token; ``dispatch_row_runs``): ``(first token of each run, its length, runs per destination)``."""
+    dst = dst_ids.to(torch.int64).contiguous()
+    tok = tok_ids.to(torch.int64).contiguous()
+    num = tok.numel()
+    run_tok = torch.empty(max(num, 1), dtype=torch.int64)
+    run_len = torch.empty(max(num, 1), dtype=torch.int64)
+    per_dst = torch.empty(max(num_dst, 1), dtype=torch.int64)
+    runs = lib.dispatch_row_runs(_ptr(dst), _ptr(tok), num, num_dst, _ptr(run_tok), _ptr(run_len), _ptr(per_dst))
+    if runs < 0:
+        raise IndexError("deep_ep: native dispatch_row_runs: a destination is out of range")
+    return run_tok[:runs].tolist(), run_len[:runs].tolist(), per_dst[:num_dst].tolist()
+
+
+def dispatch_pack_meta(lib: ModuleType, tok_ids: torch.Tensor, num_tokens: int, scales: Optional[torch.Tensor],
+                       topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The dispatch's metadata rows (``dispatch_pack_meta``): for each token of `tok_ids`, the uint8 row
+    ``[its scales' bytes (scales: uint8 [T, S] rows) | top-k ids as int32 | top-k weights (float32) |
+    the token index as int32]``; ``[n, width]`` uint8."""
+    tok = tok_ids.to(torch.int64).contiguous()
+    n = tok.numel()
+    scale_bytes = int(scales.size(1)) if scales is not None else 0
+    if scales is not None:
+        assert scales.dtype == torch.uint8 and scales.size(0) == num_tokens and (scales.stride(1) == 1 or scale_bytes <= 1)
+    num_topk = int(topk_idx.size(1)) if topk_idx is not None else 0
+    if topk_idx is not None:
+        topk_idx = topk_idx.to(torch.int64).contiguous()
+        topk_weights = topk_weights.to(torch.float32).contiguous()
+        assert tuple(topk_weights.shape) == tuple(topk_idx.shape) and topk_idx.size(0) == num_tokens
+    width = scale_bytes + 8 * num_topk + 4
+    out = torch.empty((n, width), dtype=torch.uint8)
+    if n:
+        rc = lib.dispatch_pack_meta(_ptr(tok), n, num_tokens, _ptr(out), width,
+                                    _ptr(scales) if scale_bytes else 0, scales.stride(0) if scale_bytes else 0,
+                                    scale_bytes, _ptr(topk_idx) if num_topk else 0,
+                                    _ptr(topk_weights) if num_topk else 0, num_topk)
+        if rc != 0:
+            raise IndexError("deep_ep: native dispatch_pack_meta: a token index is out of range")
+    return out
 
 
 def dispatch_slots(lib: ModuleType, mask: torch.Tensor, per: int) -> torch.Tensor:

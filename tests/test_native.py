@@ -306,3 +306,54 @@ def test_dispatch_local_topk_matches_torch():
     wide[:, :meta.size(1)] = meta
     again = _native.dispatch_local_topk(lib, wide[:, :meta.size(1)], 3, 3 + 4 * k, k, lo, num_local)
     assert torch.equal(again[0], local) and torch.equal(again[1].view(torch.int32), weights.view(torch.int32))
+
+
+@needs_lib
+@pytest.mark.parametrize("num_tokens,num_channels", [(37, 5), (8, 8), (1, 3), (100, 1)])
+def test_dispatch_channel_counts_matches_torch(num_tokens, num_channels, monkeypatch):
+    from deep_ep.engines import portable
+    g = torch.Generator().manual_seed(make_seed())
+    mask = torch.rand(num_tokens, 6, generator=g) < 0.5
+    mask[:, 2] = False  # a destination that gets nothing
+    native = portable._channel_counts(mask, num_channels)
+    monkeypatch.setattr(portable._native, "library", lambda: None)
+    want = portable._channel_counts(mask, num_channels)
+    assert native.dtype == want.dtype == torch.int32 and torch.equal(native, want)
+
+
+@needs_lib
+def test_dispatch_row_runs_and_metadata_match_torch(monkeypatch):
+    """The gloo dispatch's runs of consecutive rows (iovecs) and the metadata rows (scales, top-k ids
+    and weights bit for bit, token index): the C loops against the torch operations."""
+    from deep_ep.engines import portable
+    g = torch.Generator().manual_seed(make_seed())
+    num_tokens, num_dst, hidden = 60, 4, 1024  # 2 KiB rows: every destination gets iovecs, none is gathered
+    mask = torch.rand(num_tokens, num_dst, generator=g) < 0.6
+    mask[:, 1] = False
+    mask[10:20, 3] = True  # one long run
+    dst_ids, tok_ids = mask.t().nonzero(as_tuple=True)
+    n_send = mask.sum(0).tolist()
+    x = torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16)
+    x_bytes = x.view(torch.uint8)
+    staging = lambda nbytes, device: torch.empty(nbytes, dtype=torch.uint8)  # noqa: E731
+    native = portable._row_runs(x_bytes, dst_ids, tok_ids, n_send, 0, staging)
+    scales = torch.randn(num_tokens, 8, generator=g).t().contiguous().t()  # column-major, as FP8 scales come
+    topk = torch.randint(-1, 32, (num_tokens, 5), generator=g)
+    weights = torch.randn(num_tokens, 5, generator=g)
+    weights[0, 0], weights[1, 1] = float("nan"), -0.0
+    meta = _native.dispatch_pack_meta(lib, tok_ids, num_tokens, portable._bytes(scales), topk, weights)
+    bare = _native.dispatch_pack_meta(lib, tok_ids, num_tokens, None, None, None)
+    monkeypatch.setattr(portable._native, "library", lambda: None)
+    want = portable._row_runs(x_bytes, dst_ids, tok_ids, n_send, 0, staging)
+    assert sorted(native) == sorted(want) and 1 not in native
+    for d in native:
+        assert [bytes(v) for v in native[d]] == [bytes(v) for v in want[d]]
+    src = torch.arange(num_tokens, dtype=torch.int32).view(-1, 1)
+    table = torch.cat([portable._bytes(scales), portable._bytes(topk.to(torch.int32)), portable._bytes(weights),
+                       portable._bytes(src)], dim=1)
+    assert torch.equal(meta, table.index_select(0, tok_ids))
+    assert torch.equal(bare, portable._bytes(src).index_select(0, tok_ids))
+    with pytest.raises(IndexError):
+        _native.dispatch_row_runs(lib, torch.tensor([0, 5]), torch.tensor([0, 1]), 4)
+    with pytest.raises(IndexError):
+        _native.dispatch_pack_meta(lib, torch.tensor([num_tokens]), num_tokens, None, topk, weights)

@@ -46,6 +46,9 @@ def _channel_counts(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
     if num_tokens == 0:
         return torch.zeros((num_dst, num_channels), dtype=_I32, device=mask.device)
     per = _channel_bounds(num_tokens, num_channels)
+    lib = _native.library() if mask.device.type == "cpu" else None
+    if lib is not None and mask.dtype == torch.bool:  # the same in one C loop (deep_ep._native)
+        return _native.dispatch_channel_counts(lib, mask, per, num_channels)
     padded = torch.zeros((num_dst, per * num_channels), dtype=_I32, device=mask.device)
     padded[:, :num_tokens] = mask.t().to(_I32)
     return padded.view(num_dst, num_channels, per).sum(-1, dtype=_I32)
@@ -109,13 +112,17 @@ def _row_runs(x_bytes: torch.Tensor, dst_ids: torch.Tensor, tok_ids: torch.Tenso
     row_bytes = x_bytes.size(1)
     base = x_bytes.view(-1).numpy()
     # A run starts where the destination changes or the token does not follow the previous one.
-    starts = torch.ones(num, dtype=torch.bool)
-    starts[1:] = (tok_ids[1:] != tok_ids[:-1] + 1) | (dst_ids[1:] != dst_ids[:-1])
-    first = starts.nonzero().view(-1)
-    runs_per_dst = torch.bincount(dst_ids.index_select(0, first), minlength=len(n_send)).tolist()
-    bounds = torch.cat([first, torch.tensor([num])])
-    run_tok = tok_ids.index_select(0, first).tolist()
-    run_len = (bounds[1:] - bounds[:-1]).tolist()
+    lib = _native.library()
+    if lib is not None:  # the same in one C loop (deep_ep._native)
+        run_tok, run_len, runs_per_dst = _native.dispatch_row_runs(lib, dst_ids, tok_ids, len(n_send))
+    else:
+        starts = torch.ones(num, dtype=torch.bool)
+        starts[1:] = (tok_ids[1:] != tok_ids[:-1] + 1) | (dst_ids[1:] != dst_ids[:-1])
+        first = starts.nonzero().view(-1)
+        runs_per_dst = torch.bincount(dst_ids.index_select(0, first), minlength=len(n_send)).tolist()
+        bounds = torch.cat([first, torch.tensor([num])])
+        run_tok = tok_ids.index_select(0, first).tolist()
+        run_len = (bounds[1:] - bounds[:-1]).tolist()
     short = [d for d in range(len(n_send))
              if d != me and n_send[d] and n_send[d] * row_bytes < _MIN_RUN_BYTES * runs_per_dst[d]]
     gathered = None
@@ -319,15 +326,11 @@ class PortableEngine:
         num_scales = x_scales.size(1) if has_scales else 0
         # Per-token metadata as one row table [T, W] (scales | top-k ids | top-k weights | token index),
         # gathered once by destination like the rows: no per-destination packing.
-        cols = []
-        if has_scales:
-            cols.append(("scales", _bytes(x_scales)))
-        if has_topk:
-            cols += [("topk_idx", _bytes(topk_idx.to(_I32))), ("topk_weights", _bytes(topk_weights))]
-        cols.append(("src_idx", _bytes(torch.arange(num_tokens, dtype=_I32, device=device).view(-1, 1))))
+        scale_bytes = _bytes(x_scales) if has_scales else None
+        cols = ([("scales", scale_bytes.size(1))] if has_scales else []) + \
+            ([("topk_idx", 4 * num_topk), ("topk_weights", 4 * num_topk)] if has_topk else []) + [("src_idx", 4)]
         col_range, width = {}, 0
-        for name, t in cols + ([("nvl_bits", None)] if multi_node else []):
-            nbytes = 4 if t is None else t.size(1)
+        for name, nbytes in cols + ([("nvl_bits", 4)] if multi_node else []):
             col_range[name] = (width, width + nbytes)
             width += nbytes
 
@@ -344,8 +347,15 @@ class PortableEngine:
             # (with shared memory the staging buffer is this rank's shared area)
             send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
             _gather_rows(x_bytes, tok_ids, send_rows)
-        table = torch.cat([t for _, t in cols], dim=1) if len(cols) > 1 else cols[0][1]
-        meta_rows = table.index_select(0, tok_ids)                                 # [sent rows, W (- 4)]
+        lib = _native.library() if device.type == "cpu" else None
+        if lib is not None:  # the same rows in one C loop (deep_ep._native)
+            meta_rows = _native.dispatch_pack_meta(lib, tok_ids, num_tokens, scale_bytes, topk_idx, topk_weights)
+        else:
+            parts = ([scale_bytes] if has_scales else []) + \
+                ([_bytes(topk_idx.to(_I32)), _bytes(topk_weights)] if has_topk else []) + \
+                [_bytes(torch.arange(num_tokens, dtype=_I32, device=device).view(-1, 1))]
+            table = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            meta_rows = table.index_select(0, tok_ids)                             # [sent rows, W (- 4)]
         if not multi_node:
             meta_buf = meta_rows.view(-1)
             send_sizes = [n * width for n in n_send]

@@ -165,6 +165,81 @@ static int64_t ll_dispatch_place(const int64_t *topk, int64_t T, int64_t K, int6
 }
 
 /*
+ * The normal dispatch's channel counts: counts[d, c] = tokens t of channel c (t / per) with mask[t, d]
+ * set. mask: [T, D] bytes (0 or 1); counts: [D, C] int32.
+ */
+static void dispatch_channel_counts(const uint8_t *mask, int64_t T, int64_t D, int64_t per, int64_t C,
+                                    int32_t *counts) {
+    for (int64_t i = 0; i < D * C; ++i)
+        counts[i] = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        int64_t c = t / per;
+        for (int64_t d = 0; d < D; ++d)
+            counts[d * C + c] += mask[t * D + d];
+    }
+}
+
+/*
+ * The runs of the normal dispatch's (destination, token) pairs, sorted by destination then token: a run
+ * starts where the destination changes or the token does not follow the previous one. Writes each run's
+ * first token and length (run_tok, run_len: up to n entries) and the runs of each destination
+ * (runs_per_dst: D entries). Returns the number of runs, or -1 for a destination outside [0, D).
+ */
+static int64_t dispatch_row_runs(const int64_t *dst, const int64_t *tok, int64_t n, int64_t D, int64_t *run_tok,
+                                 int64_t *run_len, int64_t *runs_per_dst) {
+    for (int64_t d = 0; d < D; ++d)
+        runs_per_dst[d] = 0;
+    int64_t runs = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (dst[i] < 0 || dst[i] >= D)
+            return -1;
+        if (i > 0 && dst[i] == dst[i - 1] && tok[i] == tok[i - 1] + 1) {
+            run_len[runs - 1] += 1;
+            continue;
+        }
+        run_tok[runs] = tok[i];
+        run_len[runs] = 1;
+        runs_per_dst[dst[i]] += 1;
+        ++runs;
+    }
+    return runs;
+}
+
+/*
+ * The normal dispatch's per-row metadata: row i (token t = tok[i]) of out (width bytes) is
+ * [scale_bytes of scales + t * scale_stride | K int32 ids from the int64 topk[t, :] | K float32 weights
+ * w[t, :] (bits copied) | int32 t]; the parts with scale_bytes = 0 or K = 0 are absent. Returns -1 (nothing
+ * written) for a token outside [0, T) or a width that does not match.
+ */
+static int64_t dispatch_pack_meta(const int64_t *tok, int64_t n, int64_t T, uint8_t *out, int64_t width,
+                                  const uint8_t *scales, int64_t scale_stride, int64_t scale_bytes,
+                                  const int64_t *topk, const uint32_t *w, int64_t K) {
+    if (width != scale_bytes + 8 * K + 4)
+        return -1;
+    for (int64_t i = 0; i < n; ++i)
+        if (tok[i] < 0 || tok[i] >= T)
+            return -1;
+    for (int64_t i = 0; i < n; ++i) {
+        int64_t t = tok[i];
+        uint8_t *row = out + i * width;
+        if (scale_bytes)
+            memcpy(row, scales + t * scale_stride, (size_t)scale_bytes);
+        row += scale_bytes;
+        for (int64_t k = 0; k < K; ++k) {
+            int32_t id = (int32_t)topk[t * K + k];
+            memcpy(row + 4 * k, &id, 4);
+        }
+        row += 4 * K;
+        if (K)
+            memcpy(row, w + t * K, (size_t)(4 * K));
+        row += 4 * K;
+        int32_t src = (int32_t)t;
+        memcpy(row, &src, 4);
+    }
+    return 0;
+}
+
+/*
  * The normal dispatch's ring slots (the handle's send_head): out[t, d] = number of earlier tokens of
  * t's channel (channels of `per` tokens: t / per) with mask[., d] set, or -1 where mask[t, d] is 0.
  * mask: [T, D] bytes (0 or 1); out: [T, D] int32; cnt: D int64 of scratch.
@@ -451,6 +526,46 @@ static PyObject *py_ll_dispatch_place(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+static PyObject *py_dispatch_channel_counts(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t mask, T, D, per, C, counts;
+    if (!PyArg_ParseTuple(args, "nnnnnn", &mask, &T, &D, &per, &C, &counts))
+        return NULL;
+    if (per <= 0 || (T > 0 && (T - 1) / per >= C))
+        return PyLong_FromLongLong(-1LL);
+    Py_BEGIN_ALLOW_THREADS
+    dispatch_channel_counts((const uint8_t *)mask, T, D, per, C, (int32_t *)counts);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong(0LL);
+}
+
+static PyObject *py_dispatch_row_runs(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t dst, tok, n, D, run_tok, run_len, runs_per_dst;
+    if (!PyArg_ParseTuple(args, "nnnnnnn", &dst, &tok, &n, &D, &run_tok, &run_len, &runs_per_dst))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dispatch_row_runs((const int64_t *)dst, (const int64_t *)tok, n, D, (int64_t *)run_tok, (int64_t *)run_len,
+                           (int64_t *)runs_per_dst);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
+static PyObject *py_dispatch_pack_meta(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t tok, n, T, out, width, scales, scale_stride, scale_bytes, topk, w, K;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnn", &tok, &n, &T, &out, &width, &scales, &scale_stride, &scale_bytes, &topk,
+                          &w, &K))
+        return NULL;
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dispatch_pack_meta((const int64_t *)tok, n, T, (uint8_t *)out, width, (const uint8_t *)scales, scale_stride,
+                            scale_bytes, (const int64_t *)topk, (const uint32_t *)w, K);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLongLong((long long)rc);
+}
+
 static PyObject *py_dispatch_slots(PyObject *self, PyObject *args) {
     (void)self;
     Py_ssize_t mask, T, D, per, out, cnt;
@@ -530,6 +645,12 @@ static PyMethodDef methods[] = {
     {"ll_dispatch_place", py_ll_dispatch_place, METH_VARARGS,
      "ll_dispatch_place(topk, T, K, E, L, num_rows, begin, x, x_stride, row_bytes, scales, scale_stride, "
      "scale_bytes, rows, info, stage, cursor) -> 0 or -1"},
+    {"dispatch_channel_counts", py_dispatch_channel_counts, METH_VARARGS,
+     "dispatch_channel_counts(mask, T, D, per, C, counts) -> 0 or -1"},
+    {"dispatch_row_runs", py_dispatch_row_runs, METH_VARARGS,
+     "dispatch_row_runs(dst, tok, n, D, run_tok, run_len, runs_per_dst) -> runs or -1"},
+    {"dispatch_pack_meta", py_dispatch_pack_meta, METH_VARARGS,
+     "dispatch_pack_meta(tok, n, T, out, width, scales, scale_stride, scale_bytes, topk, w, K) -> 0 or -1"},
     {"dispatch_slots", py_dispatch_slots, METH_VARARGS, "dispatch_slots(mask, T, D, per, out, cnt) -> 0 or -1"},
     {"dispatch_local_topk", py_dispatch_local_topk, METH_VARARGS,
      "dispatch_local_topk(meta, meta_stride, idx_off, w_off, N, K, lo, num_local, out_idx, out_w) -> 0"},
