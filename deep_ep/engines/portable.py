@@ -347,8 +347,8 @@ class PortableEngine:
             # (with shared memory the staging buffer is this rank's shared area)
             send_rows = self._staging(len(tok_ids) * row_bytes, device).view(len(tok_ids), row_bytes)
             _gather_rows(x_bytes, tok_ids, send_rows)
-        lib = _native.library() if device.type == "cpu" else None
-        if lib is not None:  # the same rows in one C loop (deep_ep._native)
+        lib = _native.library() if device.type == "cpu" else None  # the native helpers (deep_ep._native)
+        if lib is not None:  # the same rows in one C loop
             meta_rows = _native.dispatch_pack_meta(lib, tok_ids, num_tokens, scale_bytes, topk_idx, topk_weights)
         else:
             parts = ([scale_bytes] if has_scales else []) + \
@@ -469,7 +469,6 @@ class PortableEngine:
             recv_scales = padded(gather_part("scales", num_scales * 4).view(x_scales.dtype).view(num_recv, num_scales),
                                  0)
         recv_topk_idx = recv_topk_weights = None
-        lib = _native.library() if device.type == "cpu" else None
         if has_topk and lib is not None:  # the same in one C loop (deep_ep._native)
             local, w = _native.dispatch_local_topk(lib, recv_meta, col_range["topk_idx"][0],
                                                    col_range["topk_weights"][0], num_topk, me * experts_per_rank,

@@ -603,16 +603,14 @@ class PortableLowLatency(DoubleBufferSlots):
         lib = _native.library()
         if lib is not None:  # the same in one C call (deep_ep._native)
             _native.ll_dispatch_unpack(lib, counts, begins, rank, info, recv_count, layout_range, src_info)
-            if stage is not None:
-                recv_x_out[1].copy_((pack_ue8m0(stage) if use_ue8m0 else stage).view(num_local, num_rows, -1))
-            return
-        local = counts[:, rank * num_local:(rank + 1) * num_local]        # [R, L] rows from each source
-        local_begin = begins[:, rank * num_local:(rank + 1) * num_local]
-        per_expert = local.sum(dim=0)
-        recv_count.copy_(per_expert.to(torch.int32))
-        layout_range.copy_((local_begin.t() << 32) | local.t())
-        filled = torch.arange(num_rows).unsqueeze(0) < per_expert.unsqueeze(1)
-        src_info.copy_(torch.where(filled, info.view(num_local, num_rows), src_info))
+        else:
+            local = counts[:, rank * num_local:(rank + 1) * num_local]    # [R, L] rows from each source
+            local_begin = begins[:, rank * num_local:(rank + 1) * num_local]
+            per_expert = local.sum(dim=0)
+            recv_count.copy_(per_expert.to(torch.int32))
+            layout_range.copy_((local_begin.t() << 32) | local.t())
+            filled = torch.arange(num_rows).unsqueeze(0) < per_expert.unsqueeze(1)
+            src_info.copy_(torch.where(filled, info.view(num_local, num_rows), src_info))
         if stage is not None:
             recv_x_out[1].copy_((pack_ue8m0(stage) if use_ue8m0 else stage).view(num_local, num_rows, -1))
 
