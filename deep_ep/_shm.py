@@ -30,11 +30,12 @@ Synchronisation is by those counters in shared memory (x86-64 only: its stores a
 order, and a locked instruction before each counter store orders the non-temporal stores of large
 copies too). Waiting polls a few times and then sleeps on a *doorbell*: a word of the waiter's control
 block that the peers write (a stamp that never repeats) after each counter store the waiter may be
-waiting for, followed by a ``FUTEX_WAKE`` on it; the waiter reads its doorbell before it checks the
+waiting for, followed by a ``FUTEX_WAKE`` on it (through deep_ep's native helpers, `deep_ep._native`);
+the waiter reads its doorbell before it checks the
 counters and sleeps in ``FUTEX_WAIT`` only while the doorbell still holds that value, so a store is
 never missed and a waiter wakes once, when a peer moved, instead of polling (with more ranks than
-cores, every poll takes CPU time from the ranks being waited for). Without a usable ``futex``
-(or with ``DEEP_EP_SHM_WAIT=sleep``) it sleeps in growing steps (at most 0.2 ms) instead. Either way
+cores, every poll takes CPU time from the ranks being waited for). Without the native helpers (or
+with ``DEEP_EP_SHM_WAIT=sleep``) it sleeps in growing steps (at most 0.2 ms) instead. Either way
 it wakes at least once per heartbeat period. While it waits, the `Communicator`'s diagnosis runs as for gloo: a
 peer whose process is gone fails the call at once, and after ``DEEP_EP_TIMEOUT_S`` the error names
 the peers that did not answer (gone, frozen, or elsewhere) through the heartbeats.
@@ -42,7 +43,6 @@ the peers that did not answer (gone, frozen, or elsewhere) through the heartbeat
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,27 +91,19 @@ class _Layout:
 
 _FENCE = threading.Lock()
 
-_SYS_FUTEX = 202                 # x86-64's futex system call (the transport is x86-64 only)
-_FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared futexes (no FUTEX_PRIVATE_FLAG): the word is in memory processes share
 _MAX_BELL_WAIT = 0.05            # seconds a doorbell wait lasts at most before the waiter looks again
 
 
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def _futex_call() -> Optional[Callable[..., int]]:
-    """libc's ``syscall`` through ctypes, set up for ``futex``; None where it cannot be used."""
-    if sys.byteorder != "little" or not sys.platform.startswith("linux"):
+def _futex_lib() -> Optional[Any]:
+    """deep_ep's native helpers when they provide futexes (`deep_ep._native`: ``futex_wait``,
+    ``futex_wake``), else None (then the waits sleep)."""
+    if sys.byteorder != "little":
         return None  # the doorbell is the low half of an int64 word
     try:
-        fn = ctypes.CDLL(None, use_errno=True).syscall
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_long
-    fn.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int]
-    return fn
+        lib = _native.library()
+    except RuntimeError:
+        return None  # DEEP_EP_CPU_NATIVE=1 without the helpers: Buffer creation reports it elsewhere
+    return lib if lib is not None and getattr(lib, "HAVE_FUTEX", 0) else None
 
 
 class _Bells:
@@ -119,9 +111,8 @@ class _Bells:
     for; `wait` sleeps until this rank's doorbell no longer holds the value read before the wait's
     condition was checked (or a timeout)."""
 
-    def __init__(self, call: Callable[..., int], ctrl: List[memoryview], addrs: List[int], word: int,
-                 rank: int) -> None:
-        self._call = call
+    def __init__(self, lib: Any, ctrl: List[memoryview], addrs: List[int], word: int, rank: int) -> None:
+        self._wait, self._wake = lib.futex_wait, lib.futex_wake
         self._ctrl = ctrl            # every rank's control words
         self._addrs = addrs          # the address of every rank's doorbell word in this process
         self._word = word
@@ -129,8 +120,6 @@ class _Bells:
         self._rings = 0
         self.waits = 0               # futex waits so far, and how many of them ran out their timeout
         self.timeouts = 0
-        self._ts = _Timespec()
-        self._ts_ref = ctypes.byref(self._ts)
 
     def read(self) -> int:
         """This rank's doorbell now (read it before checking what the wait is for)."""
@@ -141,20 +130,16 @@ class _Bells:
         count, rank) differs from any value the doorbell held recently, so it always changes it."""
         self._rings = (self._rings + 1) & 0xFFFFF
         stamp = (self._rings << 11) | (self._rank & 0x7FF)  # below 2**31: the futex word's value as is
-        ctrl, word, call, addrs = self._ctrl, self._word, self._call, self._addrs
+        ctrl, word, wake, addrs = self._ctrl, self._word, self._wake, self._addrs
         for p in peers:
             ctrl[p][word] = stamp
-            call(_SYS_FUTEX, addrs[p], _FUTEX_WAKE, 0x7FFFFFFF, None, None, 0)
+            wake(addrs[p])
 
     def wait(self, seen: int, timeout_s: float) -> None:
         """Sleep while this rank's doorbell holds `seen`, at most `timeout_s` (returns early on a ring,
         a signal, or when the doorbell moved already)."""
-        timeout_s = max(0.0, timeout_s)
-        self._ts.tv_sec = int(timeout_s)
-        self._ts.tv_nsec = int((timeout_s - int(timeout_s)) * 1e9)
         self.waits += 1
-        if self._call(_SYS_FUTEX, self._addrs[self._rank], _FUTEX_WAIT, seen & 0x7FFFFFFF, self._ts_ref, None,
-                      0) != 0 and ctypes.get_errno() == errno.ETIMEDOUT:
+        if self._wait(self._addrs[self._rank], seen & 0x7FFFFFFF, int(max(0.0, timeout_s) * 1e9)) == errno.ETIMEDOUT:
             self.timeouts += 1
 
 
@@ -203,11 +188,11 @@ class ShmTransport:
         self._acked = [0] * self.size   # per sender: the post counter this rank consumed last
         self._broken: Optional[str] = None
         self._held: List[Tuple[int, int]] = []  # (sender, post) read in place, not yet acknowledged
-        call = _futex_call() if doorbells else None
+        lib = _futex_lib() if doorbells else None
         self._bells: Optional[_Bells] = None
-        if call is not None:
+        if lib is not None:
             addrs = [d.data_ptr() - layout.data + 8 * layout.bell for d in self._data]
-            self._bells = _Bells(call, self._ctrl, addrs, layout.bell, self.rank)
+            self._bells = _Bells(lib, self._ctrl, addrs, layout.bell, self.rank)
         self._peers = [r for r in range(self.size) if r != self.rank]
 
     @property
@@ -534,7 +519,7 @@ def setup(comm: "Communicator", data_bytes: int, forced: Optional[str],
         except OSError as exc:
             why = f"memfd_create/mmap of {layout.total} bytes failed: {exc}"
     # Doorbells only where every rank rings them (a waiter would otherwise sleep out its timeouts).
-    can_ring = wait == "futex" and _futex_call() is not None
+    can_ring = wait == "futex" and _futex_lib() is not None
     answers = comm.all_gather_object((why, os.getpid(), fd, can_ring), op="__init__ (shared-memory set-up)")
     failed = [(r, w) for r, (w, _, _, _) in enumerate(answers) if w]
     doorbells = all(a[3] for a in answers)

@@ -14,6 +14,14 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __linux__
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #define DEEP_EP_HAVE_SSE2 1
@@ -633,7 +641,56 @@ static PyObject *py_ll_combine_push(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong((long long)rc);
 }
 
+/*
+ * The shared-memory transport's doorbells (deep_ep/_shm.py): a 32-bit word in memory the ranks' processes
+ * share. futex_wait sleeps while *addr == val, at most timeout_ns, and returns 0 (woken, or the word had
+ * changed: EAGAIN) or the errno (ETIMEDOUT, EINTR, ...); futex_wake wakes every waiter on addr. Shared
+ * futexes (no FUTEX_PRIVATE_FLAG): the waiters are other processes. -1 where there is no futex (not Linux).
+ */
+static PyObject *py_futex_wait(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t addr;
+    int val;
+    long long timeout_ns;
+    if (!PyArg_ParseTuple(args, "niL", &addr, &val, &timeout_ns))
+        return NULL;
+#ifdef __linux__
+    struct timespec ts;
+    if (timeout_ns < 0)
+        timeout_ns = 0;
+    ts.tv_sec = (time_t)(timeout_ns / 1000000000LL);
+    ts.tv_nsec = (long)(timeout_ns % 1000000000LL);
+    long rc;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, val, &ts, NULL, 0);
+    if (rc != 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc == 0 || err == EAGAIN ? 0 : err);
+#else
+    (void)addr, (void)val, (void)timeout_ns;
+    return PyLong_FromLong(-1);
+#endif
+}
+
+static PyObject *py_futex_wake(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t addr;
+    if (!PyArg_ParseTuple(args, "n", &addr))
+        return NULL;
+#ifdef __linux__
+    long rc = syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    return PyLong_FromLong(rc < 0 ? -1 : 0);
+#else
+    (void)addr;
+    return PyLong_FromLong(-1);
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, timeout_ns) -> 0 or errno (-1: no futex)"},
+    {"futex_wake", py_futex_wake, METH_VARARGS, "futex_wake(addr) -> 0 (-1: no futex)"},
     {"copy_rows", py_copy_rows, METH_VARARGS,
      "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
      "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
@@ -668,4 +725,18 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
                                     "deep_ep's native CPU helpers (deep_ep/_native.py)", -1, methods,
                                     NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cpu_kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+#ifdef __linux__
+    if (m != NULL && PyModule_AddIntConstant(m, "HAVE_FUTEX", 1) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#else
+    if (m != NULL && PyModule_AddIntConstant(m, "HAVE_FUTEX", 0) != 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+    return m;
+}
