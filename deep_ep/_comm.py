@@ -431,7 +431,7 @@ class Communicator:
         # failure (`error`, or deep_ep._agree for an exception that left peers in an exchange).
         self.failed = ""
         self.shm = None  # same-host shared-memory transport for CPU tensors (`enable_shm`), else gloo
-        self.rows = None  # with gloo: the dispatch rows' own TCP connections (`enable_row_streams`), or None
+        self.rows = None  # with gloo: deep_ep's own TCP connections for the all-to-alls (`enable_row_streams`), or None
 
         # Topology (ranks sharing a host name form a node) and process identities for liveness checks.
         pid = os.getpid()
@@ -866,7 +866,7 @@ class Communicator:
         return reason
 
     def enable_row_streams(self) -> str:
-        """With the gloo transport: collectively connect the dispatch rows' own TCP streams
+        """With the gloo transport: collectively connect deep_ep's own TCP streams for the all-to-alls
         (`deep_ep._rowsock`), unless ``DEEP_EP_GLOO_ROWS=gloo``. Returns why the rows travel as they do
         (for ``Buffer.engine_reason``); every rank gets the same outcome."""
         from . import _rowsock
@@ -978,6 +978,13 @@ class Communicator:
             out_row, in_row = _row_bytes(out), _row_bytes(inp)
             self.shm.all_to_all(_flat_bytes(out), _flat_bytes(inp), [n * out_row for n in out_splits],
                                 [n * in_row for n in in_splits], op, match=match)
+            return _Done()
+        if self.rows is not None and not out.is_cuda and not inp.is_cuda:
+            # gloo transport with row streams (deep_ep._rowsock): the same exchange over them, in this thread
+            # (no hand-over to gloo's threads; ordered per pair, like gloo's)
+            out_row, in_row = _row_bytes(out), _row_bytes(inp)
+            self.rows.all_to_all(_flat_bytes(out), _flat_bytes(inp), [n * out_row for n in out_splits],
+                                 [n * in_row for n in in_splits], op)
             return _Done()
         staged = out.is_cuda
         h_out = torch.empty(out.shape, dtype=out.dtype) if staged else out

@@ -271,9 +271,10 @@ def dispatch_channel_counts(lib: ModuleType, mask: torch.Tensor, per: int, num_c
 
 
 def dispatch_row_runs(lib: ModuleType, dst_ids: torch.Tensor, tok_ids: torch.Tensor,
-                      num_dst: int) -> Tuple[List[int], List[int], List[int]]:
+                      num_dst: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """The runs of consecutive tokens of the dispatch's (destination, token) pairs (sorted by destination,
-    then token; ``dispatch_row_runs``): ``(first token of each run, its length, runs per destination)``."""
+    then token; ``dispatch_row_runs``): ``(first token of each run, its length (int64 tensors), runs per
+    destination)``."""
     dst = dst_ids.to(torch.int64).contiguous()
     tok = tok_ids.to(torch.int64).contiguous()
     num = tok.numel()
@@ -283,7 +284,7 @@ def dispatch_row_runs(lib: ModuleType, dst_ids: torch.Tensor, tok_ids: torch.Ten
     runs = lib.dispatch_row_runs(_ptr(dst), _ptr(tok), num, num_dst, _ptr(run_tok), _ptr(run_len), _ptr(per_dst))
     if runs < 0:
         raise IndexError("deep_ep: native dispatch_row_runs: a destination is out of range")
-    return run_tok[:runs].tolist(), run_len[:runs].tolist(), per_dst[:num_dst].tolist()
+    return run_tok[:runs], run_len[:runs], per_dst[:num_dst].tolist()
 
 
 def dispatch_pack_meta(lib: ModuleType, tok_ids: torch.Tensor, num_tokens: int, scales: Optional[torch.Tensor],

@@ -1,10 +1,13 @@
-"""Row streams: deep_ep's own TCP connections for the bulk rows of the gloo transport's dispatch.
+"""Row streams: deep_ep's own TCP connections for the gloo transport's exchanges of CPU tensors.
 
 A gloo message is one contiguous buffer, so a dispatch over gloo first gathers each destination's
 rows of ``x`` into a send buffer: on a machine whose cores are busy that copy costs as much as a
 third of gloo's own (``benchmarks/gloo_dispatch_floor.py``). Over a socket, ``sendmsg`` takes a list
 of buffers (iovecs): the kernel's copy into the socket gathers the rows straight from ``x``, and the
-receiver reads each source's rows straight into its place in ``recv_x``.
+receiver reads each source's rows straight into its place in ``recv_x``. Once the streams exist, every
+all-to-all of CPU tensors of the gloo transport takes them too (`Communicator.all_to_all_single`: each
+call's agreement exchange, combine's rows, the low-latency messages): done in the calling thread, a
+small exchange costs a third of gloo's, which hands it to its own threads.
 
 Set-up (`setup`, collective, when CPU tensors use the gloo transport): every rank listens on the
 address its peers reach it by, chosen as gloo chooses its own (127.0.0.1 when all ranks are on this
@@ -13,11 +16,14 @@ all-gathered over the private gloo group, each rank connects to the lower ranks 
 higher ones (a hello and its reply carry a per-communicator token and both ranks, checked on both
 sides), and the listener is closed.
 Every rank gets the same outcome: when any rank cannot set up (or ``DEEP_EP_GLOO_ROWS=gloo``), all
-use gloo for the rows. ``Buffer.engine_reason`` says which.
+use gloo. ``Buffer.engine_reason`` says which.
 
-Exchange (`RowSockets.exchange`): one message per ordered pair of ranks and call, a 16-byte header
-(magic, per-pair sequence number, byte count) and the bytes, all peers at once on non-blocking sockets
-in one ``selectors`` loop in the calling thread. Waiting follows gloo's rules (`Communicator`): past a
+Exchange (`RowSockets.exchange_table`, `RowSockets.all_to_all`): one message per ordered pair of ranks
+and call, a 16-byte header (magic, per-pair sequence number, byte count) and the bytes, all peers at once
+on non-blocking sockets in one loop in the calling thread: the native helpers' ``sock_exchange``
+(``poll``, ``sendmsg``/``recvmsg`` from and into byte ranges given as a table, the GIL released), else a
+``selectors`` loop in Python (`RowSockets.exchange`); both put the same bytes on the wire. A header that
+does not match the receiver's call stops the exchange before any byte of its body is read. Waiting follows gloo's rules (`Communicator`): past a
 heartbeat period the peers are watched, a gone peer or one that raised in its own call fails the call
 at once, a silent one at ``DEEP_EP_TIMEOUT_S``; the error is `Communicator.error`'s (names the peer and
 why). A closed connection is a gone peer. After an error the streams are out of step: the Buffer is
@@ -33,7 +39,13 @@ import socket
 import struct
 import time
 import uuid
+from array import array
+from itertools import accumulate
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _native
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._comm import Communicator
@@ -48,8 +60,9 @@ _SIOCGIFADDR = 0x8915
 
 
 def mode() -> str:
-    """``DEEP_EP_GLOO_ROWS``: ``sockets`` (default) sends the gloo transport's dispatch rows over deep_ep's
-    own TCP connections; ``gloo`` keeps them on gloo (a gathered send buffer and gloo's all-to-all)."""
+    """``DEEP_EP_GLOO_ROWS``: ``sockets`` (default) sends the gloo transport's all-to-alls (the dispatch
+    rows among them) over deep_ep's own TCP connections; ``gloo`` keeps them on gloo (the dispatch rows in
+    a gathered send buffer)."""
     value = os.environ.get("DEEP_EP_GLOO_ROWS", "").strip().lower()
     if value in ("", "sockets"):
         return "sockets"
@@ -156,12 +169,14 @@ def setup(comm: "Communicator") -> Tuple[Optional["RowSockets"], str]:
         for s in socks.values():
             s.close()
         r, w = failed[0]
-        return None, f"dispatch rows over gloo (row streams unavailable on rank {r}: {w})"
+        return None, f"exchanges over gloo (row streams unavailable on rank {r}: {w})"
     for s in socks.values():
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.setblocking(False)
     where = "127.0.0.1" if comm.single_host else "each rank's address"
-    return RowSockets(comm, socks), f"dispatch rows over deep_ep's own TCP connections ({where}, sendmsg)"
+    lib = _native.library()
+    native = lib if lib is not None and getattr(lib, "HAVE_SOCK_EXCHANGE", 0) else None
+    return RowSockets(comm, socks, native), f"exchanges over deep_ep's own TCP connections ({where}, sendmsg)"
 
 
 class _Peer:
@@ -193,11 +208,64 @@ class _Peer:
 class RowSockets:
     """The connections to every peer (`setup` makes them)."""
 
-    def __init__(self, comm: "Communicator", socks: Dict[int, socket.socket]) -> None:
+    def __init__(self, comm: "Communicator", socks: Dict[int, socket.socket], native=None) -> None:
         self._comm = comm
         self._socks = socks
         self._send_seq = {p: 0 for p in socks}
         self._recv_seq = {p: 0 for p in socks}
+        self._native = native  # the native helpers when they have `sock_exchange` (deep_ep._native)
+
+    def exchange_table(self, bases: Sequence[torch.Tensor], sends: torch.Tensor, send_counts: Sequence[int],
+                       recvs: torch.Tensor, recv_counts: Sequence[int], op: str) -> None:
+        """`exchange` with the buffers as tables: rows ``[base, offset, bytes]`` (int64) of ``sends`` and
+        ``recvs`` are byte ranges of the contiguous CPU tensors ``bases[base]``, grouped by peer in rank
+        order: ``send_counts[r]`` rows for rank ``r`` (this rank's entry is ignored, and must be 0), the
+        same for ``recv_counts``. With the native helpers the whole exchange is one C loop
+        (``sock_exchange``: ``poll``, ``sendmsg``/``recvmsg`` straight from and into the ranges, no Python
+        object per range); without them the ranges become memoryviews for `exchange`."""
+        comm = self._comm
+        peers = [r for r in range(comm.size) if r != comm.rank]
+        assert send_counts[comm.rank] == 0 and recv_counts[comm.rank] == 0, "a row stream to this rank itself"
+        assert all(b.is_contiguous() and b.device.type == "cpu" for b in bases), "row stream buffers: contiguous CPU"
+        if self._native is None:
+            views = [memoryview(b.view(torch.uint8).view(-1).numpy()) if b.numel() else memoryview(b"") for b in bases]
+
+            def by_peer(table: torch.Tensor, counts: Sequence[int]) -> Dict[int, List[memoryview]]:
+                rows, out, at = table.tolist(), {}, 0
+                for r in range(comm.size):
+                    out[r] = [views[b][o:o + n] for b, o, n in rows[at:at + counts[r]]]
+                    at += counts[r]
+                return out
+
+            self.exchange(by_peer(sends, send_counts), by_peer(recvs, recv_counts), op)
+            return
+        comm._check_open(op)
+        started = comm._begin(op)
+        try:
+            self._run_native(bases, sends, [send_counts[r] for r in peers], recvs, [recv_counts[r] for r in peers],
+                             peers, op, started)
+        except BaseException as exc:
+            if not comm.failed:
+                comm.failed = (f"deep_ep.Buffer: `{op}` was interrupted on rank {comm.rank} ({type(exc).__name__}) "
+                               f"with rows still in flight")
+            raise
+        finally:
+            comm._end()
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_sizes: Sequence[int], in_sizes: Sequence[int],
+                   op: str) -> None:
+        """An uneven all-to-all of flat uint8 CPU tensors over the streams: ``in_sizes[r]`` bytes of ``inp``
+        (in rank order) go to rank ``r``, whose bytes land in ``out`` (``out_sizes[r]`` from rank ``r``); this
+        rank's own part is copied."""
+        me, R = self._comm.rank, self._comm.size
+        in_at = list(accumulate(in_sizes, initial=0))
+        out_at = list(accumulate(out_sizes, initial=0))
+        if out_sizes[me]:
+            out[out_at[me]:out_at[me + 1]].copy_(inp[in_at[me]:in_at[me + 1]])
+        sends = torch.tensor([[0, in_at[r], in_sizes[r]] for r in range(R) if r != me], dtype=torch.int64)
+        recvs = torch.tensor([[1, out_at[r], out_sizes[r]] for r in range(R) if r != me], dtype=torch.int64)
+        counts = [0 if r == me else 1 for r in range(R)]
+        self.exchange_table([inp, out], sends.view(-1, 3), counts, recvs.view(-1, 3), counts, op)
 
     def exchange(self, sends: Dict[int, Sequence[memoryview]], recvs: Dict[int, Sequence[memoryview]],
                  op: str) -> None:
@@ -270,6 +338,82 @@ class RowSockets:
         finally:
             sel.close()
 
+    def _run_native(self, bases, sends: torch.Tensor, send_counts: List[int], recvs: torch.Tensor,
+                    recv_counts: List[int], peers: List[int], op: str, started: float) -> None:
+        comm, n = self._comm, len(peers)
+        sends = sends.to(torch.int64).contiguous()
+        recvs = recvs.to(torch.int64).contiguous()
+        # Small per-call arrays as `array`s (an address each, no tensor operation).
+        fds = array("q", [self._socks[p].fileno() for p in peers])
+        base_at = array("q", [b.data_ptr() for b in bases])
+        base_bytes = array("q", [b.numel() * b.element_size() for b in bases])
+        sbeg = array("q", accumulate(send_counts, initial=0))
+        rbeg = array("q", accumulate(recv_counts, initial=0))
+        seq = array("q", [v for p in peers for v in (self._send_seq[p], self._recv_seq[p])])
+        state = array("q", bytes(8 * 6 * n))
+        hdr_in = array("B", bytes(_HEADER.size * max(n, 1)))  # the headers received
+        err = array("q", [0, 0, 0, 0])
+        addr = lambda a: a.buffer_info()[0]  # noqa: E731
+        deadline = started + comm.timeout_s
+        watch_from = started + comm._period
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._fail(op, started, TimeoutError(f"no answer within {comm.timeout_s:g} s"))
+            wait_ms = max(1, int(1000 * min(comm._period, deadline - now)))
+            rc = self._native.sock_exchange(addr(fds), n, addr(base_at), addr(base_bytes), len(bases),
+                                            sends.data_ptr(), addr(sbeg), recvs.data_ptr(), addr(rbeg), addr(seq),
+                                            addr(state), addr(hdr_in), _MAGIC, wait_ms, addr(err))
+            if rc == 0:
+                break
+            if rc == -1:
+                raise self._native_error(list(err), peers, hdr_in, op, started)
+            if rc != 1 and rc != 2:
+                raise AssertionError(f"deep_ep: native sock_exchange returned {rc}")
+            if rc == 2 or time.monotonic() < watch_from:
+                continue
+            # Past a heartbeat period with nothing moving: watch the peers still to be heard from.
+            watch = [p for i, p in enumerate(peers) if state[6 * i + 3] < _HEADER.size
+                     or state[6 * i + 4] < recv_counts[i] or state[6 * i] < _HEADER.size
+                     or state[6 * i + 1] < send_counts[i]]
+            gone = comm._gone(watch)
+            if gone:
+                raise self._fail(op, started, None, gone=gone)
+            comm._read_peers(watch)
+            raised = comm._raised(watch)
+            if raised:
+                raise self._fail(op, started, None, raised=raised)
+        for p in peers:
+            self._send_seq[p] = (self._send_seq[p] + 1) & 0xFFFFFFFF
+            self._recv_seq[p] = (self._recv_seq[p] + 1) & 0xFFFFFFFF
+
+    def _native_error(self, err: List[int], peers: List[int], hdr_in: "array", op: str,
+                      started: float) -> BaseException:
+        """The error `sock_exchange` reported (``err`` = [peer index, kind, errno, bytes expected]) as
+        `exchange` words it."""
+        i, kind, code, expected_bytes = err
+        if kind == 5:
+            return self._fail(op, started, OSError(code, f"poll failed: {os.strerror(code)}"))
+        if kind == 6:
+            return AssertionError("deep_ep: a row stream byte range lies outside its buffer")
+        p = peers[i]
+        if kind == 1:
+            return self._fail(op, started, ConnectionError(f"sending to rank {p}: [Errno {code}] {os.strerror(code)}"))
+        if kind == 2:
+            return self._fail(op, started, ConnectionError(f"receiving from rank {p}: [Errno {code}] "
+                                                           f"{os.strerror(code)}"))
+        if kind == 3:
+            return self._fail(op, started, ConnectionError(f"connection closed by peer rank {p}"))
+        magic, seq, nbytes = _HEADER.unpack(bytes(hdr_in[_HEADER.size * i:_HEADER.size * (i + 1)]))
+        return self._header_error(p, magic, seq, nbytes, self._recv_seq[p], expected_bytes, op, started)
+
+    def _header_error(self, p: int, magic: int, seq: int, nbytes: int, expected: int, expected_bytes: int, op: str,
+                      started: float) -> BaseException:
+        return self._fail(op, started, RuntimeError(
+            f"rank {p}'s row message does not match this rank's call (message #{seq} of {nbytes} bytes, "
+            f"expected #{expected} of {expected_bytes} bytes{'' if magic == _MAGIC else ', bad magic'}): the "
+            f"ranks' calls diverged"))
+
     def _send_some(self, p: int, st: _Peer, op: str, started: float) -> None:
         try:
             sent = self._socks[p].sendmsg(st.out[:_IOV_MAX])
@@ -310,9 +454,7 @@ class RowSockets:
         expected = self._recv_seq[p]
         self._recv_seq[p] = (expected + 1) & 0xFFFFFFFF
         if magic != _MAGIC or seq != expected or nbytes != st.expected:
-            raise self._fail(op, started, RuntimeError(
-                f"rank {p}'s row message does not match this rank's call (message #{seq} of {nbytes} bytes, "
-                f"expected #{expected} of {st.expected} bytes): the ranks' calls diverged"))
+            raise self._header_error(p, magic, seq, nbytes, expected, st.expected, op, started)
         st.at = 0
 
     def close(self) -> None:

@@ -194,6 +194,7 @@ def _rank_main(rank: int, num_ranks: int, port: int, listener, name: str, result
         if rank == victim and when == "midstream":
             streams = buf._comm.rows
             assert streams is not None, buf.engine_reason
+            streams._native = None  # the victim sends through the Python loop (patched below); its peers do not
             original_send_some = streams._send_some
 
             def send_some(p, st, op, t0):

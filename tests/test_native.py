@@ -345,9 +345,14 @@ def test_dispatch_row_runs_and_metadata_match_torch(monkeypatch):
     bare = _native.dispatch_pack_meta(lib, tok_ids, num_tokens, None, None, None)
     monkeypatch.setattr(portable._native, "library", lambda: None)
     want = portable._row_runs(x_bytes, dst_ids, tok_ids, n_send, 0, staging)
-    assert sorted(native) == sorted(want) and 1 not in native
-    for d in native:
-        assert [bytes(v) for v in native[d]] == [bytes(v) for v in want[d]]
+    assert native[0] is None and want[0] is None  # nothing gathered
+    assert sorted(native[1]) == sorted(want[1]) and 1 not in native[1] and 0 not in native[1]
+    for d in native[1]:
+        assert native[1][d].dtype == torch.int64 and torch.equal(native[1][d], want[1][d])
+        # the ranges are this destination's rows of x, in order
+        flat = x_bytes.reshape(-1)
+        got = b"".join(bytes(flat[o:o + n].tolist()) for b, o, n in native[1][d].tolist() if b == 0)
+        assert got == bytes(x_bytes[tok_ids[dst_ids == d]].reshape(-1).tolist())
     src = torch.arange(num_tokens, dtype=torch.int32).view(-1, 1)
     table = torch.cat([portable._bytes(scales), portable._bytes(topk.to(torch.int32)), portable._bytes(weights),
                        portable._bytes(src)], dim=1)
@@ -357,3 +362,85 @@ def test_dispatch_row_runs_and_metadata_match_torch(monkeypatch):
         _native.dispatch_row_runs(lib, torch.tensor([0, 5]), torch.tensor([0, 1]), 4)
     with pytest.raises(IndexError):
         _native.dispatch_pack_meta(lib, torch.tensor([num_tokens]), num_tokens, None, topk, weights)
+
+
+def _sock_exchange(fd, bases, sends, recvs, seq, state, hdr_in, err, timeout_ms=2000):
+    """One call of the native helper with one peer (as deep_ep/_rowsock.py makes it)."""
+    from array import array
+    addr = lambda a: a.buffer_info()[0]  # noqa: E731
+    fds = array("q", [fd])
+    base_at = array("q", [b.data_ptr() for b in bases])
+    base_bytes = array("q", [b.numel() for b in bases])
+    sends = torch.tensor(sends, dtype=torch.int64).view(-1, 3)
+    recvs = torch.tensor(recvs, dtype=torch.int64).view(-1, 3)
+    sbeg, rbeg = array("q", [0, sends.size(0)]), array("q", [0, recvs.size(0)])
+    return lib.sock_exchange(addr(fds), 1, addr(base_at), addr(base_bytes), len(bases), sends.data_ptr(), addr(sbeg),
+                             recvs.data_ptr(), addr(rbeg), addr(seq), addr(state), addr(hdr_in), 0x44455052,
+                             timeout_ms, addr(err))
+
+
+@pytest.mark.skipif(lib is None or not getattr(lib, "HAVE_SOCK_EXCHANGE", 0), reason="no native sock_exchange")
+def test_sock_exchange_moves_byte_ranges_and_resumes():
+    """The row streams' C loop on a socket pair: the header and every range (over 1024 of them: several
+    sendmsg/recvmsg calls, empty ranges skipped) arrive in order; a peer that reads nothing makes it
+    return 'idle' and a second call resumes; a wrong header, a closed peer and a range outside its
+    buffer are reported."""
+    import socket
+    import struct
+    import threading
+    from array import array
+    g = torch.Generator().manual_seed(make_seed())
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        src = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=g)   # 3 MiB: more than the socket holds
+        dst = torch.zeros(5000, dtype=torch.uint8)
+        # 1100 ranges of src (some empty), and the peer's 5000 bytes into dst in 1500 ranges
+        lens = torch.randint(0, 2 << 10, (1100,), generator=g)
+        lens[::7] = 0
+        offs = torch.randint(0, (3 << 20) - (2 << 10), (1100,), generator=g)
+        sends = [[0, int(o), int(n)] for o, n in zip(offs, lens)]
+        cuts = sorted(torch.randperm(4999, generator=g)[:1499].add(1).tolist())
+        bounds = [0] + cuts + [5000]
+        recvs = [[1, lo, hi - lo] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        body = bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8, generator=g).tolist())
+        b.sendall(struct.pack("<IIQ", 0x44455052, 7, 5000) + body)                  # the peer's message
+        seq, state = array("q", [3, 7]), array("q", bytes(8 * 6))
+        hdr_in, err = array("B", bytes(16)), array("q", [0] * 4)
+        # nobody reads the other end: the send stalls, the call returns 1 (idle) with the receive done
+        assert _sock_exchange(a.fileno(), [src, dst], sends, recvs, seq, state, hdr_in, err, timeout_ms=50) == 1
+        assert bytes(dst.tolist()) == body and state[3] == 16
+        total = int(lens.sum())
+        got = bytearray()
+        reader = threading.Thread(target=lambda: got.extend(_recv_all(b, 16 + total)))
+        reader.start()
+        assert _sock_exchange(a.fileno(), [src, dst], sends, recvs, seq, state, hdr_in, err) == 0
+        reader.join()
+        want = b"".join(bytes(src[o:o + n].tolist()) for _, o, n in sends)
+        assert bytes(got[:16]) == struct.pack("<IIQ", 0x44455052, 3, total) and bytes(got[16:]) == want
+        # a header that does not match (8 bytes announced, 5000 expected): stopped before the body
+        b.sendall(struct.pack("<IIQ", 0x44455052, 7, 8) + b"x" * 8)
+        state = array("q", bytes(8 * 6))
+        assert _sock_exchange(a.fileno(), [src, dst], [], recvs, seq, state, hdr_in, err) == -1
+        assert list(err) == [0, 4, 0, 5000] and state[4] == 0 and state[5] == 0
+        # a range past the end of its buffer: refused before anything moves
+        state = array("q", bytes(8 * 6))
+        assert _sock_exchange(a.fileno(), [src, dst], [], [[1, 4990, 11]], seq, state, hdr_in, err) == -1
+        assert err[1] == 6 and list(state) == [0] * 6
+        # the peer closes its end for writing (after the 8 bytes left above: half a header)
+        b.shutdown(socket.SHUT_WR)
+        state = array("q", bytes(8 * 6))
+        assert _sock_exchange(a.fileno(), [src, dst], [], recvs, seq, state, hdr_in, err) == -1
+        assert list(err[:2]) == [0, 3] and state[3] == 8
+    finally:
+        a.close()
+        b.close()
+
+
+def _recv_all(sock, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(min(1 << 20, n - len(out)))
+        assert chunk, "closed early"
+        out += chunk
+    return bytes(out)

@@ -13,8 +13,9 @@ from dist_utils import make_seed, run_ranks
 GLOO = {"DEEP_EP_TRANSPORT": "gloo"}
 
 
-def _dispatch_cases(rank, num_ranks, group, seed):
-    """Dispatch several routings; return every output (and the transport's description)."""
+def _dispatch_cases(rank, num_ranks, group, seed, python_ranks=()):
+    """Dispatch several routings; return every output (and the transport's description). The ranks in
+    `python_ranks` run the streams' exchange loop in Python instead of the native one."""
     import deep_ep
     from test_loopback import listening_sockets
     before = listening_sockets()
@@ -22,7 +23,10 @@ def _dispatch_cases(rank, num_ranks, group, seed):
               for c in (deep_ep.Buffer.get_dispatch_config(num_ranks), deep_ep.Buffer.get_combine_config(num_ranks)))
     buf = deep_ep.Buffer(group, num_nvl_bytes=nvl, explicitly_destroy=True)
     out = {"reason": buf.engine_reason, "streams": buf._comm.rows is not None,
+           "native": buf._comm.rows is not None and buf._comm.rows._native is not None,
            "listening_added": sorted(set(listening_sockets()) - set(before))}
+    if rank in python_ranks and buf._comm.rows is not None:
+        buf._comm.rows._native = None
     num_experts = 4 * num_ranks
     gen = torch.Generator().manual_seed(seed * 31 + rank)
     # (tokens, hidden, top-k, mode): dense routings send long runs of consecutive tokens (one iovec per
@@ -49,21 +53,30 @@ def _dispatch_cases(rank, num_ranks, group, seed):
         scales = torch.rand(tokens, (hidden + 127) // 128, generator=gen)
         (recv_x8, recv_s8), *_ = buf.dispatch((x8, scales), num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                                               num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=weights)
-        results.append([recv_x, recv_idx, recv_w, torch.tensor(counts), *handle, recv_x8.view(torch.uint8), recv_s8])
+        # ... and back: combine's exchanges (agreement, weights, rows) go over the streams too
+        combined_x, combined_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w)
+        results.append([recv_x, recv_idx, recv_w, torch.tensor(counts), *handle, recv_x8.view(torch.uint8), recv_s8,
+                        combined_x, combined_w])
     out["results"] = results
     buf.destroy()
     return out
 
 
-def test_dispatch_through_row_streams_equals_rows_on_gloo():
+@pytest.mark.parametrize("loop", ["native", "python", "mixed"])
+def test_dispatch_through_row_streams_equals_rows_on_gloo(loop):
+    """The streams' exchange loop in C (``sock_exchange``), in Python (without the native helpers), and
+    both at once (rank 1 in Python: the same bytes on the wire) give what gloo gives."""
     seed = make_seed()
-    streams = run_ranks(_dispatch_cases, 3, seed, env=GLOO)
+    python_ranks = {"native": (), "python": (0, 1, 2), "mixed": (1,)}[loop]
+    streams = run_ranks(_dispatch_cases, 3, seed, python_ranks, env=GLOO)
     plain = run_ranks(_dispatch_cases, 3, seed, env=dict(GLOO, DEEP_EP_GLOO_ROWS="gloo"))
     for rank in range(3):
         assert streams[rank]["streams"], streams[rank]["reason"]
-        assert "dispatch rows over deep_ep's own TCP connections (127.0.0.1, sendmsg)" in streams[rank]["reason"]
+        if loop != "python":
+            assert streams[rank]["native"], "the native exchange loop is not in use"
+        assert "exchanges over deep_ep's own TCP connections (127.0.0.1, sendmsg)" in streams[rank]["reason"]
         assert not plain[rank]["streams"]
-        assert "dispatch rows over gloo (row streams unavailable on rank 0: DEEP_EP_GLOO_ROWS=gloo)" in \
+        assert "exchanges over gloo (row streams unavailable on rank 0: DEEP_EP_GLOO_ROWS=gloo)" in \
             plain[rank]["reason"], plain[rank]["reason"]
         # the set-up's listener is closed once every rank has connected: no more listening sockets than gloo's
         added = streams[rank]["listening_added"]
@@ -92,3 +105,32 @@ def test_bad_gloo_rows_value_is_a_clear_error(value):
     texts = run_ranks(_bad_value, 2, env=dict(GLOO, DEEP_EP_GLOO_ROWS=value))
     for text in texts:
         assert text is not None and "DEEP_EP_GLOO_ROWS must be 'sockets' or 'gloo'" in text, text
+
+
+def _diverged_sizes(rank, num_ranks, group):
+    """Rank 1 sends rank 0 one byte more than rank 0 expects: rank 0 names it, before reading any body
+    byte; the Buffer is unusable afterwards."""
+    import deep_ep
+    from deep_ep._comm import CommError
+    buf = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    rows = buf._comm.rows
+    assert rows is not None, buf.engine_reason
+    inp = torch.arange(64, dtype=torch.uint8)
+    out = torch.zeros(64, dtype=torch.uint8)
+    sizes = [8, 8]
+    in_sizes = [9, 8] if rank == 1 else [8, 8]
+    try:
+        rows.all_to_all(out, inp, sizes, in_sizes, "test (diverged)")
+    except CommError as exc:
+        return "error", str(exc), buf._comm.failed is not None
+    return "ok", "", buf._comm.failed is not None
+
+
+@pytest.mark.parametrize("loop", ["native", "python"])
+def test_diverged_message_sizes_are_named(loop):
+    env = dict(GLOO) if loop == "native" else dict(GLOO, DEEP_EP_CPU_NATIVE="0")
+    out = run_ranks(_diverged_sizes, 2, env=env)
+    kind, text, failed = out[0]
+    assert kind == "error" and failed, out[0]
+    assert "rank 1's row message does not match this rank's call (message #" in text, text
+    assert "of 9 bytes, expected #" in text and "of 8 bytes" in text, text

@@ -73,14 +73,6 @@ def _slots(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
     return torch.where(mask, slot, torch.full_like(slot, -1))
 
 
-def _memview(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a memoryview of its own memory (empty for no elements)."""
-    if t.numel() == 0:
-        return memoryview(b"")
-    assert t.is_contiguous(), "deep_ep: a row stream buffer must be contiguous (received bytes would be lost)"
-    return memoryview(t.view(torch.uint8).view(-1).numpy())
-
-
 def _gather_rows(x_bytes: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     """``out[i] = x_bytes[index[i]]`` (uint8 rows of contiguous CPU tensors), with the native helper's
     non-temporal stores when it is there (deep_ep._native): the rows are read next by a transport or a
@@ -100,17 +92,18 @@ _MIN_RUN_BYTES = 2048
 
 
 def _row_runs(x_bytes: torch.Tensor, dst_ids: torch.Tensor, tok_ids: torch.Tensor, n_send: List[int], me: int,
-              staging) -> Dict[int, List[memoryview]]:
-    """The dispatch's rows for each other rank as byte buffers for `deep_ep._rowsock` (``sendmsg``):
-    views of ``x`` itself, one per run of consecutive tokens, or for a destination whose runs are short
-    one buffer its rows are gathered into. ``dst_ids``/``tok_ids``: every (destination, token) pair,
-    sorted by destination then token."""
+              staging) -> Tuple[Optional[torch.Tensor], Dict[int, torch.Tensor]]:
+    """The dispatch's rows for each other rank as byte ranges for `deep_ep._rowsock` (``sendmsg``): ranges
+    of ``x`` itself, one per run of consecutive tokens, or for a destination whose runs are short one
+    range of a buffer its rows are gathered into. ``dst_ids``/``tok_ids``: every (destination, token)
+    pair, sorted by destination then token. Returns ``(the gathered buffer or None, {destination: int64
+    [ranges, 3] rows (base, byte offset, bytes)})`` with base 0 for ``x_bytes``, 1 for the gathered
+    buffer; destinations without rows (and this rank) are absent."""
     num = tok_ids.numel()
-    out: Dict[int, List[memoryview]] = {}
+    out: Dict[int, torch.Tensor] = {}
     if num == 0:
-        return out
+        return None, out
     row_bytes = x_bytes.size(1)
-    base = x_bytes.view(-1).numpy()
     # A run starts where the destination changes or the token does not follow the previous one.
     lib = _native.library()
     if lib is not None:  # the same in one C loop (deep_ep._native)
@@ -121,8 +114,9 @@ def _row_runs(x_bytes: torch.Tensor, dst_ids: torch.Tensor, tok_ids: torch.Tenso
         first = starts.nonzero().view(-1)
         runs_per_dst = torch.bincount(dst_ids.index_select(0, first), minlength=len(n_send)).tolist()
         bounds = torch.cat([first, torch.tensor([num])])
-        run_tok = tok_ids.index_select(0, first).tolist()
-        run_len = (bounds[1:] - bounds[:-1]).tolist()
+        run_tok = tok_ids.index_select(0, first)
+        run_len = bounds[1:] - bounds[:-1]
+    runs = torch.stack([torch.zeros_like(run_tok), run_tok * row_bytes, run_len * row_bytes], dim=1)
     short = [d for d in range(len(n_send))
              if d != me and n_send[d] and n_send[d] * row_bytes < _MIN_RUN_BYTES * runs_per_dst[d]]
     gathered = None
@@ -134,16 +128,14 @@ def _row_runs(x_bytes: torch.Tensor, dst_ids: torch.Tensor, tok_ids: torch.Tenso
         n_runs = runs_per_dst[d]
         if d != me and n_send[d]:
             if d in short:
-                part = gathered[gat:gat + n_send[d]]
-                _gather_rows(x_bytes, tok_ids[row_at:row_at + n_send[d]], part)
-                out[d] = [_memview(part)]
+                _gather_rows(x_bytes, tok_ids[row_at:row_at + n_send[d]], gathered[gat:gat + n_send[d]])
+                out[d] = torch.tensor([[1, gat * row_bytes, n_send[d] * row_bytes]], dtype=torch.int64)
                 gat += n_send[d]
             else:
-                out[d] = [memoryview(base[t * row_bytes:(t + n) * row_bytes])
-                          for t, n in zip(run_tok[run_at:run_at + n_runs], run_len[run_at:run_at + n_runs])]
+                out[d] = runs[run_at:run_at + n_runs]
         run_at += n_runs
         row_at += n_send[d]
-    return out
+    return gathered, out
 
 
 def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -435,11 +427,25 @@ class PortableEngine:
             recv_buf[meta_in[me]:meta_in[me + 1]].copy_(meta_buf[meta_out[me]:meta_out[me + 1]])
             own = tok_ids[sum(n_send[:me]):sum(n_send[:me + 1])]
             _gather_rows(x_bytes, own, recv_rows[recv_at[me]:recv_at[me + 1]])
-            sends = {d: row_sends.get(d, []) + [_memview(meta_buf[meta_out[d]:meta_out[d + 1]])]
-                     for d in range(R) if d != me}
-            recvs = {s: [_memview(recv_rows[recv_at[s]:recv_at[s + 1]]),
-                         _memview(recv_buf[meta_in[s]:meta_in[s + 1]])] for s in range(R) if s != me}
-            streams.exchange(sends, recvs, "dispatch (data)")
+            # byte ranges (base, offset, bytes) of: 0 x, 1 the gathered rows, 2 meta_buf, 3 recv_x, 4 recv_buf
+            gathered, row_ranges = row_sends
+            meta_ranges = torch.tensor([[2, meta_out[d], send_sizes[d]] for d in range(R)], dtype=torch.int64)
+            pieces, send_counts = [], [0] * R
+            for d in range(R):
+                if d != me:
+                    if d in row_ranges:
+                        pieces.append(row_ranges[d])
+                    pieces.append(meta_ranges[d:d + 1])
+                    send_counts[d] = 1 + (row_ranges[d].size(0) if d in row_ranges else 0)
+            recv_ranges = torch.tensor([[b, o, n] for s in range(R) if s != me for b, o, n in (
+                (3, recv_at[s] * row_bytes, n_recv[s] * row_bytes), (4, meta_in[s], recv_sizes[s]))],
+                dtype=torch.int64)
+            empty = torch.empty(0, dtype=torch.uint8)
+            bases = [x_bytes.view(-1), gathered.view(-1) if gathered is not None else empty, meta_buf,
+                     recv_rows.view(-1), recv_buf]
+            streams.exchange_table(bases, torch.cat(pieces) if pieces else torch.empty((0, 3), dtype=torch.int64),
+                                   send_counts, recv_ranges.view(-1, 3), [0 if s == me else 2 for s in range(R)],
+                                   "dispatch (data)")
         else:
             work_x = self.comm.all_to_all_single(recv_rows, send_rows, n_recv, n_send, op="dispatch (data)",
                                                  async_op=True)

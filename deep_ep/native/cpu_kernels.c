@@ -18,7 +18,10 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #endif
@@ -688,9 +691,246 @@ static PyObject *py_futex_wake(PyObject *self, PyObject *args) {
 #endif
 }
 
+#ifdef __linux__
+/*
+ * The row streams' exchange (deep_ep/_rowsock.py): one message to and from each of n peers over connected
+ * non-blocking stream sockets fds[p], all at once in one poll loop. A message is a 16-byte header
+ * (little-endian u32 magic, u32 sequence number, u64 body bytes) and its body.
+ * - Byte ranges are rows [base, offset, bytes] of the int64 tables stab (sent) and rtab (received): the bytes
+ *   at bases[base] + offset. Peer p's are rows sbeg[p] .. sbeg[p+1] of stab and rbeg[p] .. rbeg[p+1] of rtab.
+ * - seq[p] = [the sequence number of the message to p, the one expected from p].
+ * - Peer p is sent its header, then its ranges in order, in as few sendmsg calls as the socket takes. From p,
+ *   16 header bytes land in hdr_in[16p ..] and must be (magic, seq[p][1], the bytes of p's receive ranges):
+ *   else the call stops before any body byte is read. Then the body fills p's receive ranges in order.
+ * - st[p][0..5] is p's progress (header bytes sent, send range, offset in it, header bytes received,
+ *   receive range, offset in it; ranges counted from p's first), all 0 before the first call and kept
+ *   across calls: a call that returns early resumes where it stopped.
+ * Returns 0 when every message is sent and received, 1 when nothing moved for timeout_ms, 2 when a signal
+ * interrupted the wait, -1 on an error: err = [peer, kind, errno, bytes expected from the peer] with kind
+ * 1 send failed, 2 receive failed, 3 connection closed by the peer, 4 header mismatch, 5 poll failed
+ * (peer -1), 6 a range outside the bases (nothing moved).
+ */
+enum { SX_HOUT, SX_SEG, SX_OFF, SX_HIN, SX_RSEG, SX_ROFF, SX_COLS };
+enum { SX_ERR_SEND = 1, SX_ERR_RECV, SX_ERR_CLOSED, SX_ERR_HEADER, SX_ERR_POLL, SX_ERR_TABLE };
+#define SX_IOV 1024
+#define SX_HEADER 16
+
+typedef struct {
+    const int64_t *bases, *tab, *beg;  /* the ranges: rows [base, offset, bytes] of tab, peer p's from beg[p] */
+} sx_ranges;
+
+static int64_t sx_fail(int64_t *err, int64_t peer, int64_t kind, int64_t code) {
+    err[0] = peer, err[1] = kind, err[2] = code;
+    return -1;
+}
+
+static void sx_put_header(uint8_t *h, uint32_t magic, uint32_t seq, uint64_t nbytes) {
+    for (int i = 0; i < 4; ++i)
+        h[i] = (uint8_t)(magic >> (8 * i)), h[4 + i] = (uint8_t)(seq >> (8 * i));
+    for (int i = 0; i < 8; ++i)
+        h[8 + i] = (uint8_t)(nbytes >> (8 * i));
+}
+
+static int64_t sx_total(const sx_ranges *r, int64_t p) {
+    int64_t total = 0;
+    for (int64_t i = r->beg[p]; i < r->beg[p + 1]; ++i)
+        total += r->tab[3 * i + 2];
+    return total;
+}
+
+/* Fills iov with what is left of the header (header bytes hdr_done of 16 at head) and of peer p's ranges
+ * from range seg (relative), offset off; at most SX_IOV entries. Returns how many. */
+static int sx_iov(const sx_ranges *r, int64_t p, uint8_t *head, int64_t hdr_done, int64_t seg, int64_t off,
+                  struct iovec *iov) {
+    int k = 0;
+    if (head != NULL && hdr_done < SX_HEADER) {
+        iov[k].iov_base = head + hdr_done;
+        iov[k++].iov_len = (size_t)(SX_HEADER - hdr_done);
+    }
+    for (int64_t i = r->beg[p] + seg; i < r->beg[p + 1] && k < SX_IOV; ++i, off = 0) {
+        const int64_t *row = r->tab + 3 * i;
+        if (row[2] - off <= 0)
+            continue;
+        iov[k].iov_base = (void *)(intptr_t)(r->bases[row[0]] + row[1] + off);
+        iov[k++].iov_len = (size_t)(row[2] - off);
+    }
+    return k;
+}
+
+/* Moves peer p's (range, offset) forward by n bytes, past empty ranges; true when every range is done. */
+static int sx_advance(const sx_ranges *r, int64_t p, int64_t *seg, int64_t *off, int64_t n) {
+    int64_t count = r->beg[p + 1] - r->beg[p];
+    while (*seg < count) {
+        int64_t left = r->tab[3 * (r->beg[p] + *seg) + 2] - *off;
+        if (n < left) {
+            *off += n;
+            return 0;
+        }
+        n -= left;
+        ++*seg, *off = 0;
+    }
+    return 1;
+}
+
+static int64_t sock_exchange(const int64_t *fds, int64_t n, const sx_ranges *out, const sx_ranges *in,
+                             int64_t *st, uint8_t *hdr_out, uint8_t *hdr_in, const uint8_t *expect,
+                             int64_t timeout_ms, int64_t *err, struct pollfd *pfd, int64_t *who,
+                             struct iovec *iov) {
+    for (;;) {
+        nfds_t m = 0;
+        for (int64_t p = 0; p < n; ++p) {
+            int64_t *s = st + SX_COLS * p;
+            int sending = s[SX_HOUT] < SX_HEADER || !sx_advance(out, p, &s[SX_SEG], &s[SX_OFF], 0);
+            int receiving = s[SX_HIN] < SX_HEADER || !sx_advance(in, p, &s[SX_RSEG], &s[SX_ROFF], 0);
+            if (sending || receiving) {
+                pfd[m].fd = (int)fds[p], pfd[m].revents = 0;
+                pfd[m].events = (short)((sending ? POLLOUT : 0) | (receiving ? POLLIN : 0));
+                who[m++] = p;
+            }
+        }
+        if (m == 0)
+            return 0;
+        int ready = poll(pfd, m, (int)timeout_ms);
+        if (ready < 0)
+            return errno == EINTR ? 2 : sx_fail(err, -1, SX_ERR_POLL, errno);
+        if (ready == 0)
+            return 1;
+        for (nfds_t i = 0; i < m; ++i) {
+            short rev = pfd[i].revents;
+            int64_t p = who[i], *s = st + SX_COLS * p;
+            int fd = pfd[i].fd;
+            if ((pfd[i].events & POLLOUT) && (rev & (POLLOUT | POLLERR | POLLHUP))) {
+                for (;;) {
+                    struct msghdr msg;
+                    memset(&msg, 0, sizeof msg);
+                    msg.msg_iov = iov;
+                    msg.msg_iovlen = (size_t)sx_iov(out, p, hdr_out + SX_HEADER * p, s[SX_HOUT], s[SX_SEG],
+                                                    s[SX_OFF], iov);
+                    if (msg.msg_iovlen == 0)
+                        break;
+                    ssize_t sent = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+                    if (sent < 0) {
+                        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                            break;
+                        return sx_fail(err, p, SX_ERR_SEND, errno);
+                    }
+                    int64_t head = SX_HEADER - s[SX_HOUT] < sent ? SX_HEADER - s[SX_HOUT] : (int64_t)sent;
+                    s[SX_HOUT] += head;
+                    if (sx_advance(out, p, &s[SX_SEG], &s[SX_OFF], (int64_t)sent - head))
+                        break;
+                }
+            }
+            if ((pfd[i].events & POLLIN) && (rev & (POLLIN | POLLERR | POLLHUP))) {
+                for (;;) {
+                    ssize_t got;
+                    if (s[SX_HIN] < SX_HEADER) {
+                        got = recv(fd, hdr_in + SX_HEADER * p + s[SX_HIN], (size_t)(SX_HEADER - s[SX_HIN]),
+                                   MSG_DONTWAIT);
+                    } else {
+                        struct msghdr msg;
+                        memset(&msg, 0, sizeof msg);
+                        msg.msg_iov = iov;
+                        msg.msg_iovlen = (size_t)sx_iov(in, p, NULL, SX_HEADER, s[SX_RSEG], s[SX_ROFF], iov);
+                        if (msg.msg_iovlen == 0)
+                            break;
+                        got = recvmsg(fd, &msg, MSG_DONTWAIT);
+                    }
+                    if (got < 0) {
+                        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                            break;
+                        return sx_fail(err, p, SX_ERR_RECV, errno);
+                    }
+                    if (got == 0)
+                        return sx_fail(err, p, SX_ERR_CLOSED, 0);
+                    if (s[SX_HIN] < SX_HEADER) {
+                        s[SX_HIN] += got;
+                        if (s[SX_HIN] == SX_HEADER &&
+                            memcmp(hdr_in + SX_HEADER * p, expect + SX_HEADER * p, SX_HEADER) != 0)
+                            return sx_fail(err, p, SX_ERR_HEADER, 0);
+                    } else if (sx_advance(in, p, &s[SX_RSEG], &s[SX_ROFF], (int64_t)got)) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Every range inside its base: 0, or -1 (err filled). */
+static int64_t sx_check(const sx_ranges *r, int64_t n, int64_t num_bases, const int64_t *base_bytes, int64_t *err) {
+    for (int64_t p = 0; p < n; ++p) {
+        if (r->beg[p] < 0 || r->beg[p + 1] < r->beg[p])
+            return sx_fail(err, p, SX_ERR_TABLE, 0);
+        for (int64_t i = r->beg[p]; i < r->beg[p + 1]; ++i) {
+            const int64_t *row = r->tab + 3 * i;
+            if (row[0] < 0 || row[0] >= num_bases || row[1] < 0 || row[2] < 0 || row[1] > base_bytes[row[0]] ||
+                row[2] > base_bytes[row[0]] - row[1])
+                return sx_fail(err, p, SX_ERR_TABLE, 0);
+        }
+    }
+    return 0;
+}
+#endif
+
+/*
+ * sock_exchange(fds, n, bases, base_bytes, num_bases, stab, sbeg, rtab, rbeg, seq, st, hdr_in, magic, timeout_ms,
+ * err): see above; -3 where there is no implementation (not Linux). A KeyboardInterrupt (or any signal
+ * handler's exception) raises.
+ */
+static PyObject *py_sock_exchange(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_ssize_t fds, bases, base_bytes, stab, sbeg, rtab, rbeg, seq, st, hdr_in, err;
+    long long n, num_bases, magic, timeout_ms;
+    if (!PyArg_ParseTuple(args, "nLnnLnnnnnnnLLn", &fds, &n, &bases, &base_bytes, &num_bases, &stab, &sbeg, &rtab,
+                          &rbeg, &seq, &st, &hdr_in, &magic, &timeout_ms, &err))
+        return NULL;
+#ifdef __linux__
+    if (n < 0 || timeout_ms < 0 || timeout_ms > INT_MAX)
+        return PyLong_FromLong(-3);
+    sx_ranges out = {(const int64_t *)bases, (const int64_t *)stab, (const int64_t *)sbeg};
+    sx_ranges in = {(const int64_t *)bases, (const int64_t *)rtab, (const int64_t *)rbeg};
+    if (sx_check(&out, n, num_bases, (const int64_t *)base_bytes, (int64_t *)err) != 0 ||
+        sx_check(&in, n, num_bases, (const int64_t *)base_bytes, (int64_t *)err) != 0)
+        return PyLong_FromLong(-1);
+    size_t m = (size_t)n + 1;
+    struct pollfd *pfd = PyMem_RawMalloc(sizeof(struct pollfd) * m);
+    int64_t *who = PyMem_RawMalloc(sizeof(int64_t) * m);
+    struct iovec *iov = PyMem_RawMalloc(sizeof(struct iovec) * SX_IOV);
+    uint8_t *heads = PyMem_RawMalloc(2 * SX_HEADER * m);  /* the headers sent, then those expected */
+    if (pfd == NULL || who == NULL || iov == NULL || heads == NULL) {
+        PyMem_RawFree(pfd), PyMem_RawFree(who), PyMem_RawFree(iov), PyMem_RawFree(heads);
+        return PyErr_NoMemory();
+    }
+    const int64_t *sq = (const int64_t *)seq;
+    for (int64_t p = 0; p < n; ++p) {
+        sx_put_header(heads + SX_HEADER * p, (uint32_t)magic, (uint32_t)sq[2 * p], (uint64_t)sx_total(&out, p));
+        sx_put_header(heads + SX_HEADER * (n + p), (uint32_t)magic, (uint32_t)sq[2 * p + 1],
+                      (uint64_t)sx_total(&in, p));
+    }
+    int64_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sock_exchange((const int64_t *)fds, n, &out, &in, (int64_t *)st, heads, (uint8_t *)hdr_in,
+                       heads + SX_HEADER * n, timeout_ms, (int64_t *)err, pfd, who, iov);
+    Py_END_ALLOW_THREADS
+    if (rc == -1 && ((int64_t *)err)[0] >= 0)
+        ((int64_t *)err)[3] = sx_total(&in, ((int64_t *)err)[0]);
+    PyMem_RawFree(pfd), PyMem_RawFree(who), PyMem_RawFree(iov), PyMem_RawFree(heads);
+    if (rc == 2 && PyErr_CheckSignals() < 0)
+        return NULL;
+    return PyLong_FromLongLong((long long)rc);
+#else
+    (void)fds, (void)n, (void)bases, (void)base_bytes, (void)num_bases, (void)stab, (void)sbeg, (void)rtab;
+    (void)rbeg, (void)seq, (void)st, (void)hdr_in, (void)magic, (void)timeout_ms, (void)err;
+    return PyLong_FromLong(-3);
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"futex_wait", py_futex_wait, METH_VARARGS, "futex_wait(addr, val, timeout_ns) -> 0 or errno (-1: no futex)"},
     {"futex_wake", py_futex_wake, METH_VARARGS, "futex_wake(addr) -> 0 (-1: no futex)"},
+    {"sock_exchange", py_sock_exchange, METH_VARARGS,
+     "sock_exchange(fds, n, bases, base_bytes, num_bases, stab, sbeg, rtab, rbeg, seq, st, hdr_in, magic, "
+     "timeout_ms, err) -> 0 done, 1 idle, 2 interrupted, -1 error (err), -3 not here"},
     {"copy_rows", py_copy_rows, METH_VARARGS,
      "copy_rows(src, src_stride, src_rows, src_index, dst_bases, num_dst, dst_rank, dst_stride, dst_rows, "
      "dst_index, n, row_bytes) -> 0 or -1 (an index out of range; nothing copied)"},
@@ -728,15 +968,14 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
 PyMODINIT_FUNC PyInit__cpu_kernels(void) {
     PyObject *m = PyModule_Create(&module);
 #ifdef __linux__
-    if (m != NULL && PyModule_AddIntConstant(m, "HAVE_FUTEX", 1) != 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
+    const int here = 1;
 #else
-    if (m != NULL && PyModule_AddIntConstant(m, "HAVE_FUTEX", 0) != 0) {
+    const int here = 0;
+#endif
+    if (m != NULL && (PyModule_AddIntConstant(m, "HAVE_FUTEX", here) != 0 ||
+                      PyModule_AddIntConstant(m, "HAVE_SOCK_EXCHANGE", here) != 0)) {
         Py_DECREF(m);
         return NULL;
     }
-#endif
     return m;
 }
