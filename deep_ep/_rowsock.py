@@ -56,6 +56,9 @@ _MAGIC = 0x44455052                 # "DEPR"
 _HEADER = struct.Struct("<IIQ")     # magic, sequence number (mod 2**32), byte count
 _HELLO = struct.Struct("<I32sII")   # magic, communicator token, from rank, to rank (the reply: swapped)
 _IOV_MAX = 1000                     # iovecs per sendmsg (Linux allows 1024)
+# sock_exchange's progress columns per peer (deep_ep/native/cpu_kernels.c): header bytes sent, send range,
+# offset in it, header bytes received, receive range, offset in it
+_ST_HEAD_OUT, _ST_RANGE_OUT, _ST_OFF_OUT, _ST_HEAD_IN, _ST_RANGE_IN, _ST_OFF_IN, _ST_COLS = range(7)
 _SIOCGIFADDR = 0x8915
 
 
@@ -239,18 +242,8 @@ class RowSockets:
 
             self.exchange(by_peer(sends, send_counts), by_peer(recvs, recv_counts), op)
             return
-        comm._check_open(op)
-        started = comm._begin(op)
-        try:
-            self._run_native(bases, sends, [send_counts[r] for r in peers], recvs, [recv_counts[r] for r in peers],
-                             peers, op, started)
-        except BaseException as exc:
-            if not comm.failed:
-                comm.failed = (f"deep_ep.Buffer: `{op}` was interrupted on rank {comm.rank} ({type(exc).__name__}) "
-                               f"with rows still in flight")
-            raise
-        finally:
-            comm._end()
+        self._guarded(op, lambda started: self._run_native(
+            bases, sends, [send_counts[r] for r in peers], recvs, [recv_counts[r] for r in peers], peers, op, started))
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_sizes: Sequence[int], in_sizes: Sequence[int],
                    op: str) -> None:
@@ -273,11 +266,15 @@ class RowSockets:
         its message into the buffers ``recvs[p]`` (filled in order; the message must be exactly their
         total size); every peer must post the mirror image. Peers missing from either dict exchange an
         empty message. Raises `CommError` as described above."""
+        self._guarded(op, lambda started: self._run(sends, recvs, op, started))
+
+    def _guarded(self, op: str, run) -> None:
+        """``run(started)`` as one operation of the communicator (its start time, liveness bookkeeping)."""
         comm = self._comm
         comm._check_open(op)
         started = comm._begin(op)
         try:
-            self._run(sends, recvs, op, started)
+            run(started)
         except BaseException as exc:
             # Whatever stopped it (a CommError, or e.g. KeyboardInterrupt), the streams are out of step now.
             if not comm.failed:
@@ -350,7 +347,7 @@ class RowSockets:
         sbeg = array("q", accumulate(send_counts, initial=0))
         rbeg = array("q", accumulate(recv_counts, initial=0))
         seq = array("q", [v for p in peers for v in (self._send_seq[p], self._recv_seq[p])])
-        state = array("q", bytes(8 * 6 * n))
+        state = array("q", bytes(8 * _ST_COLS * n))  # each peer's progress, kept across calls
         hdr_in = array("B", bytes(_HEADER.size * max(n, 1)))  # the headers received
         err = array("q", [0, 0, 0, 0])
         addr = lambda a: a.buffer_info()[0]  # noqa: E731
@@ -373,9 +370,10 @@ class RowSockets:
             if rc == 2 or time.monotonic() < watch_from:
                 continue
             # Past a heartbeat period with nothing moving: watch the peers still to be heard from.
-            watch = [p for i, p in enumerate(peers) if state[6 * i + 3] < _HEADER.size
-                     or state[6 * i + 4] < recv_counts[i] or state[6 * i] < _HEADER.size
-                     or state[6 * i + 1] < send_counts[i]]
+            at = lambda i, col: state[_ST_COLS * i + col]  # noqa: E731
+            watch = [p for i, p in enumerate(peers)
+                     if at(i, _ST_HEAD_OUT) < _HEADER.size or at(i, _ST_RANGE_OUT) < send_counts[i]
+                     or at(i, _ST_HEAD_IN) < _HEADER.size or at(i, _ST_RANGE_IN) < recv_counts[i]]
             gone = comm._gone(watch)
             if gone:
                 raise self._fail(op, started, None, gone=gone)
