@@ -287,6 +287,18 @@ class RowSockets:
     def _fail(self, op: str, started: float, exc: Optional[BaseException], **kw) -> BaseException:
         return self._comm.error(op, exc, None, started, **kw)
 
+    def _watch(self, peers: List[int], op: str, started: float) -> None:
+        """The liveness checks of a wait past a heartbeat period: fails the call on a gone peer or one that
+        raised in its own call (`Communicator.error` names it)."""
+        comm = self._comm
+        gone = comm._gone(peers)
+        if gone:
+            raise self._fail(op, started, None, gone=gone)
+        comm._read_peers(peers)
+        raised = comm._raised(peers)
+        if raised:
+            raise self._fail(op, started, None, raised=raised)
+
     def _run(self, sends, recvs, op: str, started: float) -> None:
         comm = self._comm
         peers = sorted(self._socks)
@@ -324,14 +336,7 @@ class RowSockets:
                 if events or time.monotonic() < watch_from:
                     continue
                 # Past a heartbeat period with nothing moving: watch the peers still to be heard from.
-                watch = sorted(pending)
-                gone = comm._gone(watch)
-                if gone:
-                    raise self._fail(op, started, None, gone=gone)
-                comm._read_peers(watch)
-                raised = comm._raised(watch)
-                if raised:
-                    raise self._fail(op, started, None, raised=raised)
+                self._watch(sorted(pending), op, started)
         finally:
             sel.close()
 
@@ -374,13 +379,7 @@ class RowSockets:
             watch = [p for i, p in enumerate(peers)
                      if at(i, _ST_HEAD_OUT) < _HEADER.size or at(i, _ST_RANGE_OUT) < send_counts[i]
                      or at(i, _ST_HEAD_IN) < _HEADER.size or at(i, _ST_RANGE_IN) < recv_counts[i]]
-            gone = comm._gone(watch)
-            if gone:
-                raise self._fail(op, started, None, gone=gone)
-            comm._read_peers(watch)
-            raised = comm._raised(watch)
-            if raised:
-                raise self._fail(op, started, None, raised=raised)
+            self._watch(watch, op, started)
         for p in peers:
             self._send_seq[p] = (self._send_seq[p] + 1) & 0xFFFFFFFF
             self._recv_seq[p] = (self._recv_seq[p] + 1) & 0xFFFFFFFF
