@@ -11,7 +11,8 @@ cache directory, imports it, and hands out thin wrappers (tensors go in as addre
 * The cache: ``DEEP_EP_CACHE_DIR``, else ``$XDG_CACHE_HOME/deep_ep``, else ``~/.cache/deep_ep``
   (a temporary directory when none is writable). The module's name carries a hash of the source,
   the compiler, its flags and the Python build; a build goes to a temporary name and is renamed into place, so ranks
-  that build at once do not see each other's half-written files.
+  never see a half-written file, and it holds a lock file meanwhile, so ranks that start at once on a fresh
+  cache wait for one compiler run instead of running one each.
 * `status()` says what is used and why (`Buffer.engine_reason` shows it).
 """
 
@@ -76,6 +77,47 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
+class _BuildLock:
+    """An exclusive ``flock`` on a file beside the module while it is built: the ranks of a job that
+    start at once on a fresh cache wait for one compiler run instead of each running its own (dozens of
+    processes compiling at once on a small machine can take longer than a collective's timeout). The
+    kernel drops the lock when its holder dies; without ``fcntl`` (not POSIX) it does nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd = -1
+
+    def __enter__(self) -> "_BuildLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self._fd = os.open(str(self._path), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor releases the lock
+            self._fd = -1
+
+
+def _compile(cc: str, flags: List[str], target: Path) -> str:
+    """Compile the helpers to a temporary name beside `target` and rename it into place; "" on success,
+    else what the compiler said."""
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            return f"{os.path.basename(cc)} failed: {(run.stderr or run.stdout).strip()[-400:]}"
+        os.replace(tmp, target)
+        return ""
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build() -> Tuple[Optional[ModuleType], str]:
     if not _SOURCE.exists():
         return None, f"its source {_SOURCE} is missing"
@@ -96,17 +138,11 @@ def _build() -> Tuple[Optional[ModuleType], str]:
         try:
             if not target.exists():
                 folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=folder)
-                os.close(fd)
-                try:
-                    run = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True,
-                                         timeout=120)
-                    if run.returncode != 0:
-                        return None, f"{os.path.basename(cc)} failed: {(run.stderr or run.stdout).strip()[-400:]}"
-                    os.replace(tmp, target)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+                with _BuildLock(folder / f".cpu_kernels-{key}.lock"):
+                    if not target.exists():  # built by another process while this one waited
+                        failed = _compile(cc, flags, target)
+                        if failed:
+                            return None, failed
             module = _load(target)
         except (OSError, ImportError, subprocess.SubprocessError) as exc:
             problems.append(f"{folder}: {exc}")

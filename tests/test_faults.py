@@ -335,6 +335,10 @@ def _our_shm_files() -> List[str]:
 @pytest.fixture(scope="module")
 def fault_runs():
     names = [n for n, s in SCENARIOS.items() if not s[5] or shrink_supported()]
+    # Build the native CPU helpers here, if this cache has not got them yet: the ranks then load them,
+    # instead of waiting in their set-up for one compiler run on a machine busy with all the scenarios.
+    from deep_ep import _native
+    _native.library()
     t0 = time.monotonic()
     runs = run_scenarios(names)
     for run in runs.values():

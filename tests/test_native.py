@@ -124,6 +124,28 @@ def test_switches(tmp_path):
 
 
 @needs_lib
+def test_ranks_that_start_at_once_compile_once(tmp_path):
+    """A job's ranks starting together on a fresh cache: one compiler run, every rank loads its result."""
+    real_cc = _native._compiler()
+    log = tmp_path / "cc.log"
+    wrapper = tmp_path / "cc-wrapper"
+    # The wrapper records each run and holds it open for a while, so unserialised builds would overlap.
+    wrapper.write_text(f"#!/bin/sh\necho run >> '{log}'\nsleep 2\nexec '{real_cc}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = dict(os.environ, CC=str(wrapper), DEEP_EP_CACHE_DIR=str(tmp_path / "cache"), DEEP_EP_CPU_NATIVE="1")
+    code = "from deep_ep import _native; print(_native.status())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.startswith("native (cc-wrapper, "), out
+    assert log.read_text().split() == ["run"], "each rank ran the compiler: the build is not serialised"
+    assert len(list((tmp_path / "cache").glob("cpu_kernels-*.so"))) == 1
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+@needs_lib
 def test_build_goes_to_the_cache_dir(tmp_path):
     res = _status_in_subprocess({"DEEP_EP_CACHE_DIR": str(tmp_path)})
     assert res.returncode == 0, res.stderr
