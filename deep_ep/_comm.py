@@ -314,16 +314,22 @@ class _StatusBoard:
         m = self._peers.get(peer)
         if m is None:
             return ""
-        try:
-            before = int.from_bytes(m[0:8], "little")
-            n = int.from_bytes(m[8:16], "little")
-            raw = m[16:16 + min(n, self._TEXT)]
-            after = int.from_bytes(m[0:8], "little")
-        except ValueError:  # closed
-            return ""
-        if before != after or before % 2 or before == 0:
-            return ""
-        return raw.decode("utf-8", "replace")
+        # The writer is a heartbeat thread that a busy process may preempt mid-write: retry a torn read
+        # for a while rather than leave the caller with an older heartbeat.
+        for attempt in range(200):
+            try:
+                before = int.from_bytes(m[0:8], "little")
+                n = int.from_bytes(m[8:16], "little")
+                raw = m[16:16 + min(n, self._TEXT)]
+                after = int.from_bytes(m[0:8], "little")
+            except ValueError:  # closed
+                return ""
+            if before == 0:
+                return ""
+            if before == after and not before % 2:
+                return raw.decode("utf-8", "replace")
+            time.sleep(0 if attempt < 20 else 0.001)
+        return ""
 
     def close(self) -> None:
         with self._lock:
@@ -661,10 +667,7 @@ class Communicator:
         # until every heartbeat has been renewed since it started.
         alive = [p for p in peers if p not in gone]
         if alive and not self._store_lost:
-            fresh_at = started + 1.5 * self._period
-            if time.monotonic() < fresh_at:
-                time.sleep(fresh_at - time.monotonic())
-            self._read_peers(peers)
+            self._await_fresh_heartbeats(alive)
         # Peers that went away during this diagnosis: when the failure already has a cause, they
         # followed it (a survivor that raised and exited), they did not cause it.
         late = self._gone(alive)
@@ -742,6 +745,31 @@ class Communicator:
         self.failed = self.failed or message.split(" The Buffer cannot be used after this error")[0]
         return CommError(message, op=op, rank=self.rank, missing_ranks=missing,
                          gone_ranks=[p for p in missing if p in gone])
+
+    def _await_fresh_heartbeats(self, peers: Sequence[int]) -> None:
+        """Read `peers`' heartbeats until each one has beaten again since this call began (so what it
+        says is no older than the failure being diagnosed), or has published a failure, a raised error or
+        a closed Buffer, or has gone quiet for long enough to be called frozen. A fixed wait is not
+        enough: on a loaded host a heartbeat thread can be late by more than a period, and its previous
+        beat may predate this rank's whole run of operations."""
+        self._read_peers(peers)
+        seen = {p: self._peer_states[p].beat for p in peers if p in self._peer_states}
+        deadline = time.monotonic() + self._stall_s + 2 * self._period
+        while True:
+            now = time.monotonic()
+            waiting = []
+            for p in peers:
+                state = self._peer_states.get(p)
+                if state is not None and (state.beat != seen.get(p, -1) or state.failed or state.raised
+                                          or state.closed or now - state.changed_at > self._stall_s):
+                    continue
+                waiting.append(p)
+            if not waiting or now >= deadline or self._store_lost:
+                return
+            time.sleep(min(0.05, self._period / 4))
+            self._read_peers(waiting)
+            if self._gone(waiting):
+                return
 
     def _raised_error(self, op: str, peers: Sequence[int], started: Optional[float],
                       raised: Dict[int, str]) -> CommError:

@@ -426,3 +426,40 @@ def test_shrink_masks_killed_rank_and_keeps_serving(fault_runs):
         assert payload["masks"] == [want, want], payload
         assert payload["rounds"] == 3
         assert run["exit"][r] == 0, info
+
+
+def test_diagnosis_reads_heartbeats_renewed_after_the_failure():
+    """A failure diagnosed right after it began must not describe a live peer from a heartbeat older than
+    the failure: on a loaded host a heartbeat thread can be late by more than a period (CI once blamed a
+    live peer as "it has made no deep_ep call since set-up", thirteen calls in). The diagnosis waits for a
+    renewed beat from each live peer, and for a frozen one only until it counts as frozen."""
+    from deep_ep._comm import Communicator, _Activity
+
+    comm = Communicator.__new__(Communicator)
+    comm._peer_states, comm._period, comm._stall_s, comm._store_lost = {}, 0.2, 1.0, False
+    t0 = time.monotonic()
+    late_s = 0.6  # peer 1's next beat comes this late: past the 1.5 periods a fixed wait would give it
+
+    def beat(n: int, seq: int, op: str) -> str:
+        act = _Activity()
+        act.beat, act.seq, act.op, act.inflight = n, seq, op, 1 if seq else 0
+        return act.encode(1234)
+
+    def read(peers):
+        now = time.monotonic()
+        for p in peers:
+            if p == 1:
+                text = beat(1, 0, "") if now - t0 < late_s else beat(2, 13, "dispatch (count exchange)")
+            else:
+                text = beat(7, 13, "dispatch (count exchange)")  # peer 2 is frozen: its beat never changes
+            comm._update_state(p, text, now)
+
+    comm._read_peers = read
+    comm._gone = lambda peers: {}
+    comm._await_fresh_heartbeats([1, 2])
+    waited = time.monotonic() - t0
+    state = comm._peer_states[1]
+    assert state.seq == 13 and state.busy, state.doing()
+    assert late_s <= waited, waited
+    # Bounded: a peer that never beats again is let go once it counts as frozen.
+    assert waited < comm._stall_s + 2 * comm._period + 1.0, waited
