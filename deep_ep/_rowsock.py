@@ -313,13 +313,9 @@ class RowSockets:
                 state[p] = _Peer([head] + body, [v for v in recvs.get(p, ()) if len(v)])
                 sel.register(self._socks[p], selectors.EVENT_READ | selectors.EVENT_WRITE, p)
             pending = set(peers)
-            deadline = started + comm.timeout_s
             watch_from = started + comm._period
             while pending:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise self._fail(op, started, TimeoutError(f"no answer within {comm.timeout_s:g} s"))
-                events = sel.select(timeout=min(comm._period, deadline - now))
+                events = sel.select(timeout=self._wait_s(op, started))
                 for key, mask in events:
                     p = key.data
                     st = state[p]
@@ -340,6 +336,15 @@ class RowSockets:
         finally:
             sel.close()
 
+    def _wait_s(self, op: str, started: float) -> float:
+        """How long one wait of an exchange loop may block: one heartbeat period at most (the loops watch
+        their peers between waits), never past the timeout; raises the `CommError` once it has passed."""
+        comm = self._comm
+        left = started + comm.timeout_s - time.monotonic()
+        if left <= 0:
+            raise self._fail(op, started, TimeoutError(f"no answer within {comm.timeout_s:g} s"))
+        return min(comm._period, left)
+
     def _run_native(self, bases, sends: torch.Tensor, send_counts: List[int], recvs: torch.Tensor,
                     recv_counts: List[int], peers: List[int], op: str, started: float) -> None:
         comm, n = self._comm, len(peers)
@@ -356,13 +361,9 @@ class RowSockets:
         hdr_in = array("B", bytes(_HEADER.size * max(n, 1)))  # the headers received
         err = array("q", [0, 0, 0, 0])
         addr = lambda a: a.buffer_info()[0]  # noqa: E731
-        deadline = started + comm.timeout_s
         watch_from = started + comm._period
         while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise self._fail(op, started, TimeoutError(f"no answer within {comm.timeout_s:g} s"))
-            wait_ms = max(1, int(1000 * min(comm._period, deadline - now)))
+            wait_ms = max(1, int(1000 * self._wait_s(op, started)))
             rc = self._native.sock_exchange(addr(fds), n, addr(base_at), addr(base_bytes), len(bases),
                                             sends.data_ptr(), addr(sbeg), recvs.data_ptr(), addr(rbeg), addr(seq),
                                             addr(state), addr(hdr_in), _MAGIC, wait_ms, addr(err))
